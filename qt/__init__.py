@@ -1,0 +1,28 @@
+"""qt: quantized-training recipes for PyTorch.
+
+    import qt
+    qt.quantize_(model, "int8_mixed_precision")
+"""
+
+from qt.config import RecipeConfig
+from qt.quantize import quantize_, resolve_recipe
+from qt.recipes import (
+    RECIPES,
+    BitNetConfig,
+    Int8MixedPrecisionConfig,
+    Int8WeightOnlyConfig,
+    convert_llama_to_bitnet,
+)
+from qt.subclass import QuantizedWeight
+
+__all__ = [
+    "RECIPES",
+    "BitNetConfig",
+    "Int8MixedPrecisionConfig",
+    "Int8WeightOnlyConfig",
+    "QuantizedWeight",
+    "RecipeConfig",
+    "convert_llama_to_bitnet",
+    "quantize_",
+    "resolve_recipe",
+]

@@ -1,0 +1,102 @@
+"""`quantize_`: swap the weights of a model's linears for a recipe's tensor subclass, in place."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from torch import nn
+
+from qt.config import RecipeConfig
+from qt.recipes import RECIPES
+from qt.subclass import QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+# Last name component of the output layer in common model families (HF LMs, timm, torchvision).
+_HEAD_NAMES = {"lm_head", "head", "classifier", "fc", "output"}
+
+
+def resolve_recipe(recipe: str | RecipeConfig, **kwargs) -> RecipeConfig:
+    """A config from a recipe name plus options, or a config as given (then no options)."""
+    if isinstance(recipe, RecipeConfig):
+        if kwargs:
+            raise TypeError(f"pass options inside the config, not as keywords: got {sorted(kwargs)}")
+        return recipe
+    if not isinstance(recipe, str) or recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+    return RECIPES[recipe].from_kwargs(**kwargs)
+
+
+def quantize_(
+    model: nn.Module,
+    recipe: str | RecipeConfig,
+    *,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    include_head: bool = False,
+    skip_incompatible: bool = False,
+    **recipe_kwargs,
+) -> nn.Module:
+    """Replaces the weight of every matching `nn.Linear` in `model` with `recipe`'s tensor subclass.
+
+    `recipe` is a name from `qt.RECIPES` (options as keywords) or a config instance.
+    `filter_fn(module, name)` picks the linears; by default all of them except the output head
+    (`get_output_embeddings()` / `get_classifier()`, or a module named like a head), which
+    `include_head=True` adds back. A linear the recipe cannot take raises a ValueError naming it,
+    unless `skip_incompatible=True`, which logs the reason and leaves it alone. Returns `model`.
+    """
+    config = resolve_recipe(recipe, **recipe_kwargs)
+    heads = _head_modules(model)
+    shared = _shared_weights(model)
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if filter_fn is not None:
+            if not filter_fn(module, name):
+                continue
+        elif module in heads and not include_head:
+            continue
+        reason = _incompatibility(config, module, shared)
+        if reason is not None:
+            if skip_incompatible:
+                logger.warning("quantize_: skipping %s: %s", name, reason)
+                continue
+            raise ValueError(
+                f"quantize_ cannot apply '{config.name}' to linear '{name}': {reason}. "
+                "Exclude it with filter_fn, or pass skip_incompatible=True to leave it unquantized."
+            )
+        weight = module.weight
+        module.weight = nn.Parameter(
+            config.quantize_weight(weight.detach()), requires_grad=weight.requires_grad
+        )
+    return model
+
+
+def _incompatibility(config: RecipeConfig, linear: nn.Linear, shared: set[int]) -> str | None:
+    if isinstance(linear.weight, QuantizedWeight):
+        return f"its weight is already quantized ({type(linear.weight).__name__})"
+    if id(linear.weight) in shared:
+        return "its weight is shared with another module (tied embeddings?); quantizing it would untie them"
+    return config.incompatibility(linear)
+
+
+def _head_modules(model: nn.Module) -> set[nn.Module]:
+    heads = {m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in _HEAD_NAMES}
+    for getter in ("get_output_embeddings", "get_classifier"):
+        if hasattr(model, getter):
+            try:
+                head = getattr(model, getter)()
+            except (NotImplementedError, AttributeError):
+                continue
+            if isinstance(head, nn.Module):
+                heads.add(head)
+    return heads
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    """ids of parameters that more than one module holds."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    return {pid for pid, count in owners.items() if count > 1}

@@ -1,0 +1,226 @@
+"""BitNet b1.58: ternary weights, INT8 activations, straight-through training of latent weights.
+
+Forward (per the BitNet b1.58 paper and its training tips):
+    w_scale = mean(|W|)                      one scale for the whole tensor
+    W_t     = clamp(round(W / w_scale), -1, 1)        ternary {-1, 0, +1}
+    X_q, x_scale = row-wise abs-max INT8 quantization of X
+    out     = (X_q @ W_t.T) * x_scale * w_scale       one INT8 matmul
+Backward: the straight-through estimator treats both quantizers as the identity, so
+    grad_input  = dY @ (W_t * w_scale)
+    grad_weight = dY.T @ (X_q * x_scale)    (flows to the latent high-precision weight)
+which is exactly the gradient of the reference `x + (quant(x) - x).detach()` formulation.
+
+`convert_llama_to_bitnet` does the model surgery the training tips call for: an RMSNorm before
+each quantized linear (BitNet's "SubLN"), and the decoder layers' own RMSNorms removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from qt.config import RecipeConfig
+from qt.kernels import quantize_int8, scaled_int8_mm
+from qt.subclass import QuantizedWeight, compute_dtype
+
+_MIN_WEIGHT_SCALE = 1e-5  # the reference implementation's clamp: keeps an all-zero weight finite
+
+
+@dataclasses.dataclass(frozen=True)
+class BitNetConfig(RecipeConfig):
+    """BitNet b1.58 has no options: the quantizers are fixed by the method."""
+
+    name = "bitnet"
+
+    def quantize_weight(self, weight: Tensor) -> Tensor:
+        return BitNetWeight(weight)
+
+
+def ternarize(weight: Tensor, abs_mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Returns (INT8 ternary weight, FP32 tensor-wise scale). `abs_mean` lets a sharded weight use
+    the mean over all shards."""
+    if abs_mean is None:
+        abs_mean = weight.abs().mean(dtype=torch.float32)
+    scale = abs_mean.clamp(min=_MIN_WEIGHT_SCALE)
+    ternary = (weight.float() / scale).round_().clamp_(-1, 1).to(torch.int8)
+    return ternary, scale
+
+
+class _BitNetLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, ternary: Tensor, w_scale: Tensor):
+        dtype = compute_dtype(x)
+        x2d = x.reshape(-1, x.shape[-1]).to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            x_q, x_scale = quantize_int8(x2d, 1)
+            out = scaled_int8_mm(x_q, ternary.T, x_scale, w_scale)
+        if bias is not None:
+            out = out + bias.to(dtype)
+        ctx.save_for_backward(x_q, x_scale, ternary, w_scale)
+        ctx.has_bias = bias is not None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        x_q, x_scale, ternary, w_scale = ctx.saved_tensors
+        dtype = x_scale.dtype
+        dy = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (dy @ ternary.to(dtype)) * w_scale.to(dtype)
+            grad_x = grad_x.view(*grad_output.shape[:-1], ternary.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_w = dy.T @ (x_q.to(dtype) * x_scale)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = dy.sum(0)
+        return grad_x, grad_w, grad_b, None, None
+
+
+class BitNetWeight(QuantizedWeight):
+    """The latent high-precision weight; every forward ternarizes it afresh."""
+
+    _inner_names = ("latent",)
+
+    @staticmethod
+    @torch._dynamo.disable
+    def __new__(cls, latent: Tensor):
+        return QuantizedWeight._wrapper(cls, latent, latent.dtype)
+
+    @torch._dynamo.disable
+    def __init__(self, latent: Tensor):
+        self.latent = latent
+
+    def _metadata(self):
+        return ()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        return self.latent if dtype is None else self.latent.to(dtype)
+
+    def _update_(self, fn) -> None:
+        fn(self.latent)
+
+    def _to(self, device, dtype):
+        return BitNetWeight(self.latent.to(device=device, dtype=dtype))
+
+    def _new_zeros(self, size, device):
+        return BitNetWeight(self.latent.new_zeros(size, device=device))
+
+    @staticmethod
+    def _linear(x: Tensor, weight: "BitNetWeight", bias: Tensor | None) -> Tensor:
+        ternary, w_scale = ternarize(weight.latent)
+        return _BitNetLinear.apply(x, weight, bias, ternary, w_scale)
+
+    # FSDP2: ternarize the shard with the scale of the whole weight (one all-reduce of |W| sums),
+    # and all-gather it packed four values to a byte.
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        abs_sum = self.latent.abs().sum(dtype=torch.float32)  # FSDP's padding rows are zeros
+        dist.all_reduce(abs_sum, group=mesh.get_group())
+        ternary, w_scale = ternarize(self.latent, abs_sum / outer_size.numel())
+        return (pack_ternary(ternary),), (w_scale, self.latent.shape[1])
+
+    def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
+        (packed,) = outputs
+        w_scale, in_features = metadata
+        ternary = unpack_ternary(packed, in_features)
+        if out is not None:
+            out.ternary.copy_(ternary)
+            out.w_scale.copy_(w_scale)
+            return None
+        return BitNetTernaryWeight(ternary, w_scale, param_dtype), (ternary,)
+
+
+class BitNetTernaryWeight(QuantizedWeight):
+    """An already-ternarized weight: what FSDP2 un-shards a `BitNetWeight` into. Its gradient is the
+    straight-through gradient that FSDP2 reduce-scatters back to the latent shards."""
+
+    _inner_names = ("ternary", "w_scale")
+
+    @staticmethod
+    @torch._dynamo.disable
+    def __new__(cls, ternary: Tensor, w_scale: Tensor, dtype: torch.dtype):
+        return QuantizedWeight._wrapper(cls, ternary, dtype)
+
+    @torch._dynamo.disable
+    def __init__(self, ternary: Tensor, w_scale: Tensor, dtype: torch.dtype):
+        self.ternary = ternary
+        self.w_scale = w_scale
+
+    def _metadata(self):
+        return (self.dtype,)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        return (self.ternary.to(torch.float32) * self.w_scale).to(dtype or self.dtype)
+
+    def _update_(self, fn) -> None:
+        raise RuntimeError("an un-sharded BitNet weight is rebuilt every all-gather; update the sharded latent weight")
+
+    def _to(self, device, dtype):
+        return BitNetTernaryWeight(self.ternary.to(device=device), self.w_scale.to(device=device), dtype or self.dtype)
+
+    def _new_zeros(self, size, device):
+        raise RuntimeError("an un-sharded BitNet weight cannot be re-sharded; shard the latent weight")
+
+    @staticmethod
+    def _linear(x: Tensor, weight: "BitNetTernaryWeight", bias: Tensor | None) -> Tensor:
+        return _BitNetLinear.apply(x, weight, bias, weight.ternary, weight.w_scale)
+
+
+def pack_ternary(ternary: Tensor) -> Tensor:
+    """[rows, cols] values in {-1, 0, 1} -> [rows, ceil(cols / 4)] uint8, 2 bits a value. Packing
+    along columns keeps rows whole, so FSDP2's row-wise shards concatenate correctly."""
+    rows, cols = ternary.shape
+    padded = torch.nn.functional.pad(ternary + 1, (0, -cols % 4)).to(torch.uint8)
+    fours = padded.view(rows, -1, 4)
+    return fours[..., 0] | (fours[..., 1] << 2) | (fours[..., 2] << 4) | (fours[..., 3] << 6)
+
+
+def unpack_ternary(packed: Tensor, cols: int) -> Tensor:
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
+    values = (packed.unsqueeze(-1) >> shifts) & 3
+    return (values.view(packed.shape[0], -1)[:, :cols].to(torch.int8) - 1).contiguous()
+
+
+_LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def convert_llama_to_bitnet(model: nn.Module) -> nn.Module:
+    """BitNet model surgery for a Hugging Face `LlamaForCausalLM` (or `LlamaModel`), in place:
+    every decoder-layer linear becomes `nn.Sequential(RMSNorm, linear)` and the layers'
+    `input_layernorm` / `post_attention_layernorm` become identities. Call before
+    `quantize_(model, "bitnet")`. Returns the model."""
+    decoder = getattr(model, "model", model)
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not all(_is_llama_layer(layer) for layer in layers):
+        raise ValueError(
+            f"convert_llama_to_bitnet supports Hugging Face LlamaForCausalLM / LlamaModel "
+            f"(decoder layers with q/k/v/o_proj, gate/up/down_proj and two RMSNorms); got {type(model).__name__}"
+        )
+    if any(isinstance(layer.self_attn.q_proj, nn.Sequential) for layer in layers):
+        raise ValueError("this model has already been converted for BitNet")
+    eps = getattr(getattr(model, "config", None), "rms_norm_eps", 1e-6)
+    for layer in layers:
+        norm_cls = type(layer.input_layernorm)
+        for path in _LLAMA_LINEARS:
+            parent_name, name = path.split(".")
+            parent = getattr(layer, parent_name)
+            linear = getattr(parent, name)
+            norm = norm_cls(linear.in_features, eps=eps).to(device=linear.weight.device, dtype=linear.weight.dtype)
+            setattr(parent, name, nn.Sequential(norm, linear))
+        layer.input_layernorm = nn.Identity()
+        layer.post_attention_layernorm = nn.Identity()
+    return model
+
+
+def _is_llama_layer(layer: nn.Module) -> bool:
+    try:
+        linears = [layer.get_submodule(path) for path in _LLAMA_LINEARS]
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    except AttributeError:
+        return False
+    return all(isinstance(m, (nn.Linear, nn.Sequential)) for m in linears) and all(
+        isinstance(n, nn.Module) for n in norms
+    )

@@ -1,0 +1,124 @@
+"""INT8 weight-only quantized training: the weight lives only as INT8 plus a row-wise scale.
+
+There is no high-precision copy. The forward and backward upcast the INT8 weight to the
+activation dtype (or, with `int8_activations`, quantize the activations and run the forward as an
+INT8 matmul). An optimizer's in-place update dequantizes, applies the update in FP32 and
+re-quantizes; with stochastic rounding (the default) an update smaller than half a quantization
+step still moves the weight with the right probability, so it survives on average.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from qt.config import RecipeConfig
+from qt.kernels import quantize_int8, scaled_int8_mm
+from qt.subclass import QuantizedWeight, compute_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8WeightOnlyConfig(RecipeConfig):
+    """`stochastic_rounding`: re-quantize updates stochastically (turning it off shows why it is
+    needed: small updates round away). `int8_activations`: also quantize activations row-wise and
+    run the forward matmul in INT8."""
+
+    name = "int8_weight_only"
+    stochastic_rounding: bool = True
+    int8_activations: bool = False
+
+    def quantize_weight(self, weight: Tensor) -> Tensor:
+        int_data, scale = quantize_int8(weight.float(), 1)
+        return Int8WeightOnlyWeight(int_data, scale, weight.dtype, self)
+
+
+class _Int8WeightOnlyLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: "Int8WeightOnlyWeight", bias: Tensor | None):
+        dtype = compute_dtype(x)
+        x2d = x.reshape(-1, x.shape[-1]).to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            if weight.config.int8_activations:
+                x_q, x_scale = quantize_int8(x2d, 1)
+                # int_data is row-major [out, in], so its transpose is the reduced-dim-contiguous layout
+                out = scaled_int8_mm(x_q, weight.int_data.T, x_scale, weight.scale.T)
+            else:
+                # Scaling the output rather than the weight saves a weight-sized multiply.
+                out = (x2d @ weight.int_data.T.to(dtype)) * weight.scale.T.to(dtype)
+        if bias is not None:
+            out = out + bias.to(dtype)
+        # The INT8 weight is saved rather than its upcast, so no high-precision copy outlives the forward.
+        ctx.save_for_backward(x2d, weight.int_data, weight.scale)
+        ctx.has_bias = bias is not None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        x2d, int_data, scale = ctx.saved_tensors
+        dy = grad_output.reshape(-1, grad_output.shape[-1]).to(x2d.dtype)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (dy * scale.T.to(dy.dtype)) @ int_data.to(dy.dtype)
+            grad_x = grad_x.view(*grad_output.shape[:-1], int_data.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_w = dy.T @ x2d
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = dy.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+class Int8WeightOnlyWeight(QuantizedWeight):
+    """INT8 data [out, in] with one FP32 scale per output row ([out, 1]); appears as `dtype`."""
+
+    _inner_names = ("int_data", "scale")
+
+    @staticmethod
+    @torch._dynamo.disable
+    def __new__(cls, int_data: Tensor, scale: Tensor, dtype: torch.dtype, config: Int8WeightOnlyConfig):
+        return QuantizedWeight._wrapper(cls, int_data, dtype)
+
+    @torch._dynamo.disable
+    def __init__(self, int_data: Tensor, scale: Tensor, dtype: torch.dtype, config: Int8WeightOnlyConfig):
+        self.int_data = int_data
+        self.scale = scale.to(torch.float32)
+        self.config = config
+
+    def _metadata(self):
+        return (self.dtype, self.config)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        return (self.int_data.to(torch.float32) * self.scale).to(dtype or self.dtype)
+
+    def _update_(self, fn) -> None:
+        weight = self.dequantize(torch.float32)
+        fn(weight)
+        int_data, scale = quantize_int8(weight, 1, self.config.stochastic_rounding)
+        self.int_data.copy_(int_data)
+        self.scale.copy_(scale)
+
+    def _to(self, device, dtype):
+        return Int8WeightOnlyWeight(
+            self.int_data.to(device=device), self.scale.to(device=device), dtype or self.dtype, self.config
+        )
+
+    def _new_zeros(self, size, device):
+        device = device or self.device
+        int_data = torch.zeros(size, dtype=torch.int8, device=device)
+        scale = torch.zeros(size[0], 1, dtype=torch.float32, device=device)
+        return Int8WeightOnlyWeight(int_data, scale, self.dtype, self.config)
+
+    @staticmethod
+    def _linear(x: Tensor, weight: "Int8WeightOnlyWeight", bias: Tensor | None) -> Tensor:
+        return _Int8WeightOnlyLinear.apply(x, weight, bias)
+
+    # FSDP2: all-gather the INT8 rows and their scales as they are (both shard along dim 0).
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        return (self.int_data, self.scale), None
+
+    def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
+        if out is not None:  # FSDP re-filled the storage of `out`'s inner tensors in place
+            return None
+        int_data, scale = outputs
+        return Int8WeightOnlyWeight(int_data, scale, param_dtype, self.config), (int_data, scale)

@@ -1,0 +1,162 @@
+"""The tensor-subclass machinery every recipe's weight shares.
+
+A recipe replaces `linear.weight` with a `QuantizedWeight`: a wrapper tensor that looks like the
+high-precision weight (shape, dtype, device) but stores whatever the recipe needs (INT8 data and
+scales, or a latent high-precision copy). Three kinds of ops reach it:
+
+- `F.linear`: routed by `__torch_function__` to the recipe's autograd function (`_linear`).
+- In-place ops with the weight as the written-to tensor (the optimizer step, `load_state_dict`'s
+  `copy_`, foreach optimizer kernels): routed to `_update_`, which applies the op to a
+  high-precision view and stores the result the recipe's way (for INT8 weight-only: re-quantized
+  with stochastic rounding).
+- Structure ops that must keep the subclass (detach, clone, `.to()`, and the ops FSDP2 shards with):
+  applied to the inner tensors.
+
+Every other op sees the dequantized weight and returns a plain tensor, so optimizers can build
+their states with `zeros_like` and do arithmetic with the weight as with any parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._python_dispatch import return_and_correct_aliasing
+from torch.utils._pytree import tree_map_only
+
+aten = torch.ops.aten
+
+# Ops that keep the subclass, applied to each inner tensor as they come (the inner tensors share
+# the weight's leading dimension, so slicing and splitting along dim 0 stay consistent).
+_PER_INNER_OPS = {aten.detach.default, aten.clone.default, aten.alias.default}
+_DIM0_OPS = {aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default}
+# FSDP2 flattens its padded shard with `view(-1)` to keep a handle on the storage and re-strides
+# the unsharded parameter with `as_strided` to the same shape; neither changes what the weight
+# holds, so both return a new wrapper of the same inner tensors (row-wise scales cannot follow an
+# arbitrary view; nothing but FSDP2 reshapes a weight).
+_FSDP_VIEW_OPS = {aten.view.default, aten.as_strided.default, aten._unsafe_view.default}
+
+
+def _writes_first_argument(func) -> bool:
+    args = func._schema.arguments
+    return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
+
+
+class QuantizedWeight(torch.Tensor):
+    """Base class of the recipes' weights. Subclasses define:
+
+    - `_inner_names`: attribute names of the inner tensors, first one shaped like the weight;
+    - `_metadata()`: the non-tensor constructor arguments that follow the inner tensors;
+    - `dequantize(dtype=None)`, `_update_(fn)`, `_to(device, dtype)`, `_new_zeros(size, device)`;
+    - `_linear(x, weight, bias)`: the recipe's differentiable linear.
+    """
+
+    _inner_names: tuple[str, ...] = ()
+
+    @staticmethod
+    def _wrapper(cls, like: Tensor, dtype: torch.dtype) -> Tensor:
+        return Tensor._make_wrapper_subclass(cls, like.shape, dtype=dtype, device=like.device)
+
+    def _metadata(self) -> tuple:
+        raise NotImplementedError
+
+    def _inner(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._inner_names]
+
+    def _map_inner(self, fn) -> "QuantizedWeight":
+        return type(self)(*[fn(t) for t in self._inner()], *self._metadata())
+
+    def __tensor_flatten__(self):
+        return list(self._inner_names), self._metadata()
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner_tensors, metadata, outer_size, outer_stride):
+        return cls(*[inner_tensors[name] for name in cls._inner_names], *metadata)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, "
+            f"device={self.device}, requires_grad={self.requires_grad})"
+        )
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight, *rest = args
+            bias = rest[0] if rest else kwargs.get("bias")
+            return cls._linear(x, weight, bias)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self = args[0]
+
+        if isinstance(self, QuantizedWeight):
+            if func in _PER_INNER_OPS:
+                out = self._map_inner(lambda t: func(t, *args[1:], **kwargs))
+                return return_and_correct_aliasing(func, args, kwargs, out)
+            if func in _DIM0_OPS:
+                return self._split_rows(func, args[1:], kwargs)
+            if func in _FSDP_VIEW_OPS:
+                out = self._map_inner(lambda t: t)
+                return return_and_correct_aliasing(func, args, kwargs, out)
+            if func is aten._to_copy.default:
+                return self._to(kwargs.get("device"), kwargs.get("dtype"))
+            if func is aten.new_zeros.default:
+                return self._new_zeros(args[1], kwargs.get("device"))
+            if func is aten.copy_.default and type(args[1]) is type(self):
+                for dst, src in zip(self._inner(), args[1]._inner()):
+                    dst.copy_(src)
+                return self
+
+        if _writes_first_argument(func):
+            rest = tree_map_only(QuantizedWeight, lambda t: t.dequantize(), (args[1:], kwargs))
+            if isinstance(self, QuantizedWeight):
+                self._update_(lambda hp: func(hp, *rest[0], **rest[1]))
+                return self
+            if isinstance(self, (list, tuple)):  # foreach kernels: one list element at a time
+                return _foreach_update_(func, self, rest[0], rest[1])
+            return func(self, *rest[0], **rest[1])
+
+        args, kwargs = tree_map_only(QuantizedWeight, lambda t: t.dequantize(), (args, kwargs))
+        return func(*args, **kwargs)
+
+    def _split_rows(self, func, args, kwargs):
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        if dim != 0:
+            raise NotImplementedError(
+                f"{type(self).__name__} can only be sliced or split along dim 0 (output features), got dim={dim}"
+            )
+        pieces = [func(t, *args, **kwargs) for t in self._inner()]
+        if isinstance(pieces[0], (list, tuple)):
+            return [type(self)(*inner, *self._metadata()) for inner in zip(*pieces)]
+        return type(self)(*pieces, *self._metadata())
+
+
+def _foreach_update_(func, tensors, rest_args, kwargs):
+    """Applies an in-place foreach op (e.g. `_foreach_addcdiv_` from a foreach optimizer) to a
+    list holding quantized weights: plain tensors in one call, each quantized weight through its
+    own `_update_`."""
+
+    def take(indices, arg):
+        return [arg[i] for i in indices] if isinstance(arg, (list, tuple)) else arg
+
+    plain = [i for i, t in enumerate(tensors) if not isinstance(t, QuantizedWeight)]
+    if plain:
+        func([tensors[i] for i in plain], *[take(plain, a) for a in rest_args], **kwargs)
+    for i, t in enumerate(tensors):
+        if isinstance(t, QuantizedWeight):
+            one = [take([i], a) for a in rest_args]
+            t._update_(lambda hp: func([hp], *one, **kwargs))
+    return None
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a linear computes in: autocast's when it is on for x's device, else x's own."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
