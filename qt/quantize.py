@@ -48,6 +48,7 @@ def quantize_(
     config = resolve_recipe(recipe, **recipe_kwargs)
     heads = _head_modules(model)
     shared = _shared_weights(model)
+    targets = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
@@ -57,18 +58,19 @@ def quantize_(
         elif module in heads and not include_head:
             continue
         reason = _incompatibility(config, module, shared)
-        if reason is not None:
-            if skip_incompatible:
-                logger.warning("quantize_: skipping %s: %s", name, reason)
-                continue
+        if reason is None:
+            targets.append(module)
+        elif skip_incompatible:
+            logger.warning("quantize_: skipping %s: %s", name, reason)
+        else:
             raise ValueError(
                 f"quantize_ cannot apply '{config.name}' to linear '{name}': {reason}. "
                 "Exclude it with filter_fn, or pass skip_incompatible=True to leave it unquantized."
             )
+    # Swapped only once every linear passed its checks, so an error leaves the model as it was.
+    for module in targets:
         weight = module.weight
-        module.weight = nn.Parameter(
-            config.quantize_weight(weight.detach()), requires_grad=weight.requires_grad
-        )
+        module.weight = nn.Parameter(config.quantize_weight(weight.detach()), requires_grad=weight.requires_grad)
     return model
 
 

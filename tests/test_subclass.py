@@ -1,0 +1,120 @@
+"""The recipes' weights behave like parameters: optimizers, state_dict, torch.save, .to(), clone."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import qt
+from tests.reference import rel_err
+
+OPTIMIZERS = {
+    "AdamW": lambda p, foreach: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, foreach=foreach),
+    "Adam": lambda p, foreach: torch.optim.Adam(p, lr=1e-2, foreach=foreach),
+    "SGD": lambda p, foreach: torch.optim.SGD(p, lr=1e-1, momentum=0.9, weight_decay=0.1, foreach=foreach),
+}
+
+
+def quantized_linear(recipe, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return qt.quantize_(nn.Sequential(nn.Linear(64, 48)), recipe, filter_fn=lambda m, n: True, **kwargs)[0]
+
+
+def plain_step(weight, optimizer_name, grad, foreach):
+    """The optimizer's step on a plain copy of the weight's high-precision value."""
+    param = nn.Parameter(weight.dequantize().detach().clone().float())
+    param.grad = grad.clone()
+    OPTIMIZERS[optimizer_name]([param], foreach).step()
+    return param.detach()
+
+
+@pytest.mark.parametrize("recipe", list(qt.RECIPES))
+@pytest.mark.parametrize("optimizer_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("foreach", [False, True])
+def test_optimizer_step_matches_plain_parameter(recipe, optimizer_name, foreach):
+    linear = quantized_linear(recipe)
+    before = linear.weight.dequantize().clone()
+    grad = torch.randn(48, 64)
+    expected = plain_step(linear.weight, optimizer_name, grad, foreach)
+    linear.weight.grad = grad.clone()
+    OPTIMIZERS[optimizer_name](linear.parameters(), foreach).step()
+    assert isinstance(linear.weight, qt.QuantizedWeight)
+    after = linear.weight.dequantize()
+    if recipe == "int8_weight_only":
+        # Re-quantized: the error is within a quantization step of the exact update.
+        step = linear.weight.scale
+        assert ((after - expected).abs() <= step * 1.001).all()
+        assert rel_err(after - before, expected - before) < 0.5
+    else:
+        torch.testing.assert_close(after, expected)
+
+
+def test_int8_weight_only_update_is_unbiased_with_stochastic_rounding():
+    """An update of a tenth of a quantization step survives on average with stochastic rounding
+    and is lost with round-to-nearest."""
+    for stochastic, expect_moved in [(True, True), (False, False)]:
+        linear = quantized_linear("int8_weight_only", stochastic_rounding=stochastic)
+        weight = linear.weight
+        initial = weight.clone()
+        start = weight.dequantize().clone()
+        delta = 0.1 * weight.scale.expand_as(start)
+        trials = 200
+        total = torch.zeros_like(start)
+        for _ in range(trials):
+            with torch.no_grad():
+                weight.copy_(initial)
+                weight.add_(delta)
+            total += weight.dequantize() - start
+        mean_move = total / trials
+        if expect_moved:
+            # Each trial moves by 0 or one step (p = 0.1): the mean over 200 trials has standard error
+            # sqrt(0.1 * 0.9 / 200) ~ 0.021 steps; 5 standard errors on the tensor's mean is far looser.
+            assert rel_err(mean_move.mean(), delta.mean()) < 0.05
+            assert (mean_move - delta).abs().max() < 0.15 * weight.scale.max()
+        else:
+            # Round-to-nearest puts every code back where it was; only the rows' scales move a little
+            # (the update changed their abs-max), which does not shift the weights on average.
+            assert torch.equal(weight.int_data, initial.int_data)
+            assert mean_move.mean().abs() < 0.05 * delta.mean()
+
+
+@pytest.mark.parametrize("recipe", list(qt.RECIPES))
+def test_state_dict_round_trip_through_torch_save(recipe):
+    linear = quantized_linear(recipe)
+    buffer = io.BytesIO()
+    torch.save(linear.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=False)
+    fresh = quantized_linear(recipe, seed=1)
+    fresh.load_state_dict(state)
+    assert type(fresh.weight) is type(linear.weight)
+    assert torch.equal(fresh.weight.dequantize(), linear.weight.dequantize())
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), linear(x))
+
+
+@pytest.mark.parametrize("recipe", list(qt.RECIPES))
+def test_load_plain_state_dict_into_quantized_model(recipe):
+    source = nn.Linear(64, 48)
+    linear = quantized_linear(recipe, stochastic_rounding=False) if recipe == "int8_weight_only" else quantized_linear(recipe)
+    linear.load_state_dict(source.state_dict())
+    assert rel_err(linear.weight.dequantize(), source.weight) < 1e-2
+
+
+@pytest.mark.parametrize("recipe", list(qt.RECIPES))
+def test_to_clone_deepcopy_and_plain_ops(recipe):
+    linear = quantized_linear(recipe)
+    value = linear.weight.dequantize().clone()
+    clone = linear.weight.clone()
+    assert type(clone) is type(linear.weight) and torch.equal(clone.dequantize(), value)
+    copied = copy.deepcopy(linear)
+    assert type(copied.weight) is type(linear.weight) and torch.equal(copied.weight.dequantize(), value)
+    linear.to(torch.bfloat16)
+    assert type(linear.weight) is type(copied.weight) and linear.weight.dtype == torch.bfloat16
+    assert rel_err(linear.weight.dequantize(), value) < 1e-2
+    zeros = torch.zeros_like(copied.weight)
+    assert type(zeros) is torch.Tensor and zeros.dtype == torch.float32 and not zeros.any()
+    doubled = copied.weight * 2
+    assert type(doubled) is torch.Tensor and torch.equal(doubled, value * 2)
