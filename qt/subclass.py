@@ -73,6 +73,11 @@ class QuantizedWeight(torch.Tensor):
     def __tensor_unflatten__(cls, inner_tensors, metadata, outer_size, outer_stride):
         return cls(*[inner_tensors[name] for name in cls._inner_names], *metadata)
 
+    def _stable_hash_for_caching(self) -> str:
+        # torch.compile's AOT autograd cache keys compiled graphs on this: the class and its
+        # non-tensor constructor arguments decide the graph.
+        return f"{type(self).__qualname__}{self._metadata()!r}"
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, "

@@ -5,3 +5,15 @@ from qt.recipes.int8_weight_only import Int8WeightOnlyConfig, Int8WeightOnlyWeig
 RECIPES = {
     config.name: config for config in (Int8WeightOnlyConfig, Int8MixedPrecisionConfig, BitNetConfig)
 }
+
+__all__ = [
+    "RECIPES",
+    "BitNetConfig",
+    "BitNetTernaryWeight",
+    "BitNetWeight",
+    "Int8MixedPrecisionConfig",
+    "Int8MixedPrecisionWeight",
+    "Int8WeightOnlyConfig",
+    "Int8WeightOnlyWeight",
+    "convert_llama_to_bitnet",
+]

@@ -126,8 +126,12 @@ class BitNetWeight(QuantizedWeight):
         w_scale, in_features = metadata
         ternary = unpack_ternary(packed, in_features)
         if out is not None:
-            out.ternary.copy_(ternary)
-            out.w_scale.copy_(w_scale)
+            # The backward saved `out.ternary`; FSDP re-gathers into it before the backward runs,
+            # so the refill must not look like a modification to autograd.
+            with torch.autograd._unsafe_preserve_version_counter(out.ternary):
+                out.ternary.copy_(ternary)
+            with torch.autograd._unsafe_preserve_version_counter(out.w_scale):
+                out.w_scale.copy_(w_scale)
             return None
         return BitNetTernaryWeight(ternary, w_scale, param_dtype), (ternary,)
 
