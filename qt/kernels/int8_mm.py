@@ -1,0 +1,184 @@
+"""Scaled INT8 matrix multiplication: ``(a @ b) * row_scale * col_scale``.
+
+``a`` [M, K] and ``b`` [K, N] are int8, the product is accumulated exactly in int32, and the scales are
+applied in fp32 in the epilogue. CUDA tensors run the Triton kernel below; CPU tensors (or a machine
+without Triton) run ``torch._int_mm`` followed by the same fp32 epilogue. Both are wrapped in one
+``torch.library`` custom op so ``torch.compile`` treats the product as a single opaque node.
+"""
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # qt must still import, and fall back to torch, where Triton is not installed.
+    triton = None
+
+
+def scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -> Tensor:
+    """Returns ``(a @ b) * row_scale * col_scale`` as an [M, N] tensor of ``row_scale.dtype``.
+
+    Args:
+        a: int8 [M, K], any strides (fastest when row-major, i.e. K-contiguous).
+        b: int8 [K, N], any strides (fastest when column-major, i.e. K-contiguous).
+        row_scale: floating [M, 1] or [M], one scale per row of ``a``.
+        col_scale: floating [1, N] or [N] (one scale per column of ``b``), or a single element
+            (one scale for all of ``b``, e.g. BitNet's tensor-wise weight scale).
+    """
+    _check_mm_inputs(a, b, row_scale, col_scale)
+    return torch.ops.qt.scaled_int8_mm(a, b, row_scale, col_scale)
+
+
+def _check_mm_inputs(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -> None:
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(
+            f"scaled_int8_mm: a and b must be int8 (got {a.dtype} and {b.dtype}); "
+            "quantize them with quantize_int8 first"
+        )
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"scaled_int8_mm: a and b must be 2-D (got shapes {list(a.shape)} and {list(b.shape)})")
+    (m, k), (k_b, n) = a.shape, b.shape
+    if k != k_b:
+        raise ValueError(
+            f"scaled_int8_mm: a is [M, K] = {list(a.shape)} so b must be [K, N] with K = {k}, got {list(b.shape)}"
+        )
+    for name, scale in (("row_scale", row_scale), ("col_scale", col_scale)):
+        if not scale.dtype.is_floating_point:
+            raise TypeError(f"scaled_int8_mm: {name} must be a floating-point tensor, got {scale.dtype}")
+    if tuple(row_scale.shape) not in ((m, 1), (m,)):
+        raise ValueError(f"scaled_int8_mm: row_scale must have shape [{m}, 1] or [{m}], got {list(row_scale.shape)}")
+    if tuple(col_scale.shape) not in ((1, n), (n,)) and col_scale.numel() != 1:
+        raise ValueError(
+            f"scaled_int8_mm: col_scale must have shape [1, {n}] or [{n}], or hold one element, "
+            f"got {list(col_scale.shape)}"
+        )
+    devices = {t.device for t in (a, b, row_scale, col_scale)}
+    if len(devices) != 1:
+        raise ValueError(f"scaled_int8_mm: all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def _scale_stride(scale: Tensor) -> int:
+    """Element stride between consecutive scales of a [X, 1], [1, X] or [X] vector; 0 broadcasts one scale."""
+    long_dims = [dim for dim, size in enumerate(scale.shape) if size > 1]
+    return scale.stride(long_dims[0]) if long_dims else 0
+
+
+@torch.library.custom_op("qt::scaled_int8_mm", mutates_args=())
+def _scaled_int8_mm_op(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -> Tensor:
+    if a.is_cuda and triton is not None:
+        return triton_scaled_int8_mm(a, b, row_scale, col_scale)
+    return _torch_scaled_int8_mm(a, b, row_scale, col_scale)
+
+
+@_scaled_int8_mm_op.register_fake
+def _(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -> Tensor:
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=row_scale.dtype)
+
+
+def _torch_scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -> Tensor:
+    if a.shape[0] == 1:
+        # torch._int_mm on CPU returns garbage for a single row whose strides are (1, 1), as a transposed
+        # [K, 1] column has (seen with torch 2.13); a row-major copy of that one row is cheap.
+        a = a.clone(memory_format=torch.contiguous_format)
+    # Same epilogue as the kernel, in the same order, so both paths round alike.
+    product = torch._int_mm(a, b).float()
+    scaled = product * row_scale.reshape(-1, 1).float() * col_scale.reshape(1, -1).float()
+    return scaled.to(row_scale.dtype)
+
+
+def triton_scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -> Tensor:
+    """Launches the Triton kernel on inputs already checked by ``scaled_int8_mm``.
+
+    Public so tests can run it on CPU tensors under ``TRITON_INTERPRET=1``.
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    out = torch.empty((m, n), dtype=row_scale.dtype, device=a.device)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _scaled_int8_mm_kernel[grid](
+        a, b, row_scale, col_scale, out,
+        m, n, k, triton.next_power_of_2(m),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        _scale_stride(row_scale), _scale_stride(col_scale),
+        out.stride(0), out.stride(1),
+    )  # fmt: skip
+    return out
+
+
+def _autotune_configs() -> list:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter runs every config it is given in numpy, slowly: one small tile, no tuning.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+    # Tiles known to run well for int8 wgmma on Hopper; a longer list only lengthens the first call.
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    ]
+
+
+if triton is not None:
+
+    # M_BUCKET (M rounded up to a power of two) stands in for M in the key: the token count changes from
+    # batch to batch, and re-tuning for every new M would stall training.
+    @triton.autotune(configs=_autotune_configs(), key=["M_BUCKET", "N", "K"])
+    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+    @triton.jit
+    def _scaled_int8_mm_kernel(
+        a_ptr, b_ptr, row_scale_ptr, col_scale_ptr, out_ptr,
+        M, N, K, M_BUCKET,
+        stride_am, stride_ak, stride_bk, stride_bn,
+        stride_row_scale, stride_col_scale,
+        stride_om, stride_on,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    ):  # fmt: skip
+        # Grouped ordering: GROUP_M consecutive programs walk down a column of output tiles, so the
+        # tiles of b they share are still in L2 when the next program needs them.
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        first_pid_m = (pid // num_pid_in_group) * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        # Edges are masked rather than wrapped around (offs % N): a wrapped index hides from the compiler
+        # that the offsets are contiguous, so a row-major b was loaded a byte at a time (about 100 instead
+        # of 280 TOP/s on an H100). The int64 offsets keep tensors past 2**31 elements addressable.
+        m_in_bounds = offs_m < M
+        n_in_bounds = offs_n < N
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k_start in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=m_in_bounds[:, None], other=0)
+                b = tl.load(b_ptrs, mask=n_in_bounds[None, :], other=0)
+            else:
+                # Zeros past the end of K add nothing to the dot product.
+                k_in_bounds = offs_k < K - k_start
+                a = tl.load(a_ptrs, mask=m_in_bounds[:, None] & k_in_bounds[None, :], other=0)
+                b = tl.load(b_ptrs, mask=k_in_bounds[:, None] & n_in_bounds[None, :], other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+
+        row_scale = tl.load(row_scale_ptr + offs_m * stride_row_scale, mask=m_in_bounds).to(tl.float32)
+        col_scale = tl.load(col_scale_ptr + offs_n * stride_col_scale, mask=n_in_bounds).to(tl.float32)
+        out = acc.to(tl.float32) * row_scale[:, None] * col_scale[None, :]
+        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_in_bounds[:, None] & n_in_bounds[None, :])

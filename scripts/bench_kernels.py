@@ -1,0 +1,166 @@
+"""Checks and times qt's INT8 kernels on a CUDA GPU (written for an H100).
+
+    PYTHONPATH=. python scripts/bench_kernels.py [--quick] [--m 16384]
+
+scaled_int8_mm on Llama-1B linear shapes (M tokens x N outputs x K inputs) in three operand layouts,
+against torch._int_mm (the int32 product alone) and a bf16 torch.mm of the same shape; then
+quantize_int8 on a [16384, 2048] bf16 activation, both axes, with and without stochastic rounding,
+against the same math in eager torch. Each case is first checked against its torch counterpart.
+Prints a markdown table last; with $OUT set, also writes it and a JSON of every number there.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+from qt.kernels import quantize_int8, scaled_int8_mm
+from qt.kernels.int8_mm import _scaled_int8_mm_kernel
+from qt.kernels.quantize import _torch_quantize_int8
+
+LLAMA_1B_NK = [(2048, 2048), (5632, 2048), (2048, 5632)]  # (N, K): q/o projections, MLP up, MLP down
+LAYOUTS = {  # name -> (a row-major, b row-major); the first is the K-contiguous one the recipes use
+    "a row, b col": (True, False),
+    "a row, b row": (True, True),
+    "a col, b row": (False, True),
+}
+DEVICE = "cuda"
+MAX_REL_ERR = 1e-2  # bf16 output rounding alone gives ~1e-3 (normwise)
+
+
+def time_ms(fn) -> float:
+    return triton.testing.do_bench(fn, return_mode="median")
+
+
+def int8_matrix(rows: int, cols: int, row_major: bool) -> torch.Tensor:
+    shape = (rows, cols) if row_major else (cols, rows)
+    matrix = torch.randint(-127, 128, shape, dtype=torch.int8, device=DEVICE)
+    return matrix if row_major else matrix.t()
+
+
+def int_mm_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Operands torch._int_mm accepts: a and b as given if it takes them, else K-contiguous copies."""
+    try:
+        torch._int_mm(a, b)
+        return a, b, "as given"
+    except RuntimeError:
+        return a.contiguous(), b.t().contiguous().t(), "K-contiguous copies"
+
+
+def bench_matmul(m: int, n: int, k: int, layout: str) -> dict:
+    a_row_major, b_row_major = LAYOUTS[layout]
+    a, b = int8_matrix(m, k, a_row_major), int8_matrix(k, n, b_row_major)
+    row_scale = torch.rand(m, 1, device=DEVICE, dtype=torch.bfloat16) + 0.5
+    col_scale = torch.rand(1, n, device=DEVICE, dtype=torch.bfloat16) + 0.5
+
+    out = scaled_int8_mm(a, b, row_scale, col_scale)  # the first call autotunes
+    config = _scaled_int8_mm_kernel.best_config
+    int_mm_a, int_mm_b, int_mm_layout = int_mm_operands(a, b)
+    expected = torch._int_mm(int_mm_a, int_mm_b).float() * row_scale.float() * col_scale.float()
+    rel_err = ((out.float() - expected).norm() / expected.norm()).item()
+    # Both round the same fp32 products to bf16, so they should agree bit for bit.
+    mismatched = (out != expected.to(out.dtype)).float().mean().item()
+    del out, expected
+
+    a_bf16, b_bf16 = a.to(torch.bfloat16), b.to(torch.bfloat16)  # .to keeps the layout
+    ops = 2 * m * n * k
+    return {
+        "m": m, "n": n, "k": k, "layout": layout, "rel_err": rel_err, "mismatched": mismatched,
+        "config": f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']} "
+                  f"w{config.num_warps} s{config.num_stages}",
+        "qt_tops": ops / time_ms(lambda: scaled_int8_mm(a, b, row_scale, col_scale)) / 1e9,
+        "int_mm_tops": ops / time_ms(lambda: torch._int_mm(int_mm_a, int_mm_b)) / 1e9,
+        "int_mm_layout": int_mm_layout,
+        "bf16_tflops": ops / time_ms(lambda: torch.mm(a_bf16, b_bf16)) / 1e9,
+    }  # fmt: skip
+
+
+def bench_quantize(x: torch.Tensor, axis: int, stochastic: bool) -> dict:
+    q, scale = quantize_int8(x, axis, stochastic)
+    nearest_q, nearest_scale = _torch_quantize_int8(x, axis, None)
+    # Stochastic roundings differ from the eager ones' random numbers; both must stay within 1 of nearest.
+    q_ok = (q.int() - nearest_q.int()).abs().max().item() <= 1 if stochastic else torch.equal(q, nearest_q)
+    layout_ok = q.stride() == nearest_q.stride()
+    seed = torch.randint(0, 2**31 - 1, (1,), device=x.device) if stochastic else None
+    bytes_moved = x.numel() * x.element_size() + q.numel() + scale.numel() * scale.element_size()
+    qt_ms = time_ms(lambda: quantize_int8(x, axis, stochastic))
+    eager_ms = time_ms(lambda: _torch_quantize_int8(x, axis, seed))
+    return {
+        "shape": list(x.shape), "axis": axis, "stochastic": stochastic,
+        "ok": bool(q_ok and layout_ok and torch.equal(scale, nearest_scale)),
+        "qt_us": qt_ms * 1e3, "qt_gbps": bytes_moved / qt_ms / 1e6,
+        "eager_us": eager_ms * 1e3, "eager_gbps": bytes_moved / eager_ms / 1e6,
+    }  # fmt: skip
+
+
+def markdown(device: str, matmuls: list[dict], quantizes: list[dict]) -> str:
+    lines = [
+        f"## INT8 kernels on {device} (torch {torch.__version__}, triton {triton.__version__})",
+        "",
+        "scaled_int8_mm (bf16 scales and output) vs torch._int_mm (int32 product only) and bf16 torch.mm; "
+        "medians of triton.testing.do_bench. The autotuner keys on (M bucket, N, K), not the layout: "
+        "every layout of a shape runs the config tuned for the first, K-contiguous one.",
+        "",
+        "| M x N x K | layout | qt TOP/s | qt config | torch._int_mm TOP/s (operands) | bf16 mm TFLOP/s "
+        "| vs torch: rel err, bits differing |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in matmuls:
+        check = f"{r['rel_err']:.1e}, {r['mismatched']:.1%} differ" + ("" if r["rel_err"] < MAX_REL_ERR else " FAIL")
+        lines.append(
+            f"| {r['m']} x {r['n']} x {r['k']} | {r['layout']} | {r['qt_tops']:.0f} | {r['config']} "
+            f"| {r['int_mm_tops']:.0f} ({r['int_mm_layout']}) | {r['bf16_tflops']:.0f} | {check} |"
+        )
+    lines += [
+        "",
+        "quantize_int8 (GB/s counts x read once, q and scale written once) vs the same math in eager torch.",
+        "",
+        "| x | axis | rounding | qt us | qt GB/s | eager us | eager GB/s | matches eager |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in quantizes:
+        rounding = "stochastic" if r["stochastic"] else "nearest"
+        lines.append(
+            f"| {r['shape'][0]} x {r['shape'][1]} bf16 | {r['axis']} | {rounding} | {r['qt_us']:.1f} "
+            f"| {r['qt_gbps']:.0f} | {r['eager_us']:.1f} | {r['eager_gbps']:.0f} | {'yes' if r['ok'] else 'NO'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--m", type=int, default=16384, help="tokens per matmul (rows of a and of x)")
+    parser.add_argument("--quick", action="store_true", help="only the first (N, K) shape and no stochastic rounding")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels.py needs a CUDA GPU")
+    torch.manual_seed(0)
+    device = torch.cuda.get_device_name()
+
+    matmuls = []
+    for n, k in LLAMA_1B_NK[:1] if args.quick else LLAMA_1B_NK:
+        for layout in LAYOUTS:  # the K-contiguous layout first: it is the one the autotuner's pick is for
+            matmuls.append(bench_matmul(args.m, n, k, layout))
+            print(json.dumps(matmuls[-1]), flush=True)
+    x = torch.randn(args.m, 2048, device=DEVICE, dtype=torch.bfloat16)
+    quantizes = []
+    for axis in (1, 0):
+        for stochastic in (False,) if args.quick else (False, True):
+            quantizes.append(bench_quantize(x, axis, stochastic))
+            print(json.dumps(quantizes[-1]), flush=True)
+
+    table = markdown(device, matmuls, quantizes)
+    print(table)
+    if out_dir := os.environ.get("OUT"):
+        Path(out_dir, "bench_kernels.md").write_text(table)
+        results = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+                   "matmul": matmuls, "quantize": quantizes}  # fmt: skip
+        Path(out_dir, "bench_kernels.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""scaled_int8_mm: the Triton kernel (under TRITON_INTERPRET=1) and the torch fallback against an exact reference."""
+
+import pytest
+import torch
+
+from qt.kernels import quantize_int8, scaled_int8_mm
+from qt.kernels.int8_mm import triton_scaled_int8_mm
+
+# (M, N, K): odd sizes that leave partial tiles in every dimension, including K < one 32-wide K step.
+SHAPES = [(1, 1, 1), (17, 33, 70), (33, 130, 17), (70, 17, 33), (130, 70, 130), (1, 130, 70)]
+LAYOUTS = {  # name -> (a row-major, b row-major)
+    "a_row_b_col": (True, False),
+    "a_row_b_row": (True, True),
+    "a_col_b_col": (False, False),
+    "a_col_b_row": (False, True),
+}
+# Allowed relative error of the scaled output. fp32: the int32 -> fp32 conversion and two products round
+# once each (2**-24 apiece). bf16 adds the final rounding, which Triton's interpreter does by truncation:
+# up to one bf16 ulp, 2**-7.
+RTOL = {torch.float32: 1e-6, torch.bfloat16: 2**-7}
+
+mm_paths = pytest.mark.parametrize("mm", [triton_scaled_int8_mm, scaled_int8_mm], ids=["triton", "fallback"])
+
+
+def random_int8(rows: int, cols: int, row_major: bool) -> torch.Tensor:
+    if row_major:
+        return torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+    return torch.randint(-127, 128, (cols, rows), dtype=torch.int8).t()
+
+
+def random_operands(m: int, n: int, k: int, layout: str = "a_row_b_col") -> tuple[torch.Tensor, torch.Tensor]:
+    a_row_major, b_row_major = LAYOUTS[layout]
+    return random_int8(m, k, a_row_major), random_int8(k, n, b_row_major)
+
+
+def reference(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
+    exact_product = a.long() @ b.long()
+    return exact_product.double() * row_scale.double().reshape(-1, 1) * col_scale.double().reshape(1, -1)
+
+
+def assert_matches_reference(out: torch.Tensor, expected: torch.Tensor) -> None:
+    assert out.dtype in RTOL
+    error = (out.double() - expected).abs()
+    # The tiny absolute term only matters where the exact product is 0.
+    assert (error <= RTOL[out.dtype] * expected.abs() + 1e-30).all(), f"max error {error.max().item()}"
+
+
+@mm_paths
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_matches_reference_in_every_layout(mm, m, n, k, layout):
+    torch.manual_seed(m * n * k)
+    a, b = random_operands(m, n, k, layout)
+    row_scale, col_scale = torch.rand(m, 1) + 0.5, torch.rand(1, n) + 0.5
+    out = mm(a, b, row_scale, col_scale)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    assert_matches_reference(out, reference(a, b, row_scale, col_scale))
+
+
+@mm_paths
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int32_accumulation_is_exact(mm, layout):
+    # With unit scales the output is the integer product itself (exact in fp32 below 2**24). Extreme
+    # operands make any lossy accumulation visible.
+    m, n, k = 33, 70, 130
+    a_row_major, b_row_major = LAYOUTS[layout]
+    a = torch.where(random_int8(m, k, a_row_major) >= 0, 127, -127).to(torch.int8)
+    b = torch.where(random_int8(k, n, b_row_major) >= 0, 127, -127).to(torch.int8)
+    out = mm(a, b, torch.ones(m, 1), torch.ones(1, n))
+    assert torch.equal(out, (a.long() @ b.long()).float())
+
+
+@mm_paths
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("row_scale_shape", ["column", "vector"])
+@pytest.mark.parametrize("col_scale_shape", ["row", "vector", "tensor-wise", "tensor-wise 0-d"])
+def test_scale_shapes_and_dtypes(mm, dtype, row_scale_shape, col_scale_shape):
+    m, n, k = 33, 70, 130
+    torch.manual_seed(0)
+    a, b = random_operands(m, n, k)
+    row_scale = (torch.rand(m) + 0.5).to(dtype)
+    row_scale = row_scale.reshape(m, 1) if row_scale_shape == "column" else row_scale
+    col_scale = {
+        "row": torch.rand(1, n),
+        "vector": torch.rand(n),
+        "tensor-wise": torch.rand(1),
+        "tensor-wise 0-d": torch.rand(()),
+    }[col_scale_shape].add(0.5).to(dtype)
+    out = mm(a, b, row_scale, col_scale)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert_matches_reference(out, reference(a, b, row_scale, col_scale))
+
+
+@mm_paths
+def test_strided_scale_vectors(mm):
+    m, n, k = 17, 33, 70
+    a, b = random_operands(m, n, k)
+    row_scale = (torch.rand(m, 3) + 0.5)[:, 1:2]  # a column of a wider tensor: stride 3
+    col_scale = (torch.rand(2, n) + 0.5)[1:]
+    assert_matches_reference(mm(a, b, row_scale, col_scale), reference(a, b, row_scale, col_scale))
+
+
+def test_opcheck():
+    a, b = random_operands(17, 33, 70)
+    for col_scale in (torch.rand(1, 33), torch.rand(1)):
+        torch.library.opcheck(torch.ops.qt.scaled_int8_mm.default, (a, b, torch.rand(17, 1), col_scale))
+
+
+def test_compiled_quantized_linear_matches_eager():
+    def quantized_linear(x, w):
+        x_q, x_scale = quantize_int8(x, axis=1)
+        w_q, w_scale = quantize_int8(w, axis=0)  # K-contiguous, as the kernel likes it
+        return scaled_int8_mm(x_q, w_q, x_scale, w_scale)
+
+    x, w = torch.randn(33, 70, dtype=torch.bfloat16), torch.randn(70, 17, dtype=torch.bfloat16)
+    compiled = torch.compile(quantized_linear, fullgraph=True)
+    assert torch.equal(compiled(x, w), quantized_linear(x, w))
+
+
+def bad_mm_inputs() -> list:
+    i8 = torch.int8
+    a, b, rs, cs = torch.zeros(4, 8, dtype=i8), torch.zeros(8, 6, dtype=i8), torch.ones(4, 1), torch.ones(1, 6)
+    cases = [
+        ("float a", (a.float(), b, rs, cs), TypeError, "must be int8"),
+        ("int32 b", (a, b.int(), rs, cs), TypeError, "must be int8"),
+        ("3-D a", (a[None], b, rs, cs), ValueError, "must be 2-D"),
+        ("K mismatch", (a, b[:7], rs, cs), ValueError, r"must be \[K, N\] with K = 8"),
+        ("integer row_scale", (a, b, rs.int(), cs), TypeError, "row_scale must be a floating-point"),
+        ("integer col_scale", (a, b, rs, cs.long()), TypeError, "col_scale must be a floating-point"),
+        ("row_scale of the wrong length", (a, b, torch.ones(5, 1), cs), ValueError, "row_scale must have shape"),
+        ("row_scale as a row", (a, b, torch.ones(1, 4), cs), ValueError, "row_scale must have shape"),
+        ("col_scale of the wrong length", (a, b, rs, torch.ones(1, 5)), ValueError, "col_scale must have shape"),
+        ("col_scale as a column", (a, b, rs, torch.ones(6, 1)), ValueError, "col_scale must have shape"),
+        ("scales on another device", (a, b, rs.to("meta"), cs), ValueError, "one device"),
+    ]
+    return [pytest.param(args, error, message, id=name) for name, args, error, message in cases]
+
+
+@pytest.mark.parametrize(("args", "error", "message"), bad_mm_inputs())
+def test_bad_inputs_raise(args, error, message):
+    with pytest.raises(error, match=message):
+        scaled_int8_mm(*args)

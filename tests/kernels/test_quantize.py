@@ -1,0 +1,159 @@
+"""quantize_int8: the Triton kernel (under TRITON_INTERPRET=1) and the torch fallback against a numpy reference."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qt.kernels import quantize_int8
+from qt.kernels.quantize import triton_quantize_int8
+
+
+def triton_path(x, axis, stochastic_rounding=False):
+    """The raw Triton launcher, seeded from torch's generator the way quantize_int8 seeds it."""
+    seed = torch.randint(0, 2**31 - 1, (1,)) if stochastic_rounding else None
+    return triton_quantize_int8(x, axis, seed)
+
+
+quantize_paths = pytest.mark.parametrize("quantize", [triton_path, quantize_int8], ids=["triton", "fallback"])
+
+
+def reference_quantize(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The documented math, one slice at a time, in numpy float32 (IEEE division, np.rint ties to even)."""
+    slices = (x if axis == 1 else x.t()).float().numpy()
+    q = np.empty(slices.shape, dtype=np.int8)
+    scales = []
+    for i, values in enumerate(slices):
+        amax = max(np.abs(values).max(), np.float32(1e-12))
+        scale = torch.tensor(amax / np.float32(127)).to(x.dtype)  # torch rounds to bf16 to nearest even
+        q[i] = np.clip(np.rint(values / np.float32(scale.float().item())), -127, 127)
+        scales.append(scale)
+    q, scale = torch.from_numpy(q), torch.stack(scales)
+    return (q, scale[:, None]) if axis == 1 else (q.t(), scale[None, :])
+
+
+def make_input(kept: int, reduced: int, axis: int, dtype: torch.dtype, layout: str) -> torch.Tensor:
+    """An [R, C] input reducing `reduced` elements per slice, with one all-zero slice and a given memory layout."""
+    shape = (kept, reduced) if axis == 1 else (reduced, kept)
+    full = torch.randn(shape[0], 2 * shape[1]) * torch.logspace(-3, 3, shape[1] * 2)  # scales spread over decades
+    x = {
+        "contiguous": full[:, : shape[1]].contiguous(),
+        "transposed": full[:, : shape[1]].t().contiguous().t(),
+        "strided": full[:, ::2],
+    }[layout].to(dtype)
+    zero_slice = (kept // 2, slice(None)) if axis == 1 else (slice(None), kept // 2)
+    x[zero_slice] = 0
+    return x
+
+
+@quantize_paths
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize(("kept", "reduced"), [(1, 1), (17, 70), (37, 1100)])  # 1100: two column blocks
+def test_round_to_nearest_matches_reference(quantize, kept, reduced, axis, dtype, layout):
+    torch.manual_seed(kept * reduced + axis)
+    x = make_input(kept, reduced, axis, dtype, layout)
+    q, scale = quantize(x, axis)
+
+    rows, cols = x.shape
+    assert q.dtype == torch.int8 and q.shape == (rows, cols)
+    assert q.stride() == ((cols, 1) if axis == 1 else (1, rows)), "the reduced axis must be contiguous"
+    assert scale.dtype == dtype and scale.shape == ((rows, 1) if axis == 1 else (1, cols))
+    expected_q, expected_scale = reference_quantize(x, axis)
+    assert torch.equal(scale, expected_scale)
+    assert torch.equal(q, expected_q)
+    assert (scale > 0).all() and torch.isfinite(q * scale).all()
+
+
+@quantize_paths
+@pytest.mark.parametrize("axis", [0, 1])
+def test_ties_round_to_even(quantize, axis):
+    # amax = 127 / 16 makes the scale exactly 1/16, so these values land exactly halfway between integers.
+    halves = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 125.5, -126.5]) / 16
+    x = halves[None, :] if axis == 1 else halves[:, None]
+    q, scale = quantize(x, axis)
+    assert scale.item() == 1 / 16
+    assert q.flatten().tolist() == [127, 0, 2, 2, 0, -2, -2, 126, -126]
+
+
+@quantize_paths
+def test_float16_zero_slice_keeps_a_positive_scale(quantize):
+    # 1e-12 / 127 would round to 0 in float16 and make 0 / scale a NaN.
+    x = torch.randn(5, 70, dtype=torch.float16)
+    x[2] = 0
+    q, scale = quantize(x, 1)
+    assert scale[2].item() > 0 and (q[2] == 0).all()
+    expected_q, expected_scale = reference_quantize(x[[0, 1, 3, 4]], 1)
+    assert torch.equal(q[[0, 1, 3, 4]], expected_q) and torch.equal(scale[[0, 1, 3, 4]], expected_scale)
+
+
+# Stochastic rounding. Each repeated value below becomes SAMPLES independent roundings in one call.
+SAMPLES_PER_ROW, ROWS = 256, 16
+FRACTIONAL_VALUES = [0.25, 0.5, 0.9, -0.1, -1.7, 3.3, 100.01, -126.6]
+
+
+def repeated_values_input(axis: int) -> torch.Tensor:
+    # 127 in the first column sets every slice's scale to 1/16 (exact), the rest are the values to round.
+    row = torch.tensor([127.0] + FRACTIONAL_VALUES).repeat_interleave(torch.tensor([1] + [SAMPLES_PER_ROW] * 8)) / 16
+    x = row.repeat(ROWS, 1)
+    return x if axis == 1 else x.t().contiguous()
+
+
+@quantize_paths
+@pytest.mark.parametrize("axis", [0, 1])
+def test_stochastic_rounding_is_unbiased_and_stays_on_the_grid(quantize, axis):
+    torch.manual_seed(0)
+    x = repeated_values_input(axis)
+    q, scale = quantize(x, axis, stochastic_rounding=True)
+    assert (scale == 1 / 16).all()
+
+    exact = x.float() / scale.float()
+    assert ((q == exact.floor()) | (q == exact.ceil())).all(), "a stochastic rounding left the integer grid"
+    samples = (q if axis == 1 else q.t())[:, 1:].reshape(ROWS, len(FRACTIONAL_VALUES), SAMPLES_PER_ROW)
+    means = samples.double().mean(dim=(0, 2))
+    n = ROWS * SAMPLES_PER_ROW
+    for value, mean in zip(FRACTIONAL_VALUES, means.tolist()):
+        # Each rounding is floor(v) + Bernoulli(frac(v)): its mean is v and its variance frac * (1 - frac).
+        frac = value - math.floor(value)
+        five_sigma = 5 * math.sqrt(frac * (1 - frac) / n)
+        assert abs(mean - value) < five_sigma, f"mean of {n} roundings of {value} is {mean}"
+
+
+@quantize_paths
+@pytest.mark.parametrize("axis", [0, 1])
+def test_stochastic_rounding_follows_torch_seed(quantize, axis):
+    x = torch.randn(33, 70, dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    first = quantize(x, axis, stochastic_rounding=True)
+    second = quantize(x, axis, stochastic_rounding=True)
+    torch.manual_seed(1)
+    replay = quantize(x, axis, stochastic_rounding=True)
+    assert not torch.equal(first[0], second[0]), "two draws gave the same roundings"
+    assert torch.equal(first[0], replay[0]) and torch.equal(first[1], replay[1])
+    assert torch.equal(first[1], reference_quantize(x, axis)[1]), "stochastic rounding must not change the scale"
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_opcheck(axis, stochastic):
+    x = torch.randn(17, 33, dtype=torch.bfloat16)
+    seed = torch.tensor([1234]) if stochastic else None
+    torch.library.opcheck(torch.ops.qt.quantize_int8.default, (x, axis, seed))
+
+
+@pytest.mark.parametrize(
+    ("x", "axis", "error", "message"),
+    [
+        pytest.param(torch.ones(4, 4, dtype=torch.int8), 1, TypeError, "float32, bfloat16 or float16", id="int8"),
+        pytest.param(torch.ones(4, 4, dtype=torch.float64), 1, TypeError, "must be float32", id="float64"),
+        pytest.param(torch.ones(4), 0, ValueError, "must be 2-D", id="1-D"),
+        pytest.param(torch.ones(2, 4, 4), 1, ValueError, "must be 2-D", id="3-D"),
+        pytest.param(torch.ones(4, 4), 2, ValueError, "axis must be 0", id="axis 2"),
+        pytest.param(torch.ones(4, 4), -1, ValueError, "axis must be 0", id="axis -1"),
+    ],
+)
+def test_bad_inputs_raise(x, axis, error, message):
+    with pytest.raises(error, match=message):
+        quantize_int8(x, axis)
