@@ -11,6 +11,8 @@ import os
 import torch
 from torch import Tensor
 
+from qt.kernels.backend import use_triton
+
 try:
     import triton
     import triton.language as tl
@@ -68,7 +70,7 @@ def _scale_stride(scale: Tensor) -> int:
 
 @torch.library.custom_op("qt::scaled_int8_mm", mutates_args=())
 def _scaled_int8_mm_op(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -> Tensor:
-    if a.is_cuda and triton is not None:
+    if use_triton(a, triton is not None):
         return triton_scaled_int8_mm(a, b, row_scale, col_scale)
     return _torch_scaled_int8_mm(a, b, row_scale, col_scale)
 

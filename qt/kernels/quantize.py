@@ -12,6 +12,8 @@ the transposed layout ``axis=0`` asks for, so the transpose happens in the kerne
 import torch
 from torch import Tensor
 
+from qt.kernels.backend import use_triton
+
 try:
     import triton
     import triton.language as tl
@@ -51,7 +53,7 @@ def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False) -> tu
 
 @torch.library.custom_op("qt::quantize_int8", mutates_args=())
 def _quantize_int8_op(x: Tensor, axis: int, seed: Tensor | None) -> tuple[Tensor, Tensor]:
-    if x.is_cuda and triton is not None:
+    if use_triton(x, triton is not None):
         return triton_quantize_int8(x, axis, seed)
     return _torch_quantize_int8(x, axis, seed)
 

@@ -1,0 +1,33 @@
+"""QT_KERNEL_BACKEND, and the recipes run end to end through the Triton kernels (interpreted)."""
+
+import pytest
+import torch
+
+import qt
+from tests.recipes.linear_harness import make_case, run_linear
+
+
+@pytest.mark.parametrize("recipe", list(qt.RECIPES))
+def test_recipes_give_the_same_numbers_through_triton_and_torch(recipe, monkeypatch):
+    from qt.kernels import int8_mm, quantize
+
+    launches = []
+    for module, name in [(quantize, "triton_quantize_int8"), (int8_mm, "triton_scaled_int8_mm")]:
+        kernel = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, kernel=kernel, name=name: launches.append(name) or kernel(*a))
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("QT_KERNEL_BACKEND", backend)
+        linear, x, dy = make_case((3, 17), bias=True, in_features=40, out_features=24)
+        qt.quantize_(linear, recipe, filter_fn=lambda m, n: True)
+        results[backend] = run_linear(linear, x, dy)
+    assert {"triton_quantize_int8", "triton_scaled_int8_mm"} <= set(launches)
+    for from_triton, from_torch in zip(results["triton"], results["torch"]):
+        # Same integer math; the epilogues may round the fp32 products differently by an ulp.
+        torch.testing.assert_close(from_triton, from_torch, rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_backend_is_refused(monkeypatch):
+    monkeypatch.setenv("QT_KERNEL_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="QT_KERNEL_BACKEND='cuda': use one of auto, triton, torch"):
+        qt.kernels.quantize_int8(torch.randn(4, 4), 1)
