@@ -74,6 +74,15 @@ def bench(fn, warmup=10, iters=50):
     return sorted(times)[len(times) // 2]
 
 
+def print_kernel_times(step, title, steps=5):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    print(f"CUDA kernels of {title}, {steps} steps:")
+    print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+
+
 def sqnr_db(actual, expected):
     noise = (actual.float() - expected.float()).norm()
     return (20 * torch.log10(expected.float().norm() / noise)).item()
@@ -84,6 +93,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--compile", action="store_true", help="torch.compile each linear (all rows)")
     parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--profile", metavar="CASE", help="also print the CUDA kernel times of this case (per shape)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_linear.py needs a CUDA GPU")
@@ -110,6 +120,7 @@ def main():
             linear.load_state_dict(base.state_dict())
             try:
                 linear = apply(linear)
+                torch._dynamo.reset()
                 forward = torch.compile(linear) if args.compile else linear
                 xr = x.detach().requires_grad_()
 
@@ -117,8 +128,10 @@ def main():
                     forward(xr).backward(dy)
 
                 with torch.no_grad():
-                    quality = sqnr_db(forward(x), reference)
+                    quality = sqnr_db(linear(x), reference)
                 ms = bench(step)
+                if name == args.profile:
+                    print_kernel_times(step, f"{name}, {args.tokens}x{k}->{n}")
                 rows.append(dict(shape=f"{args.tokens}x{k}->{n}", case=name, ms=ms, tflops=flops / ms / 1e9,
                                  sqnr_db=quality))
             except Exception as error:

@@ -10,14 +10,16 @@ import qt
 
 def build():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 40), nn.GELU(), nn.Linear(40, 24))
-    for index, recipe in zip((0, 2, 4), ("int8_mixed_precision", "int8_weight_only", "bitnet")):
+    # bf16, as users train: Inductor pattern-matches bf16 matmuls with INT8 weights specially.
+    model = nn.Sequential(nn.Linear(256, 128, bias=False), nn.GELU(), nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 32))
+    model.to(torch.bfloat16)
+    for index, recipe in zip((0, 2, 4), ("int8_weight_only", "int8_mixed_precision", "bitnet")):
         qt.quantize_(model, recipe, filter_fn=lambda m, name, index=index: name == str(index))
     return model
 
 
 def loss_and_grads(model, forward, x):
-    loss = forward(x).square().mean()
+    loss = forward(x).float().square().mean()
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -26,12 +28,24 @@ def loss_and_grads(model, forward, x):
 
 def test_compiled_forward_and_backward_match_eager():
     model = build()
-    x = torch.randn(2, 5, 32)
+    x = torch.randn(64, 256, dtype=torch.bfloat16)
     eager_loss, eager_grads = loss_and_grads(model, model, x)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break is an error
     compiled_loss, compiled_grads = loss_and_grads(model, compiled, x)
-    # Same quantization and the same INT8 matmuls; only fusion may reorder float additions.
-    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    # Same quantization and the same INT8 matmuls; fusion may keep intermediates in fp32 where eager
+    # rounds them to bf16 (2^-8 relative), which can also flip an INT8 code downstream.
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-2, atol=0)
     for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
+        assert (compiled_grad.float() - eager_grad.float()).norm() < 2e-2 * eager_grad.float().norm()
+
+
+def test_compiled_int8_weight_only_bf16_linear_alone():
+    """A lone bias-free INT8 weight-only linear in bf16 meets Inductor's INT8 weight-only matmul
+    pattern, which expects a 1-D scale (a [1, N] scale broke its lowering)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 128, bias=False).to(torch.bfloat16)
+    qt.quantize_(nn.Sequential(linear), "int8_weight_only", filter_fn=lambda m, n: True)
+    x = torch.randn(64, 256, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(linear)(x), linear(x), rtol=1e-2, atol=1e-2)

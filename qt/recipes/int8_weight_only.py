@@ -34,6 +34,11 @@ class Int8WeightOnlyConfig(RecipeConfig):
         return Int8WeightOnlyWeight(int_data, scale, weight.dtype, self)
 
 
+def dequantize_rows(int_data: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    # One rounding, from the exact FP32 product to `dtype`.
+    return (int_data.to(torch.float32) * scale).to(dtype)
+
+
 class _Int8WeightOnlyLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: "Int8WeightOnlyWeight", bias: Tensor | None):
@@ -45,8 +50,10 @@ class _Int8WeightOnlyLinear(torch.autograd.Function):
                 # int_data is row-major [out, in], so its transpose is the reduced-dim-contiguous layout
                 out = scaled_int8_mm(x_q, weight.int_data.T, x_scale, weight.scale.T)
             else:
-                # Scaling the output rather than the weight saves a weight-sized multiply.
-                out = (x2d @ weight.int_data.T.to(dtype)) * weight.scale.T.to(dtype)
+                # Dequantize, then a plain matmul: scaling the output instead would save a
+                # weight-sized multiply, but Inductor rewrites that form into an INT8 weight-only
+                # inference kernel whose lowering fails (torch 2.11-2.13).
+                out = x2d @ weight.dequantize(dtype).T
         if bias is not None:
             out = out + bias.to(dtype)
         # The INT8 weight is saved rather than its upcast, so no high-precision copy outlives the forward.
@@ -60,8 +67,7 @@ class _Int8WeightOnlyLinear(torch.autograd.Function):
         dy = grad_output.reshape(-1, grad_output.shape[-1]).to(x2d.dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (dy * scale.T.to(dy.dtype)) @ int_data.to(dy.dtype)
-            grad_x = grad_x.view(*grad_output.shape[:-1], int_data.shape[1])
+            grad_x = (dy @ dequantize_rows(int_data, scale, dy.dtype)).view(*grad_output.shape[:-1], int_data.shape[1])
         if ctx.needs_input_grad[1]:
             grad_w = dy.T @ x2d
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -89,7 +95,7 @@ class Int8WeightOnlyWeight(QuantizedWeight):
         return (self.dtype, self.config)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        return (self.int_data.to(torch.float32) * self.scale).to(dtype or self.dtype)
+        return dequantize_rows(self.int_data, self.scale, dtype or self.dtype)
 
     def _update_(self, fn) -> None:
         weight = self.dequantize(torch.float32)
