@@ -31,7 +31,10 @@ def scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -
             (one scale for all of ``b``, e.g. BitNet's tensor-wise weight scale).
     """
     _check_mm_inputs(a, b, row_scale, col_scale)
-    return torch.ops.qt.scaled_int8_mm(a, b, row_scale, col_scale)
+    # The custom op is what torch.compile traces; eager calls skip its dispatch (tens of µs a call).
+    if torch.compiler.is_compiling():
+        return torch.ops.qt.scaled_int8_mm(a, b, row_scale, col_scale)
+    return _scaled_int8_mm_impl(a, b, row_scale, col_scale)
 
 
 def _check_mm_inputs(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -> None:
@@ -68,11 +71,13 @@ def _scale_stride(scale: Tensor) -> int:
     return scale.stride(long_dims[0]) if long_dims else 0
 
 
-@torch.library.custom_op("qt::scaled_int8_mm", mutates_args=())
-def _scaled_int8_mm_op(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -> Tensor:
+def _scaled_int8_mm_impl(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -> Tensor:
     if use_triton(a, triton is not None):
         return triton_scaled_int8_mm(a, b, row_scale, col_scale)
     return _torch_scaled_int8_mm(a, b, row_scale, col_scale)
+
+
+_scaled_int8_mm_op = torch.library.custom_op("qt::scaled_int8_mm", _scaled_int8_mm_impl, mutates_args=())
 
 
 @_scaled_int8_mm_op.register_fake

@@ -48,14 +48,19 @@ def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False) -> tu
     # The seed is drawn here, as a device tensor, so the op itself stays a pure function of its inputs
     # (which torch.compile and opcheck rely on) and drawing it needs no host sync.
     seed = torch.randint(0, 2**31 - 1, (1,), device=x.device) if stochastic_rounding else None
-    return torch.ops.qt.quantize_int8(x, axis, seed)
+    # The custom op is what torch.compile traces; eager calls skip its dispatch (tens of µs a call).
+    if torch.compiler.is_compiling():
+        return torch.ops.qt.quantize_int8(x, axis, seed)
+    return _quantize_int8_impl(x, axis, seed)
 
 
-@torch.library.custom_op("qt::quantize_int8", mutates_args=())
-def _quantize_int8_op(x: Tensor, axis: int, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+def _quantize_int8_impl(x: Tensor, axis: int, seed: Tensor | None) -> tuple[Tensor, Tensor]:
     if use_triton(x, triton is not None):
         return triton_quantize_int8(x, axis, seed)
     return _torch_quantize_int8(x, axis, seed)
+
+
+_quantize_int8_op = torch.library.custom_op("qt::quantize_int8", _quantize_int8_impl, mutates_args=())
 
 
 @_quantize_int8_op.register_fake
