@@ -4,6 +4,7 @@
     qt.quantize_(model, "int8_mixed_precision")
 """
 
+from qt import optim
 from qt.config import RecipeConfig
 from qt.quantize import quantize_, resolve_recipe
 from qt.recipes import (
@@ -24,5 +25,6 @@ __all__ = [
     "RecipeConfig",
     "convert_llama_to_bitnet",
     "quantize_",
+    "optim",
     "resolve_recipe",
 ]
