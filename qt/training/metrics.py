@@ -1,0 +1,120 @@
+"""Where metrics go: RUN_DIR/metrics.jsonl (always, one JSON object a line), wandb (when installed and
+not disabled), and a progress bar (or, when stderr is not a terminal, one printed line per log)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import netrc
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qt.training.config import ConfigError
+from qt.training.distributed import Dist
+
+# Dense BF16 tensor-core peak FLOP/s, for MFU. The first name contained in the device name wins.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+                   "B200": 2250e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
+                   "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def wandb_api_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str | None:
+    """The wandb mode to run in, or None for no wandb. `auto` never fails: offline without an account,
+    nothing without the package."""
+    if mode == "disabled":
+        return None
+    try:
+        import wandb  # noqa: F401  (optional dependency)
+    except ImportError:
+        if mode == "auto":
+            return None
+        raise ConfigError(f"--wandb {mode} needs `pip install wandb` (or pass --wandb disabled)") from None
+    if mode == "auto":
+        return "online" if wandb_api_key_configured() else "offline"
+    return mode
+
+
+class MetricsLogger:
+    """Rank 0 logs; the other ranks' loggers do nothing."""
+
+    def __init__(self, cfg, dist_info: Dist, start_step: int):
+        self.enabled = dist_info.is_main
+        if not self.enabled:
+            return
+        run_dir = Path(cfg.run_dir)
+        self.path = run_dir / "metrics.jsonl"
+        self._truncate_after(start_step)
+        self.wandb = None
+        mode = resolve_wandb_mode(cfg.wandb)
+        if mode:
+            import wandb
+            id_file = run_dir / "wandb_run_id"  # the same wandb run continues after --resume
+            if not id_file.is_file():
+                id_file.write_text(uuid.uuid4().hex[:8])
+            self.wandb = wandb.init(project=cfg.project, name=cfg.run_name, dir=str(run_dir), mode=mode,
+                                    config=dataclasses.asdict(cfg), id=id_file.read_text(), resume="allow")
+        self.terminal = sys.stderr.isatty()
+        self.bar = tqdm(total=cfg.n_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                        disable=not self.terminal)
+        self.n_steps = cfg.n_steps
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop lines logged after the checkpoint a run resumes from: that stretch is trained again."""
+        if not self.path.is_file():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in lines))
+
+    def step_done(self) -> None:
+        if self.enabled:
+            self.bar.update()
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log(record, step=record["step"])
+        summary = {k: record[k] for k in ("loss", "val_loss") if k in record}
+        if "tokens_per_second" in record:
+            summary["tok/s"] = f"{record['tokens_per_second']:,.0f}"
+        if self.terminal:
+            self.bar.set_postfix({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in summary.items()})
+        else:
+            print(f"step {record['step']}/{self.n_steps} " + " ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()), flush=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled and self.terminal:
+            self.bar.write(text)
+        elif self.enabled:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        if self.wandb:
+            self.wandb.finish()

@@ -1,0 +1,107 @@
+"""Models: quantizing one with a qt recipe, and Hugging Face causal language models built from a
+named config in configs/models/ or a local folder."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qt.training.config import ConfigError
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+VOCAB_MULTIPLE = 64  # embedding and output rows padded to a multiple of this: friendlier matmul shapes
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+
+
+def load_model_config(model: str, seq_len: int):
+    """The transformers config of a named model (configs/models/NAME.json) or a local folder's config.json."""
+    from transformers import AutoConfig
+    named = MODEL_CONFIG_DIR / f"{model}.json"
+    if named.is_file():
+        values = json.loads(named.read_text())
+        config = AutoConfig.for_model(values.pop("model_type"), **values)
+    elif (Path(model) / "config.json").is_file():
+        config = AutoConfig.from_pretrained(model)
+    else:
+        raise ConfigError(f"--model {model!r} is neither a config in configs/models/ ({', '.join(model_names())}) "
+                          f"nor a folder with a config.json")
+    config.max_position_embeddings = max(config.max_position_embeddings, seq_len)
+    return config
+
+
+def build_causal_lm(model: str, init_from: str | None, vocab_size: int, seq_len: int, device) -> nn.Module:
+    """A fresh model of config `model` with a vocabulary of `vocab_size` (padded), or the pretrained
+    model `init_from` (a local folder or a Hugging Face name)."""
+    from transformers import AutoModelForCausalLM
+    if init_from:
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(init_from, attn_implementation="sdpa")
+        except OSError as e:
+            raise ConfigError(f"cannot load --init_from {init_from!r} ({str(e).splitlines()[0]}); "
+                              f"give a local checkpoint folder") from None
+        return lm.to(device, torch.float32)
+    config = load_model_config(model, seq_len)
+    config.vocab_size = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks: units of sharding, compilation and activation checkpointing."""
+    block_types = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_types]
+    if not blocks:
+        raise ConfigError(f"cannot find the transformer blocks of {type(model).__name__}")
+    return blocks
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 per matmul weight plus causal attention's
+    12 * layers * width * seq_len (PaLM appendix B). Count before quantization replaces the Linears."""
+    matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    config = model.config
+    return 6 * matmul_weights + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def next_token_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    inputs, targets = batch
+    logits = model(input_ids=inputs, use_cache=False).logits
+    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def resolve_recipe(cfg):
+    """The qt recipe config for --quantize and --quantize_kwargs (None for the baseline), so that a bad
+    name or option fails in a line before any model is built."""
+    if cfg.quantize == "none":
+        if cfg.quantize_kwargs:
+            raise ConfigError("--quantize_kwargs needs a recipe: pass --quantize NAME")
+        return None
+    import qt
+    with _recipe_errors(cfg):
+        return qt.resolve_recipe(cfg.quantize, **cfg.quantize_kwargs)
+
+
+def quantize_model(model: nn.Module, cfg) -> None:
+    """Apply the recipe --quantize in place (nothing for none)."""
+    recipe = resolve_recipe(cfg)
+    if recipe is not None:
+        import qt
+        with _recipe_errors(cfg):
+            qt.quantize_(model, recipe, include_head=cfg.quantize_lm_head)
+
+
+@contextmanager
+def _recipe_errors(cfg):
+    """qt reports a bad recipe, option or layer as ValueError / TypeError: make it a one-line error."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        kwargs = f" --quantize_kwargs '{json.dumps(cfg.quantize_kwargs)}'" if cfg.quantize_kwargs else ""
+        raise ConfigError(f"--quantize {cfg.quantize}{kwargs}: {e}") from None

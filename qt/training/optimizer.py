@@ -1,0 +1,61 @@
+"""The optimizer named by --optim, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+
+import torch
+from torch import nn
+
+from qt.training.config import ConfigError
+
+
+def optimizer_class(name: str) -> type:
+    """A torch.optim class, or else a qt.optim one (the project's low-bit optimizers, imported only then)."""
+    if isinstance(getattr(torch.optim, name, None), type):
+        return getattr(torch.optim, name)
+    try:
+        qt_optim = importlib.import_module("qt.optim")
+    except ImportError:
+        qt_optim = None
+    if isinstance(getattr(qt_optim, name, None), type):
+        return getattr(qt_optim, name)
+    raise ConfigError(f"--optim {name!r} is neither a torch.optim nor a qt.optim class (e.g. AdamW, SGD"
+                      f"{', AdamW8bit' if qt_optim else ''})")
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """Weight decay applies to matrices only: decaying norm gains and biases toward zero only hurts."""
+    cls = optimizer_class(cfg.optim)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    kwargs = {"lr": cfg.lr}
+    if "betas" in inspect.signature(cls).parameters:
+        kwargs["betas"] = tuple(cfg.betas)
+    kwargs.update(cfg.optim_kwargs)
+    try:
+        return cls([g for g in groups if g["params"]], **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--optim {cfg.optim} with {kwargs}: {e}") from None
+
+
+def lr_at(step: int, cfg) -> float:
+    """Learning rate for optimizer step `step` (1-based): linear warmup, then cosine decay to
+    min_lr_ratio * lr, or warmup-stable-decay (constant, then a linear decay over the last decay_fraction),
+    or constant. A pure function of the step, so a resumed run needs no scheduler state."""
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(cfg.n_steps - cfg.warmup_steps, 1)
+        return min_lr + (cfg.lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "wsd":
+        decay_steps = max(round(cfg.n_steps * cfg.decay_fraction), 1)
+        decay_start = cfg.n_steps - decay_steps
+        if step <= decay_start:
+            return cfg.lr
+        return cfg.lr + (min_lr - cfg.lr) * (step - decay_start) / decay_steps
+    return cfg.lr

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Train one run config once per recipe (same data, same seed) and compare the runs.
+#
+#   bash scripts/sweep_recipes.sh CONFIG OUT_DIR [RECIPE ...]
+#   bash scripts/sweep_recipes.sh configs/runs/convergence_120m.yaml runs/convergence none int8_mixed_precision
+#
+# Tokenizes the corpus first if DATA_DIR is not complete yet (CORPUS_DIR: a folder with docs_train.jsonl.gz and
+# docs_val.jsonl.gz, default ../shared/corpus or shared/corpus). Each run is limited to RUN_TIMEOUT_S seconds:
+# at the limit it is stopped with SIGTERM, saves a checkpoint and still appears in the comparison (rerunning the
+# same command resumes it). A failed run is reported and the sweep goes on.
+# Run directories (with checkpoints) go to RUNS_DIR/CONFIG_NAME/RECIPE (RUNS_DIR default runs); OUT_DIR gets
+# only what is worth keeping: comparison.md, loss_curves.png, and per recipe its log, metrics.jsonl, config.yaml.
+# Environment: NPROC (GPUs per run, default 1), RUN_TIMEOUT_S (default 300), VOCAB_SIZE (default 32000),
+# DATA_DIR, RUNS_DIR, EXTRA_ARGS (more llm_pretrain.py flags).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+config=${1:?usage: sweep_recipes.sh CONFIG OUT_DIR [RECIPE ...]}
+out_dir=${2:?usage: sweep_recipes.sh CONFIG OUT_DIR [RECIPE ...]}
+shift 2
+if [[ $# -gt 0 ]]; then recipes=("$@"); else recipes=(none int8_mixed_precision); fi
+data_dir=${DATA_DIR:-data/corpus_bpe${VOCAB_SIZE:-32000}}
+nproc=${NPROC:-1}
+if [[ $nproc -eq 1 ]]; then launcher=(python); else launcher=(torchrun --standalone --nproc_per_node "$nproc"); fi
+[[ -f $config ]] || { echo "error: no run config $config" >&2; exit 2; }
+
+if [[ ! -f $data_dir/metadata.json ]] || ! grep -q '"complete": true' "$data_dir/metadata.json"; then
+    corpus=${CORPUS_DIR:-}
+    for candidate in ../shared/corpus shared/corpus; do
+        [[ -z $corpus && -f $candidate/docs_train.jsonl.gz ]] && corpus=$candidate
+    done
+    [[ -n $corpus ]] || { echo "error: no corpus: set CORPUS_DIR to a folder with docs_{train,val}.jsonl.gz" >&2; exit 2; }
+    echo "== tokenizing $corpus into $data_dir"
+    python tokenize_data.py --data_files "$corpus/docs_train.jsonl.gz" --val_files "$corpus/docs_val.jsonl.gz" \
+        --train_tokenizer "${VOCAB_SIZE:-32000}" --output_dir "$data_dir" || exit 1
+fi
+
+mkdir -p "$out_dir"
+runs_dir=${RUNS_DIR:-runs}/$(basename "$config" .yaml)
+run_dirs=()
+for recipe in "${recipes[@]}"; do
+    run_dir=$runs_dir/$recipe
+    echo "== $recipe -> $run_dir ($(date +%T))"
+    # --resume: rerunning the sweep continues interrupted runs and skips finished ones.
+    timeout --signal=TERM --kill-after=60 "${RUN_TIMEOUT_S:-300}" \
+        "${launcher[@]}" llm_pretrain.py --config "$config" \
+        --dataset_dir "$data_dir" --quantize "$recipe" --run_dir "$run_dir" --resume ${EXTRA_ARGS:-} \
+        2>&1 | tee "$out_dir/$recipe.log"
+    status=${PIPESTATUS[0]}
+    [[ $status -eq 0 ]] || echo "!! $recipe exited with status $status (124: stopped at RUN_TIMEOUT_S)"
+    if [[ -s $run_dir/metrics.jsonl ]]; then
+        run_dirs+=("$run_dir")
+        mkdir -p "$out_dir/$recipe" && cp "$run_dir/metrics.jsonl" "$run_dir/config.yaml" "$out_dir/$recipe/"
+    fi
+done
+
+[[ ${#run_dirs[@]} -gt 0 ]] || { echo "error: no run logged any metrics" >&2; exit 1; }
+python scripts/compare_runs.py "${run_dirs[@]}" --output_dir "$out_dir" --dataset_dir "$data_dir"

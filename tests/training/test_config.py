@@ -1,0 +1,55 @@
+import math
+
+import pytest
+
+from qt.training.config import ConfigError, TrainConfig, merge_for_resume, parse_config
+from qt.training.optimizer import lr_at
+
+
+def test_yaml_sets_flags_and_command_line_overrides(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 3e-4\nbetas: [0.8, 0.99]\ncompile: true\noptim_kwargs: {eps: 1.0e-6}\nn_steps: 50\n")
+    cfg, explicit = parse_config(TrainConfig, ["--config", str(config), "--n_steps", "7"], "test")
+    assert cfg.lr == 3e-4 and isinstance(cfg.lr, float)  # PyYAML reads 3e-4 as a string
+    assert cfg.betas == [0.8, 0.99] and cfg.compile is True and cfg.optim_kwargs == {"eps": 1e-6}
+    assert cfg.n_steps == 7
+    assert explicit == {"lr", "betas", "compile", "optim_kwargs", "n_steps"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("learning_rate: 1\n", "unknown key"),
+    ("lr: fast\n", "lr must be float"),
+    ("compile: maybe\n", "compile must be true or false"),
+    ("schedule: linear\n", "--schedule must be one of"),
+    ("- lr\n", "must be a mapping"),
+])
+def test_bad_yaml_is_a_one_line_error(tmp_path, text, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        parse_config(TrainConfig, ["--config", str(config)], "test")
+
+
+def test_bad_json_flag_exits_with_a_message(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--optim_kwargs", "{eps: 1}"], "test")
+    assert "must be a JSON object" in capsys.readouterr().err
+
+
+def test_resume_keeps_saved_settings_and_refuses_changed_ones():
+    saved = TrainConfig(run_dir="runs/a", lr=1e-3, n_steps=100).__dict__
+    cfg, explicit = parse_config(TrainConfig, ["--run_dir", "runs/a", "--resume", "--log_interval", "5"], "test")
+    merged = merge_for_resume(cfg, explicit, saved)
+    assert (merged.lr, merged.n_steps, merged.log_interval, merged.resume) == (1e-3, 100, 5, True)
+    cfg, explicit = parse_config(TrainConfig, ["--run_dir", "runs/a", "--resume", "--lr", "0.1"], "test")
+    with pytest.raises(ConfigError, match="cannot resume with a different config .*lr"):
+        merge_for_resume(cfg, explicit, saved)
+
+
+def test_schedules():
+    cosine = TrainConfig(lr=1.0, warmup_steps=10, n_steps=110, min_lr_ratio=0.1)
+    assert lr_at(5, cosine) == 0.5 and lr_at(10, cosine) == 1.0
+    assert math.isclose(lr_at(60, cosine), 0.55) and math.isclose(lr_at(110, cosine), 0.1)
+    wsd = TrainConfig(lr=1.0, warmup_steps=10, n_steps=110, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+    assert lr_at(88, wsd) == 1.0 and math.isclose(lr_at(99, wsd), 0.5) and lr_at(110, wsd) == 0.0
+    assert lr_at(100, TrainConfig(lr=1.0, warmup_steps=10, schedule="constant")) == 1.0

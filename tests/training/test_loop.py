@@ -1,0 +1,99 @@
+"""The training loop and checkpoints on a model that is not a language model: the loop is generic."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from qt.training.checkpoint import Checkpointer
+from qt.training.config import TrainConfig
+from qt.training.distributed import Dist
+from qt.training.loop import TrainingDiverged, train
+
+SINGLE = Dist(rank=0, world_size=1, device=torch.device("cpu"))
+
+
+class RegressionBatches:
+    def __init__(self):
+        self.drawn = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        generator = torch.Generator().manual_seed(self.drawn)
+        self.drawn += 1
+        x = torch.randn(16, 4, generator=generator)
+        return x, x.sum(dim=1, keepdim=True)
+
+    def state_dict(self):
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state):
+        self.drawn = state["drawn"]
+
+
+def mse(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y)
+
+
+def config(tmp_path, **overrides):
+    return TrainConfig(run_dir=str(tmp_path), wandb="disabled", log_interval=1, warmup_steps=1, lr=0.05,
+                       **overrides)
+
+
+def test_a_non_language_model_trains(tmp_path):
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.0)
+    last = train(model=model, optimizer=optimizer, batches=RegressionBatches(), loss_fn=mse,
+                 cfg=config(tmp_path, n_steps=200), dist_info=SINGLE, tokens_per_step=16)
+    assert last["loss"] < 0.01
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    calls = []
+
+    def loss_that_explodes_at_step_7(model, batch):
+        calls.append(1)
+        loss = mse(model, batch)
+        return loss * math.nan if len(calls) == 7 else loss
+
+    model = nn.Linear(4, 1)
+    with pytest.raises(TrainingDiverged, match=r"loss nan .* at step 7; .*step_00000006"):
+        train(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), batches=RegressionBatches(),
+              loss_fn=loss_that_explodes_at_step_7, cfg=config(tmp_path, n_steps=20, ckpt_interval=3),
+              dist_info=SINGLE, tokens_per_step=16)
+    checkpointer = Checkpointer(tmp_path, SINGLE, sharded=False, keep=1)
+    assert checkpointer.latest().name == "step_00000006"
+    restored = nn.Linear(4, 1)
+    step, _ = checkpointer.load(restored, torch.optim.SGD(restored.parameters(), lr=0.01))
+    assert step == 6 and all(torch.isfinite(p).all() for p in restored.parameters())
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpointer = Checkpointer(tmp_path, SINGLE, sharded=False, keep=1)
+    checkpointer.save(1, model, optimizer, {"note": "first"})
+    saved_weight = model.weight.detach().clone()
+
+    real_save = torch.save
+    def save_half_then_crash(obj, path):
+        real_save(obj, path)
+        with open(path, "r+b") as f:
+            f.truncate(100)
+        raise KeyboardInterrupt
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    monkeypatch.setattr(torch, "save", save_half_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save(2, model, optimizer, {"note": "second"})
+    monkeypatch.setattr(torch, "save", real_save)
+
+    assert checkpointer.latest().name == "step_00000001"
+    step, extra = checkpointer.load(model, optimizer)
+    assert (step, extra) == (1, {"note": "first"}) and torch.equal(model.weight, saved_weight)
+    checkpointer.save(3, model, optimizer, {})  # the next save clears the debris
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000003"]

@@ -1,0 +1,344 @@
+"""Tokenize a text dataset into .bin shards of token ids for llm_pretrain.py.
+
+    # local files, training a byte-level BPE on them (offline)
+    python tokenize_data.py --data_files 'corpus/*.jsonl.gz' --train_tokenizer 32000 --output_dir data/corpus
+    # a Hugging Face dataset and tokenizer
+    python tokenize_data.py --dataset tinystories --tokenizer TinyLlama/TinyLlama-1.1B-Chat-v1.0 \
+        --output_dir data/tinystories
+
+The output folder holds the shards, metadata.json and (with --train_tokenizer) the tokenizer. Rerunning
+the same command finishes an interrupted run, skipping the shards already written, or does nothing if
+the folder is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import multiprocessing
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from qt.training.config import ConfigError, one_line_errors
+from qt.training.data import FORMAT, ShardWriter, token_dtype, write_metadata
+
+# name -> (Hugging Face dataset, config, train split, validation split or None to hold out --val_fraction)
+DATASET_PRESETS = {
+    "tinystories": ("roneneldan/TinyStories", None, "train", "validation"),
+    "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", None),
+    "c4": ("allenai/c4", "realnewslike", "train", "validation"),
+}
+LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".txt", ".txt.gz")
+TRAINED_BOS, TRAINED_EOS = "<s>", "</s>"
+DOCS_PER_TASK = 256
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = p.add_argument_group("input (one of --dataset, --hf_dataset, --data_files)")
+    src.add_argument("--dataset", choices=sorted(DATASET_PRESETS), help="a named Hugging Face dataset preset")
+    src.add_argument("--hf_dataset", help="any Hugging Face dataset name")
+    src.add_argument("--hf_config", help="its configuration (subset)")
+    src.add_argument("--split", default="train", help="its training split")
+    src.add_argument("--val_split", help="its validation split (default: hold out --val_fraction of the documents)")
+    src.add_argument("--data_files", nargs="+", help=f"local files or globs ({', '.join(LOCAL_SUFFIXES)}); "
+                                                     f"a .txt file is one document")
+    src.add_argument("--val_files", nargs="+", help="local validation files (default: hold out --val_fraction)")
+    src.add_argument("--text_field", default="text", help="the field that holds a document's text")
+    tok = p.add_argument_group("tokenizer (one of)")
+    tok.add_argument("--tokenizer", help="a Hugging Face tokenizer name or local folder")
+    tok.add_argument("--train_tokenizer", type=int, metavar="VOCAB_SIZE",
+                     help="train a byte-level BPE of this vocabulary size on the training documents")
+    p.add_argument("--tokenizer_documents", type=int, default=200_000,
+                   help="train the tokenizer on at most this many training documents")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--val_fraction", type=float, default=0.01,
+                   help="fraction of documents held out for validation when there is no separate split")
+    p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard (at least)")
+    p.add_argument("--num_proc", type=int, default=max(1, (os.cpu_count() or 1) - 1), help="tokenizer processes")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+def local_files(patterns: list[str]) -> list[str]:
+    files = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(pattern, recursive=True))
+        if not matched:
+            raise ConfigError(f"no files match {pattern!r}; check the path")
+        for f in matched:
+            if not f.endswith(LOCAL_SUFFIXES):
+                raise ConfigError(f"{f}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+        files += matched
+    return files
+
+
+def read_local_file(path: str, text_field: str):
+    """The documents of one local file."""
+    opener = gzip.open if path.endswith(".gz") else open
+    if path.endswith((".txt", ".txt.gz")):
+        with opener(path, "rt", encoding="utf-8") as f:
+            yield f.read()
+        return
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq  # only for parquet input
+        for batch in pq.ParquetFile(path).iter_batches(columns=[text_field]):
+            yield from batch.column(0).to_pylist()
+        return
+    with opener(path, "rt", encoding="utf-8") as f:
+        first = f.read(1)
+        f.seek(0)
+        # A .json file is either one JSON array of records or JSON lines.
+        records = json.load(f) if first == "[" else (json.loads(line) for line in f if line.strip())
+        for i, record in enumerate(records):
+            if text_field not in record:
+                raise ConfigError(f"{path}: record {i} has no field {text_field!r} (fields: "
+                                  f"{', '.join(record)}); pass --text_field")
+            yield record[text_field]
+
+
+def hf_documents(name: str, config: str | None, split: str, text_field: str):
+    try:
+        import datasets  # only for Hugging Face datasets
+    except ImportError:
+        raise ConfigError("reading a Hugging Face dataset needs `pip install datasets` "
+                          "(or download its files and pass them to --data_files)") from None
+    for record in datasets.load_dataset(name, config, split=split, streaming=True):
+        yield record[text_field]
+
+
+def document_streams(args) -> tuple[dict, object, object]:
+    """(a description of the source, a function returning the training documents, the same for
+    validation documents or None when validation documents are held out of the training stream)."""
+    sources = [args.dataset, args.hf_dataset, args.data_files]
+    if sum(s is not None for s in sources) != 1:
+        raise ConfigError("give exactly one of --dataset, --hf_dataset, --data_files")
+    if args.data_files:
+        train_files = local_files(args.data_files)
+        val_files = local_files(args.val_files) if args.val_files else None
+        description = {"data_files": train_files, "val_files": val_files, "text_field": args.text_field}
+
+        def from_files(files):
+            return lambda: (doc for f in files for doc in read_local_file(f, args.text_field))
+        return description, from_files(train_files), val_files and from_files(val_files)
+    if args.dataset:
+        name, config, split, val_split = DATASET_PRESETS[args.dataset]
+    else:
+        name, config, split, val_split = args.hf_dataset, args.hf_config, args.split, args.val_split
+    description = {"hf_dataset": name, "hf_config": config, "split": split, "val_split": val_split,
+                   "text_field": args.text_field}
+
+    def from_hub(s):
+        return lambda: hf_documents(name, config, s, args.text_field)
+    return description, from_hub(split), val_split and from_hub(val_split)
+
+
+def is_held_out(index: int, val_fraction: float) -> bool:
+    # Fractional parts of index * golden ratio are evenly spread: a deterministic, well-mixed split.
+    return (index * 0.6180339887498949) % 1.0 < val_fraction
+
+
+def labeled_documents(train_docs, val_docs, val_fraction):
+    """(split, text) for every document, in a fixed order."""
+    if val_docs:
+        yield from (("train", d) for d in train_docs())
+        yield from (("val", d) for d in val_docs())
+    else:
+        for i, doc in enumerate(train_docs()):
+            yield ("val" if is_held_out(i, val_fraction) else "train"), doc
+
+
+# -------------------------------------------------------------------------------------------- tokenizer
+
+def train_bpe(documents, vocab_size: int, output_dir: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    if vocab_size < 300:
+        raise ConfigError("--train_tokenizer needs a vocabulary of at least 300 (256 bytes + merges)")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[TRAINED_BOS, TRAINED_EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
+    tokenizer.train_from_iterator(documents, trainer)
+    save_trained_tokenizer(tokenizer, output_dir)
+    return tokenizer
+
+
+def save_trained_tokenizer(tokenizer, output_dir: Path) -> None:
+    """Save in the Hugging Face format, so that AutoTokenizer.from_pretrained(output_dir) loads it."""
+    from transformers import PreTrainedTokenizerFast
+    tmp = output_dir / "tokenizer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=TRAINED_BOS,
+                            eos_token=TRAINED_EOS).save_pretrained(tmp)
+    for f in tmp.iterdir():  # tokenizer.json last: its presence marks a saved tokenizer
+        if f.name != "tokenizer.json":
+            os.replace(f, output_dir / f.name)
+    os.replace(tmp / "tokenizer.json", output_dir / "tokenizer.json")
+    tmp.rmdir()
+
+
+def load_tokenizer(name: str):
+    """(the fast tokenizer's `tokenizers.Tokenizer`, BOS id or None, EOS id)."""
+    from transformers import AutoTokenizer
+    try:
+        hf = AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise ConfigError(f"cannot load tokenizer {name!r} ({str(e).splitlines()[0]}); give a local folder "
+                          f"or train one with --train_tokenizer VOCAB_SIZE") from None
+    if not hf.is_fast:
+        raise ConfigError(f"tokenizer {name!r} has no fast (Rust) version; pick another tokenizer")
+    if hf.eos_token_id is None:
+        raise ConfigError(f"tokenizer {name!r} has no EOS token to end documents with; pick another tokenizer")
+    return hf.backend_tokenizer, hf.bos_token_id, hf.eos_token_id
+
+
+# ------------------------------------------------------------------------------------------ tokenizing
+
+_worker = {}
+
+
+def _init_worker(tokenizer_json: str, bos: int | None, eos: int, parallel: bool):
+    from tokenizers import Tokenizer
+    if not parallel:  # one process per core already; Rust threads on top would oversubscribe
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), bos=[] if bos is None else [bos], eos=[eos])
+
+
+def _encode(task):
+    splits, texts = task
+    encodings = _worker["tokenizer"].encode_batch(texts, add_special_tokens=False)
+    return splits, [np.array(_worker["bos"] + e.ids + _worker["eos"], dtype=np.uint32) for e in encodings]
+
+
+def batched(items, size):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@one_line_errors
+def main(argv=None):
+    args = parse_args(argv)
+    if (args.tokenizer is None) == (args.train_tokenizer is None):
+        raise ConfigError("give exactly one of --tokenizer NAME and --train_tokenizer VOCAB_SIZE")
+    if not 0 <= args.val_fraction < 1:
+        raise ConfigError("--val_fraction must be in [0, 1)")
+    source, train_docs, val_docs = document_streams(args)
+    output_dir = Path(args.output_dir)
+    settings = {"source": source, "tokenizer": args.tokenizer or f"trained byte-level BPE {args.train_tokenizer}",
+                "val_fraction": None if val_docs else args.val_fraction, "shard_tokens": args.shard_tokens}
+
+    metadata = previous_metadata(output_dir, settings)
+    if metadata and metadata["complete"]:
+        print(f"{output_dir} is already complete ({metadata['splits']['train']['tokens']:,} training tokens)")
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    if args.tokenizer:
+        tokenizer, bos, eos = load_tokenizer(args.tokenizer)
+    elif (output_dir / "tokenizer.json").is_file():  # trained by the interrupted run being finished
+        tokenizer, bos, eos = load_tokenizer(str(output_dir))
+    else:
+        print(f"training a {args.train_tokenizer}-token byte-level BPE on the training documents")
+        train_texts = (text for split, text in labeled_documents(train_docs, None, 0 if val_docs else
+                                                                 args.val_fraction) if split == "train")
+        tokenizer = train_bpe((t for t, _ in zip(train_texts, range(args.tokenizer_documents))),
+                              args.train_tokenizer, output_dir)
+        bos, eos = tokenizer.token_to_id(TRAINED_BOS), tokenizer.token_to_id(TRAINED_EOS)
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    if metadata is None:
+        metadata = {"format": FORMAT, "complete": False, "settings": settings,
+                    "tokenizer": args.tokenizer or str(output_dir), "vocab_size": vocab_size,
+                    "bos_id": bos, "eos_id": eos, "max_token_id": 0, "dtype": token_dtype(vocab_size),
+                    "splits": {s: {"documents": 0, "tokens": 0, "shards": []} for s in ("train", "val")}}
+    tokenize_documents(labeled_documents(train_docs, val_docs, args.val_fraction), tokenizer, bos, eos,
+                       metadata, output_dir, args)
+    for name, split in metadata["splits"].items():
+        if split["tokens"] == 0:
+            raise ConfigError(f"the {name} split came out empty; give more documents, a larger --val_fraction "
+                              f"or --val_files/--val_split (and delete {output_dir})")
+    metadata["complete"] = True
+    write_metadata(output_dir, metadata)
+    print(f"wrote {output_dir}: " + ", ".join(
+        f"{name} {s['documents']:,} documents {s['tokens']:,} tokens in {len(s['shards'])} shards"
+        for name, s in metadata["splits"].items()))
+
+
+def previous_metadata(output_dir: Path, settings: dict) -> dict | None:
+    """The metadata of an earlier run into the same folder with the same settings, else None."""
+    path = output_dir / "metadata.json"
+    if not path.is_file():
+        if output_dir.is_dir() and any(output_dir.glob("*.bin")):
+            raise ConfigError(f"{output_dir} holds shards but no metadata.json; delete it or pick another "
+                              f"--output_dir")
+        return None
+    metadata = json.loads(path.read_text())
+    if metadata.get("settings") != settings:
+        raise ConfigError(f"{output_dir} holds a dataset made with different settings; pick another "
+                          f"--output_dir or delete it")
+    return metadata
+
+
+def tokenize_documents(documents, tokenizer, bos, eos, metadata, output_dir: Path, args) -> None:
+    """Tokenize and write the documents not yet in a finished shard; update `metadata` as shards finish."""
+    splits = metadata["splits"]
+    done = {name: sum(s["documents"] for s in split["shards"]) for name, split in splits.items()}
+    seen = {name: 0 for name in splits}
+    # What the finished shards hold; documents tokenized after them are counted as their shards finish.
+    for name, split in splits.items():
+        split["documents"], split["tokens"] = done[name], sum(s["tokens"] for s in split["shards"])
+
+    def record_shard():
+        for name, writer in writers.items():
+            splits[name]["documents"] = sum(s["documents"] for s in writer.shards)
+            splits[name]["tokens"] = sum(s["tokens"] for s in writer.shards)
+        write_metadata(output_dir, metadata)
+
+    writers = {name: ShardWriter(output_dir, name, metadata["dtype"], args.shard_tokens, split["shards"],
+                                 record_shard) for name, split in splits.items()}
+
+    def todo():
+        for split, text in documents:
+            seen[split] += 1
+            if seen[split] > done[split]:
+                yield split, text
+
+    tasks = (tuple(zip(*batch)) for batch in batched(todo(), DOCS_PER_TASK))
+    parallel = args.num_proc > 1
+    init_args = (tokenizer.to_str(), bos, eos, not parallel)
+    progress = tqdm(desc="tokenizing", unit=" docs", initial=sum(done.values()))
+    if parallel:
+        pool = multiprocessing.get_context("fork").Pool(args.num_proc, _init_worker, init_args)
+        results = pool.imap(_encode, tasks)
+    else:
+        _init_worker(*init_args)
+        results = map(_encode, tasks)
+    for task_splits, token_arrays in results:
+        for split, tokens in zip(task_splits, token_arrays):
+            metadata["max_token_id"] = max(metadata["max_token_id"], int(tokens.max()))
+            writers[split].add(tokens)
+        progress.update(len(token_arrays))
+    if parallel:
+        pool.close()
+        pool.join()
+    progress.close()
+    for writer in writers.values():
+        writer.flush()
+
+
+if __name__ == "__main__":
+    main()
