@@ -8,7 +8,9 @@ the tests run the recipes through the kernels that way.
 
 import os
 
+import torch
 from torch import Tensor
+from torch.nn import Parameter
 
 _CHOICES = ("auto", "triton", "torch")
 
@@ -22,3 +24,10 @@ def use_triton(t: Tensor, triton_available: bool) -> bool:
             raise RuntimeError("QT_KERNEL_BACKEND=triton, but Triton is not installed: pip install triton")
         return False
     return choice == "triton" or t.is_cuda
+
+
+def traced(*tensors: Tensor) -> bool:
+    """True while torch.compile traces the call (then the custom op must be called, so the graph
+    records one opaque node): under dynamo, or on the fake/functional tensors its tracing passes
+    run ops on, which carry no data a kernel could read."""
+    return torch.compiler.is_compiling() or any(type(t) not in (Tensor, Parameter) for t in tensors)

@@ -11,7 +11,7 @@ import os
 import torch
 from torch import Tensor
 
-from qt.kernels.backend import use_triton
+from qt.kernels.backend import traced, use_triton
 
 try:
     import triton
@@ -32,7 +32,7 @@ def scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -
     """
     _check_mm_inputs(a, b, row_scale, col_scale)
     # The custom op is what torch.compile traces; eager calls skip its dispatch (tens of µs a call).
-    if torch.compiler.is_compiling():
+    if traced(a, b, row_scale, col_scale):
         return torch.ops.qt.scaled_int8_mm(a, b, row_scale, col_scale)
     return _scaled_int8_mm_impl(a, b, row_scale, col_scale)
 

@@ -12,7 +12,7 @@ the transposed layout ``axis=0`` asks for, so the transpose happens in the kerne
 import torch
 from torch import Tensor
 
-from qt.kernels.backend import use_triton
+from qt.kernels.backend import traced, use_triton
 
 try:
     import triton
@@ -49,7 +49,7 @@ def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False) -> tu
     # (which torch.compile and opcheck rely on) and drawing it needs no host sync.
     seed = torch.randint(0, 2**31 - 1, (1,), device=x.device) if stochastic_rounding else None
     # The custom op is what torch.compile traces; eager calls skip its dispatch (tens of µs a call).
-    if torch.compiler.is_compiling():
+    if traced(x):
         return torch.ops.qt.quantize_int8(x, axis, seed)
     return _quantize_int8_impl(x, axis, seed)
 

@@ -34,3 +34,32 @@ def test_unknown_backend_is_refused(monkeypatch):
     monkeypatch.setenv("QT_KERNEL_BACKEND", "cuda")
     with pytest.raises(ValueError, match="QT_KERNEL_BACKEND='cuda': use one of auto, triton, torch"):
         qt.kernels.quantize_int8(torch.randn(4, 4), 1)
+
+
+def test_compiled_recipe_through_triton_matches_eager(monkeypatch):
+    """A compiled recipe runs the (interpreted) Triton kernels and gives the eager numbers."""
+    monkeypatch.setenv("QT_KERNEL_BACKEND", "triton")
+    linear, x, dy = make_case((32,), bias=False, in_features=64, out_features=32)
+    qt.quantize_(linear, "int8_mixed_precision", filter_fn=lambda m, n: True)
+    eager = run_linear(linear, x, dy)
+    linear.weight.grad = None
+    torch._dynamo.reset()
+    compiled = run_linear(torch.compile(linear, fullgraph=True), x, dy)
+    for from_compiled, from_eager in zip(compiled[:3], eager[:3]):
+        torch.testing.assert_close(from_compiled, from_eager, rtol=1e-5, atol=1e-5)
+
+
+def test_fake_tensors_go_through_the_custom_op():
+    """Dynamo may run a whole linear on fake tensors; a Triton launch cannot read them, so the
+    kernels must then call their custom op (whose fake implementation gives the shapes)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from qt.kernels.backend import traced
+
+    real = torch.randn(4, 4)
+    assert not traced(real)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(real)
+        assert traced(fake)
+        q, scale = qt.kernels.quantize_int8(fake, 0)
+        assert q.stride() == (1, 4) and scale.shape == (1, 4)
