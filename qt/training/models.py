@@ -91,6 +91,12 @@ def resolve_recipe(cfg):
 def quantize_model(model: nn.Module, cfg) -> None:
     """Apply the recipe --quantize in place (nothing for none)."""
     recipe = resolve_recipe(cfg)
+    if recipe is not None and cfg.quantize_lm_head and getattr(model.config, "tie_word_embeddings", False):
+        raise ConfigError(
+            "--quantize_lm_head: this model ties its LM head to the input embedding (tie_word_embeddings), "
+            "and quantizing the head would untie them; drop the flag or use a model config with "
+            "tie_word_embeddings false"
+        )
     if recipe is not None:
         import qt
         with _recipe_errors(cfg):

@@ -124,6 +124,8 @@ def bad_input_cases(dataset_dir, base_run, small_vocab_model, tmp_path):
         "unknown recipe": (pretrain_args(dataset_dir, run, "--quantize", "int3"), "unknown recipe 'int3'"),
         "unknown recipe option": (pretrain_args(dataset_dir, run, "--quantize", "int8_mixed_precision",
                                                 "--quantize_kwargs", '{"nope": 1}'), "has no option 'nope'"),
+        "quantized head tied to the embedding": (pretrain_args(dataset_dir, run, "--quantize", "int8_weight_only",
+                                                               "--quantize_lm_head"), "ties its LM head"),
         "bad optimizer kwarg": (pretrain_args(dataset_dir, run, "--optim_kwargs", '{"nope": 1}'), "nope"),
         "unknown optimizer": (pretrain_args(dataset_dir, run, "--optim", "Adamm"), "neither a torch.optim"),
         "unknown model": (pretrain_args(dataset_dir, run, "--model", "gpt5"), "neither a config"),
@@ -136,7 +138,7 @@ def bad_input_cases(dataset_dir, base_run, small_vocab_model, tmp_path):
 
 CASES = ["missing dataset", "empty dataset", "half-tokenized dataset", "token ids beyond the vocab",
          "seq_len beyond the shards", "batch not divisible", "kwargs without a recipe", "unknown recipe",
-         "unknown recipe option", "bad optimizer kwarg",
+         "unknown recipe option", "quantized head tied to the embedding", "bad optimizer kwarg",
          "unknown optimizer", "unknown model", "steps and tokens", "resume with another config",
          "existing run without resume"]
 
