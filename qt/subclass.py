@@ -130,7 +130,8 @@ class QuantizedWeight(torch.Tensor):
         return func(*args, **kwargs)
 
     def _split_rows(self, func, args, kwargs):
-        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        dim_index = [a.name for a in func._schema.arguments].index("dim") - 1  # args here exclude self
+        dim = args[dim_index] if len(args) > dim_index else kwargs.get("dim", 0)
         if dim != 0:
             raise NotImplementedError(
                 f"{type(self).__name__} can only be sliced or split along dim 0 (output features), got dim={dim}"

@@ -118,3 +118,20 @@ def test_to_clone_deepcopy_and_plain_ops(recipe):
     assert type(zeros) is torch.Tensor and zeros.dtype == torch.float32 and not zeros.any()
     doubled = copied.weight * 2
     assert type(doubled) is torch.Tensor and torch.equal(doubled, value * 2)
+
+
+@pytest.mark.parametrize("recipe", list(qt.RECIPES))
+def test_row_slices_and_splits_are_views_of_the_weight(recipe):
+    linear = quantized_linear(recipe)
+    value = linear.weight.dequantize().clone()
+    rows = linear.weight[5:9]
+    assert type(rows) is type(linear.weight) and torch.equal(rows.dequantize(), value[5:9])
+    pieces = linear.weight.split(20)
+    assert [p.shape[0] for p in pieces] == [20, 20, 8]
+    assert torch.equal(pieces[1].dequantize(), value[20:40])
+    if recipe == "int8_weight_only":
+        with pytest.raises(NotImplementedError, match="along dim 0"):
+            linear.weight[:, 3:5]
+    with torch.no_grad():
+        rows.copy_(torch.zeros(4, 64))  # writes through to the weight
+    assert not linear.weight.dequantize()[5:9].any()

@@ -29,6 +29,8 @@ from qt.optim.stochastic_rounding import round_to_bf16_stochastic
 # Each parameter shape (and state layout) compiles its own graph; a model has a handful of
 # shapes, more than dynamo's default of 8 recompiles per function.
 _MAX_COMPILED_GRAPHS = 64
+# The most elements one step call updates (see _AdamBase._step_param): 64 MiB per FP32 temporary.
+_MAX_STEP_ELEMENTS = 2**24
 
 
 class _StoredState(NamedTuple):
@@ -230,28 +232,41 @@ class _AdamBase(Optimizer):
         local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
         param = p.to_local() if isinstance(p, DTensor) else p
         grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-        exp_avg_quantizer, exp_avg_sq_quantizer = self._quantizers(p)
-        moments = [
-            _StoredState(quantizer, local[name], local.get(f"{name}_scale"), quantizer.code_map(param.device))
-            for name, quantizer in (("exp_avg", exp_avg_quantizer), ("exp_avg_sq", exp_avg_sq_quantizer))
-        ]
-        # Tensor subclasses (e.g. qt's int8 weights) run their own copy_, which the compiled step
-        # cannot trace: they are stepped through a plain FP32 copy (copy_ into a plain tensor
-        # reads any weight as its high-precision value), then copied back.
-        if _is_plain_tensor(param):
-            target = param
-        else:
-            target = torch.empty(param.shape, dtype=torch.float32, device=param.device).copy_(param)
+        quantizers = dict(zip(("exp_avg", "exp_avg_sq"), self._quantizers(p)))
+        code_maps = {name: quantizer.code_map(param.device) for name, quantizer in quantizers.items()}
         compile_step = param.is_cuda if self.compile_step is None else self.compile_step
-        args = (target, grad, local["step"], lr, *moments, beta1, beta2, eps, weight_decay)
         kwargs = dict(decoupled_weight_decay=self.decoupled_weight_decay, bf16_stochastic_round=self.bf16_stochastic_round)
-        if compile_step:
-            with torch._dynamo.config.patch(recompile_limit=_MAX_COMPILED_GRAPHS):
-                _get_compiled_adam_param_step()(*args, **kwargs)
-        else:
-            _adam_param_step(*args, **kwargs)
-        if target is not param:
-            param.copy_(target)
+        # The step's FP32 temporaries are several times the size of what it steps, so a large
+        # parameter (an embedding, an LM head) stepped whole would put them all on the memory peak.
+        # Every state is laid out by the parameter's rows (quantization blocks never cross one), so
+        # slices of rows step independently.
+        rows_per_slice = max(1, _MAX_STEP_ELEMENTS // max(1, param[0].numel())) if param.dim() else 1
+        for start in range(0, max(1, param.shape[0] if param.dim() else 1), rows_per_slice):
+            rows = slice(start, start + rows_per_slice) if param.dim() else slice(None)
+            param_rows = param[rows] if param.dim() else param
+            moments = [
+                _StoredState(quantizer, _rows(local[name], rows), _rows(local.get(f"{name}_scale"), rows), code_maps[name])
+                for name, quantizer in quantizers.items()
+            ]
+            # Tensor subclasses (e.g. qt's int8 weights) run their own copy_, which the compiled step
+            # cannot trace: they are stepped through a plain FP32 copy (copy_ into a plain tensor
+            # reads any weight as its high-precision value), then copied back.
+            if _is_plain_tensor(param):
+                target = param_rows
+            else:
+                target = torch.empty(param_rows.shape, dtype=torch.float32, device=param.device).copy_(param_rows)
+            args = (target, _rows(grad, rows), local["step"], lr, *moments, beta1, beta2, eps, weight_decay)
+            if compile_step:
+                with torch._dynamo.config.patch(recompile_limit=_MAX_COMPILED_GRAPHS):
+                    _get_compiled_adam_param_step()(*args, **kwargs)
+            else:
+                _adam_param_step(*args, **kwargs)
+            if target is not param_rows:
+                param_rows.copy_(target)
+
+
+def _rows(t: Tensor | None, rows: slice) -> Tensor | None:
+    return t if t is None or t.dim() == 0 else t[rows]
 
 
 def _shard_like(local_state: Tensor, p: Tensor, quantized: bool) -> Tensor:
