@@ -2,7 +2,6 @@
 single-process run, all-gathers in its compact form, and its sharded state_dict round-trips."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import qt
+from tests.ports import free_port
 from tests.test_training_parity import markov_batches
 from tests.tiny_models import tiny_llama
 
@@ -84,12 +84,6 @@ def worker(rank, world_size, port, out_dir):
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
     dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

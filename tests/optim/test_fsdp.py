@@ -1,7 +1,6 @@
 """FSDP2 (DTensor parameters and states) on CPU with gloo, 2 processes, against one process."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import qt.optim
+from tests.ports import free_port
 
 WORLD_SIZE = 2
 OPTIMIZERS = ["AdamW", "AdamW8bit", "AdamW4bit", "AdamWFp8"]
@@ -91,18 +91,12 @@ def _worker(rank: int, port: int, checkpoint_root: str, results):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
     checkpoint_root = str(tmp_path_factory.mktemp("fsdp_checkpoints"))
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), checkpoint_root, results), nprocs=WORLD_SIZE)
+        mp.spawn(_worker, args=(free_port(), checkpoint_root, results), nprocs=WORLD_SIZE)
         return dict(results), checkpoint_root
 
 
