@@ -19,11 +19,11 @@ import torch
 from qt.training.checkpoint import resolve_run_config
 from qt.training.config import ConfigError, TrainConfig, flag, one_line_errors, parse_config
 from qt.training.data import RandomWindows, TokenShards, validation_batches
-from qt.training.distributed import Dist, init_distributed, parallelize, resolve_dtypes, shutdown_distributed
+from qt.training.distributed import Dist, init_distributed, resolve_dtypes, shutdown_distributed
 from qt.training.loop import train
 from qt.training.models import (build_causal_lm, decoder_blocks, flops_per_token, next_token_loss,
                                 quantize_model, resolve_recipe)
-from qt.training.optimizer import build_optimizer
+from qt.training.optimizer import parallelize_with_optimizer
 
 
 @dataclass
@@ -90,10 +90,7 @@ def pretrain(cfg: PretrainConfig, dist_info: Dist) -> dict:
         qt.convert_llama_to_bitnet(model)
     model.to(weight_dtype)
     quantize_model(model, cfg)
-    training_model = parallelize(model, decoder_blocks(model), dist_info, compute_dtype=compute_dtype,
-                                 activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
-                                 ddp=cfg.ddp)
-    optimizer = build_optimizer(model, cfg)  # after FSDP2, which replaces the parameters with sharded ones
+    training_model, optimizer = parallelize_with_optimizer(model, decoder_blocks(model), cfg, dist_info, compute_dtype)
     if dist_info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{cfg.run_name}: {n_params / 1e6:.1f}M parameters, recipe {cfg.quantize}, {cfg.n_steps} steps of "

@@ -205,6 +205,19 @@ def parse_config(cls, argv: list[str] | None, description: str):
     return cfg, set(values)
 
 
+def check_train_flags(cfg, world_size: int, positive: tuple[str, ...] = ()) -> None:
+    """Refuse inconsistent common flags (and non-positive `positive` ones) before anything is loaded."""
+    for name in ("n_steps", "batch_size", "grad_accum", "log_interval", *positive):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1")
+    if cfg.batch_size % (cfg.grad_accum * world_size):
+        per_step = cfg.grad_accum * world_size
+        raise ConfigError(f"--batch_size {cfg.batch_size} must be divisible by --grad_accum {cfg.grad_accum} "
+                          f"x {world_size} processes; e.g. --batch_size {-(-cfg.batch_size // per_step) * per_step}")
+    if len(cfg.betas) != 2:
+        raise ConfigError(f"--betas takes two numbers, e.g. --betas 0.9 0.95 (got {cfg.betas})")
+
+
 def check_choices(cfg) -> None:
     for f in dataclasses.fields(cfg):
         choices = f.metadata.get("choices")

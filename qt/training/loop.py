@@ -50,12 +50,18 @@ def mean_loss(model, batches, loss_fn, device: torch.device) -> float:
     return (total[0] / total[1]).item()
 
 
-def train(*, model, optimizer, batches, loss_fn, cfg, dist_info: Dist, tokens_per_step: int,
-          eval_batches=None, flops_per_token: float | None = None,
-          weight_dtype=torch.float32, compute_dtype=torch.float32) -> dict:
+def train(*, model, optimizer, batches, loss_fn, cfg, dist_info: Dist, tokens_per_step: int | None = None,
+          count_tokens=None, unit: str = "tokens", eval_batches=None, evaluate=None,
+          flops_per_token: float | None = None, weight_dtype=torch.float32, compute_dtype=torch.float32) -> dict:
     """Train `model` for cfg.n_steps optimizer steps, resuming from RUN_DIR's last checkpoint with
     cfg.resume. Each step draws cfg.grad_accum micro-batches from `batches` (an iterator with
-    state_dict/load_state_dict) and minimizes loss_fn(model, batch). Returns the last metrics record."""
+    state_dict/load_state_dict) and minimizes loss_fn(model, batch). Returns the last metrics record.
+
+    Throughput counts `tokens_per_step` a step or, where batches vary (padding), count_tokens(batch) per
+    micro-batch summed over ranks; metrics name the counted items `unit` ({unit}_seen, {unit}_per_second).
+    Evaluation logs val_loss over `eval_batches`, or the metrics dict that evaluate(model) returns."""
+    if (tokens_per_step is None) == (count_tokens is None):
+        raise ValueError("train() takes tokens_per_step or count_tokens, not both")
     device = dist_info.device
     if dist_info.is_main:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -78,7 +84,7 @@ def train(*, model, optimizer, batches, loss_fn, cfg, dist_info: Dist, tokens_pe
     profiler = _profiler(Path(cfg.run_dir), dist_info, device) if cfg.profile else None
     record = {}
     model.train()
-    interval_start, interval_steps = time.perf_counter(), 0
+    interval_start, interval_tokens = time.perf_counter(), 0
     try:
         while step < cfg.n_steps:
             step += 1
@@ -86,19 +92,25 @@ def train(*, model, optimizer, batches, loss_fn, cfg, dist_info: Dist, tokens_pe
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss = torch.zeros((), device=device)
+            step_tokens = 0
             for micro_step in range(cfg.grad_accum):
+                batch = next(batches)
                 with gradient_sync(model, micro_step == cfg.grad_accum - 1), autocast(device, weight_dtype,
                                                                                        compute_dtype):
-                    micro_loss = loss_fn(model, next(batches)) / cfg.grad_accum
+                    micro_loss = loss_fn(model, batch) / cfg.grad_accum
                 micro_loss.backward()
                 loss += micro_loss.detach()
+                step_tokens += count_tokens(batch) if count_tokens else 0
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm or math.inf)
             if isinstance(grad_norm, DTensor):
                 grad_norm = grad_norm.full_tensor()
-            # One collective and one host sync a step: the loss (all ranks) and whether any rank must stop.
-            reduced = all_reduce_sum(torch.stack([loss / dist_info.world_size,
-                                                  torch.tensor(float(stop.requested), device=device)]))
+            # One collective and one host sync a step: the loss (all ranks), whether any rank must stop, and
+            # the tokens counted on every rank (float64: exact integers far beyond any batch).
+            reduced = all_reduce_sum(torch.cat([loss.double().view(1) / dist_info.world_size,
+                                                torch.tensor([float(stop.requested), step_tokens],
+                                                             dtype=torch.float64, device=device)]))
             loss_value, stop_requested, grad_norm = reduced[0].item(), reduced[1].item() > 0, grad_norm.item()
+            step_tokens = int(reduced[2].item()) if count_tokens else tokens_per_step
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 latest = checkpointer.latest()
                 raise TrainingDiverged(
@@ -107,9 +119,9 @@ def train(*, model, optimizer, batches, loss_fn, cfg, dist_info: Dist, tokens_pe
                     + (", and --resume to continue from it" if latest else ""))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens_seen += tokens_per_step
+            tokens_seen += step_tokens
             interval_losses.append(loss_value)
-            interval_steps += 1
+            interval_tokens += step_tokens
             logger.step_done()
             if profiler:
                 profiler.step()
@@ -119,21 +131,22 @@ def train(*, model, optimizer, batches, loss_fn, cfg, dist_info: Dist, tokens_pe
             if step % cfg.log_interval == 0 or last or stop_requested:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                tokens_per_second = interval_steps * tokens_per_step / (time.perf_counter() - interval_start)
+                tokens_per_second = interval_tokens / (time.perf_counter() - interval_start)
                 record.update(loss=sum(interval_losses) / len(interval_losses), lr=lr, grad_norm=grad_norm,
-                              tokens_per_second=tokens_per_second,
+                              **{f"{unit}_per_second": tokens_per_second},
                               mfu=(flops_per_token * tokens_per_second / (peak * dist_info.world_size)
                                    if peak and flops_per_token else None),
                               max_memory_allocated_gb=(torch.cuda.max_memory_allocated(device) / 1e9
                                                        if device.type == "cuda" else None))
                 interval_losses = []
-            if eval_batches and ((cfg.eval_interval and step % cfg.eval_interval == 0) or last):
+            if (eval_batches or evaluate) and ((cfg.eval_interval and step % cfg.eval_interval == 0) or last):
                 model.eval()
                 with autocast(device, weight_dtype, compute_dtype):
-                    record["val_loss"] = mean_loss(model, eval_batches, loss_fn, device)
+                    record.update(evaluate(model) if evaluate else
+                                  {"val_loss": mean_loss(model, eval_batches, loss_fn, device)})
                 model.train()
             if record:
-                logger.log({"step": step, "tokens_seen": tokens_seen, **record})
+                logger.log({"step": step, f"{unit}_seen": tokens_seen, **record})
             if cfg.save_checkpoints and ((cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or last
                                          or stop_requested):
                 saved_step = step
@@ -144,7 +157,7 @@ def train(*, model, optimizer, batches, loss_fn, cfg, dist_info: Dist, tokens_pe
                                                             if cfg.save_checkpoints else ""))
                 break
             if record or saved_step == step:  # time spent logging, evaluating, saving is not training time
-                interval_start, interval_steps = time.perf_counter(), 0
+                interval_start, interval_tokens = time.perf_counter(), 0
     finally:
         stop.restore()
         if profiler:

@@ -97,9 +97,10 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         if self.wandb:
             self.wandb.log(record, step=record["step"])
-        summary = {k: record[k] for k in ("loss", "val_loss") if k in record}
-        if "tokens_per_second" in record:
-            summary["tok/s"] = f"{record['tokens_per_second']:,.0f}"
+        summary = {k: record[k] for k in ("loss", "val_loss", "val_acc") if k in record}
+        for key, short in (("tokens_per_second", "tok/s"), ("images_per_second", "img/s")):
+            if key in record:
+                summary[short] = f"{record[key]:,.0f}"
         if self.terminal:
             self.bar.set_postfix({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in summary.items()})
         else:

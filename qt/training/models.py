@@ -41,16 +41,23 @@ def build_causal_lm(model: str, init_from: str | None, vocab_size: int, seq_len:
     model `init_from` (a local folder or a Hugging Face name)."""
     from transformers import AutoModelForCausalLM
     if init_from:
-        try:
-            lm = AutoModelForCausalLM.from_pretrained(init_from, attn_implementation="sdpa")
-        except OSError as e:
-            raise ConfigError(f"cannot load --init_from {init_from!r} ({str(e).splitlines()[0]}); "
-                              f"give a local checkpoint folder") from None
-        return lm.to(device, torch.float32)
+        return load_pretrained_causal_lm(init_from, "init_from", device, torch.float32)
     config = load_model_config(model, seq_len)
     config.vocab_size = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     with torch.device(device):
         return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
+
+
+def load_pretrained_causal_lm(name: str, flag_name: str, device, dtype: torch.dtype) -> nn.Module:
+    """A pretrained Hugging Face causal LM (local folder or hub name, given as --flag_name), loaded
+    directly in `dtype`: a 1.7B model in BF16 never exists in FP32 in memory."""
+    from transformers import AutoModelForCausalLM
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", dtype=dtype)
+    except OSError as e:
+        raise ConfigError(f"cannot load --{flag_name} {name!r} ({str(e).splitlines()[0]}); "
+                          f"give a local checkpoint folder") from None
+    return lm.to(device, dtype)
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:

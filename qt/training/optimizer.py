@@ -59,3 +59,14 @@ def lr_at(step: int, cfg) -> float:
             return cfg.lr
         return cfg.lr + (min_lr - cfg.lr) * (step - decay_start) / decay_steps
     return cfg.lr
+
+
+def parallelize_with_optimizer(model: nn.Module, blocks: list[nn.Module], cfg, dist_info, compute_dtype: torch.dtype):
+    """(the module to train, its optimizer): the model wrapped for the run's flags (FSDP2 / DDP,
+    activation checkpointing, compile), then the optimizer built over its parameters, after FSDP2
+    has replaced them with sharded ones."""
+    from qt.training.distributed import parallelize
+
+    training_model = parallelize(model, blocks, dist_info, compute_dtype=compute_dtype,
+                                 activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile, ddp=cfg.ddp)
+    return training_model, build_optimizer(model, cfg)

@@ -13,14 +13,14 @@ from conftest import REPO, pretrain_args, read_metrics
 from qt.training.checkpoint import Checkpointer
 from qt.training.data import TokenShards, unigram_entropy
 
-N_STEPS = 40
+N_STEPS = 100  # the tiny model needs ~100 steps to get clearly below the unigram entropy
 
 
 @pytest.fixture(scope="module")
 def base_run(dataset_dir, tmp_path_factory):
-    """40 steps with checkpoints at 10, 20, 30, 40 (all kept) and a profile."""
+    """100 steps with checkpoints at 25, 50, 75, 100 (all kept) and a profile."""
     run_dir = tmp_path_factory.mktemp("runs") / "base"
-    llm_pretrain.main(pretrain_args(dataset_dir, run_dir, "--n_steps", str(N_STEPS), "--ckpt_interval", "10",
+    llm_pretrain.main(pretrain_args(dataset_dir, run_dir, "--n_steps", str(N_STEPS), "--ckpt_interval", "25",
                                     "--keep_checkpoints", "4", "--profile"))
     return run_dir
 
@@ -34,10 +34,11 @@ def test_loss_falls_below_unigram_entropy_and_the_run_dir_holds_everything(base_
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.7  # from ~ln(512) = 6.2
     val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]
     # Below the loss of knowing only token frequencies: the model uses context.
-    assert len(val_losses) == 2 and val_losses[-1] < unigram_entropy(TokenShards(dataset_dir, "train"))
+    # (measured: 4.66 against 5.28; the margin leaves room for other versions of the stdlib corpus)
+    assert len(val_losses) == 5 and val_losses[-1] < unigram_entropy(TokenShards(dataset_dir, "train")) - 0.2
     assert "lr: 0.003" in (base_run / "config.yaml").read_text()
     assert sorted(p.name for p in (base_run / "checkpoints").iterdir()) == [
-        "latest", "step_00000010", "step_00000020", "step_00000030", "step_00000040"]
+        "latest", "step_00000025", "step_00000050", "step_00000075", "step_00000100"]
     assert (base_run / "profile" / "trace_rank0.json").stat().st_size > 0
 
 
@@ -48,7 +49,7 @@ def without_speed(metrics):
 def test_resume_continues_the_loss_curve_bit_exactly(base_run, dataset_dir, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(base_run, resumed)
-    (resumed / "checkpoints" / "latest").write_text("step_00000010")
+    (resumed / "checkpoints" / "latest").write_text("step_00000025")
     llm_pretrain.main(["--run_dir", str(resumed), "--resume"])
     assert without_speed(read_metrics(resumed)) == without_speed(read_metrics(base_run))
     finished = read_metrics(resumed)
@@ -173,16 +174,17 @@ RECIPE_LR = {"bitnet": "1e-2"}
 def test_each_recipe_learns_checkpoints_its_quantized_state_and_resumes_exactly(recipe, dataset_dir, tmp_path):
     run_dir = tmp_path / recipe
     llm_pretrain.main(pretrain_args(dataset_dir, run_dir, "--quantize", recipe, "--lr", RECIPE_LR.get(recipe, "3e-3"),
-                                    "--n_steps", "60", "--eval_interval", "30", "--ckpt_interval", "30",
+                                    "--n_steps", "100", "--eval_interval", "50", "--ckpt_interval", "50",
                                     "--keep_checkpoints", "2"))
     metrics = read_metrics(run_dir)
-    assert metrics[-1]["val_loss"] < unigram_entropy(TokenShards(dataset_dir, "train"))
-    state = torch.load(run_dir / "checkpoints" / "step_00000060" / "rank_0.pt", weights_only=False)
+    # Measured margins below the unigram entropy: 0.6 for the INT8 recipes, 0.18 for BitNet.
+    assert metrics[-1]["val_loss"] < unigram_entropy(TokenShards(dataset_dir, "train")) - 0.05
+    state = torch.load(run_dir / "checkpoints" / "step_00000100" / "rank_0.pt", weights_only=False)
     assert any(isinstance(v, qt.QuantizedWeight) for v in state["model"].values())
 
     resumed = tmp_path / "resumed"
     shutil.copytree(run_dir, resumed)
-    (resumed / "checkpoints" / "latest").write_text("step_00000030")
+    (resumed / "checkpoints" / "latest").write_text("step_00000050")
     llm_pretrain.main(["--run_dir", str(resumed), "--resume"])
     assert without_speed(read_metrics(resumed)) == without_speed(metrics)
 

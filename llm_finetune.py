@@ -1,0 +1,162 @@
+"""Fine-tune a pretrained causal language model on instruction data with a quantized-training recipe.
+
+    python llm_finetune.py --model HuggingFaceTB/SmolLM-1.7B --dataset metamathqa --quantize int8_mixed_precision
+    python llm_finetune.py --model path/to/model --dataset data.jsonl --prompt_field question --response_field answer
+    python llm_finetune.py --run_dir runs/SmolLM-1.7B-metamathqa-int8_mixed_precision --resume
+
+The loss covers the response tokens only. RUN_DIR holds config.yaml, metrics.jsonl, checkpoints/ (the
+quantized state, for --resume) and hf_model/: the trained model as BF16 safetensors with its tokenizer,
+loadable with transformers' from_pretrained (neither is written with --no-save_checkpoints).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from qt.training.checkpoint import resolve_run_config
+from qt.training.config import ConfigError, TrainConfig, check_train_flags, flag, one_line_errors, parse_config
+from qt.training.distributed import Dist, init_distributed, resolve_dtypes, shutdown_distributed
+from qt.training.export import export_pretrained
+from qt.training.instruct_data import (ALPACA_TEMPLATE, InstructBatches, load_records, preset_fields,
+                                       response_loss, split_validation, tokenize_examples, validation_batches)
+from qt.training.loop import train
+from qt.training.models import (decoder_blocks, flops_per_token, load_pretrained_causal_lm, quantize_model,
+                                resolve_recipe)
+from qt.training.optimizer import parallelize_with_optimizer
+
+EXPORT_DIR = "hf_model"
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    model: str | None = flag(None, "pretrained causal LM: a Hugging Face name (e.g. HuggingFaceTB/SmolLM-1.7B) "
+                                   "or a local folder (required)")
+    dataset: str = flag("metamathqa", "instruction data: a preset (metamathqa), a Hugging Face dataset name, or "
+                                      "a local .json/.jsonl/.parquet file")
+    prompt_field: str | None = flag(None, "field holding the prompt (default: the preset's, e.g. query)")
+    response_field: str | None = flag(None, "field holding the response (default: the preset's, e.g. response)")
+    prompt_template: str = flag(ALPACA_TEMPLATE, "text around the prompt; {prompt} marks where it goes")
+    max_seq_len: int = flag(512, "examples are truncated to this many tokens (prompt + response)")
+    val_examples: int = flag(200, "examples held out for the validation loss")
+    freeze_embedding_layer: bool = flag(False, "do not train the input embedding (nor a head tied to it)")
+    # Fine-tuning defaults: a small LR, short warmup, mild decay, evaluated more often than pretraining.
+    n_steps: int = flag(500, "optimizer steps")
+    batch_size: int = flag(16, "global batch size (examples per optimizer step over all ranks and micro-steps)")
+    lr: float = flag(2e-5, "peak learning rate")
+    weight_decay: float = flag(0.0, "decoupled weight decay (not applied to norms and biases)")
+    betas: list[float] = flag([0.9, 0.999], "Adam betas (two numbers)")
+    warmup_steps: int = flag(20, "linear warmup steps")
+    eval_interval: int = flag(50, "steps between validation losses (0: only at the end)")
+
+
+def name_run(cfg: FinetuneConfig) -> FinetuneConfig:
+    if not cfg.model:
+        raise ConfigError("--model is required: a Hugging Face causal LM name (e.g. HuggingFaceTB/SmolLM-1.7B) "
+                          "or a local folder")
+    dataset_name = Path(cfg.dataset).stem
+    cfg.run_name = cfg.run_name or f"{Path(cfg.model).name}-{dataset_name}-{cfg.quantize}"
+    cfg.run_dir = cfg.run_dir or str(Path("runs") / cfg.run_name)
+    return cfg
+
+
+def check_flags(cfg: FinetuneConfig, world_size: int) -> FinetuneConfig:
+    """Settle the derived flags and refuse inconsistent ones, before anything is loaded."""
+    check_train_flags(cfg, world_size, positive=("max_seq_len", "val_examples"))
+    preset = preset_fields(cfg.dataset)
+    if preset:
+        cfg.prompt_field, cfg.response_field = cfg.prompt_field or preset[0], cfg.response_field or preset[1]
+    if not (cfg.prompt_field and cfg.response_field):
+        raise ConfigError(f"--dataset {cfg.dataset} is not a preset: pass --prompt_field and --response_field "
+                          f"(the names of its prompt and response fields)")
+    if "{prompt}" not in cfg.prompt_template:
+        raise ConfigError("--prompt_template must contain {prompt} where the prompt goes")
+    resolve_recipe(cfg)
+    return cfg
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the tokenizer of --model {name!r} ({str(e).splitlines()[0]}); give a "
+                          f"folder holding the model and its tokenizer") from None
+
+
+def prepare_model(model: nn.Module, cfg: FinetuneConfig) -> None:
+    """Untie a tied LM head that is to be quantized (the embedding stays in high precision and the head is
+    quantized once), freeze the embedding if asked, and apply the recipe."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if cfg.quantize_lm_head and head is not None and head.weight is embedding.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    if cfg.freeze_embedding_layer:
+        embedding.weight.requires_grad_(False)
+    if cfg.quantize == "bitnet":
+        import qt
+        try:
+            qt.convert_llama_to_bitnet(model)
+        except ValueError as e:
+            raise ConfigError(f"--quantize bitnet: {e}") from None
+    quantize_model(model, cfg)
+
+
+def finetune(cfg: FinetuneConfig, dist_info: Dist) -> dict:
+    device = dist_info.device
+    micro_batch_size = cfg.batch_size // (cfg.grad_accum * dist_info.world_size)
+    weight_dtype, compute_dtype = resolve_dtypes(cfg.dtype, device)
+    tokenizer = load_tokenizer(cfg.model)
+    examples, dropped = tokenize_examples(load_records(cfg.dataset), tokenizer, prompt_field=cfg.prompt_field,
+                                          response_field=cfg.response_field, template=cfg.prompt_template,
+                                          max_seq_len=cfg.max_seq_len)
+    train_examples, val_examples = split_validation(examples, cfg.val_examples, cfg.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = InstructBatches(train_examples, cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed,
+                              rank=dist_info.rank, world_size=dist_info.world_size, pad_id=pad_id, device=device)
+    eval_batches = validation_batches(val_examples, micro_batch_size, rank=dist_info.rank,
+                                      world_size=dist_info.world_size, pad_id=pad_id, device=device)
+
+    model = load_pretrained_causal_lm(cfg.model, "model", device, weight_dtype)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions and cfg.max_seq_len > max_positions:
+        raise ConfigError(f"--max_seq_len {cfg.max_seq_len} exceeds the model's {max_positions} positions")
+    mean_length = sum(len(e.tokens) for e in train_examples) / len(train_examples)
+    flops = flops_per_token(model, round(mean_length))  # before quantization replaces the Linear layers
+    prepare_model(model, cfg)
+    training_model, optimizer = parallelize_with_optimizer(model, decoder_blocks(model), cfg, dist_info, compute_dtype)
+    if dist_info.is_main:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{cfg.run_name}: {n_params / 1e6:.1f}M parameters, recipe {cfg.quantize}, {len(train_examples)} "
+              f"training / {len(val_examples)} validation examples (mean {mean_length:.0f} tokens"
+              + (f"; {dropped} dropped: prompt longer than --max_seq_len" if dropped else "")
+              + f"), {cfg.n_steps} steps of {cfg.batch_size} on {dist_info.world_size} x {device.type}", flush=True)
+    record = train(model=training_model, optimizer=optimizer, batches=batches, loss_fn=response_loss, cfg=cfg,
+                   dist_info=dist_info, count_tokens=lambda batch: batch["n_tokens"], eval_batches=eval_batches,
+                   flops_per_token=flops, weight_dtype=weight_dtype, compute_dtype=compute_dtype)
+    if not cfg.save_checkpoints:
+        return record
+    if cfg.quantize == "bitnet":
+        if dist_info.is_main:
+            print("bitnet changes the architecture (an RMSNorm before each linear), which transformers cannot "
+                  f"load as {type(model).__name__}: no {EXPORT_DIR}/; the trained model is in checkpoints/")
+    else:
+        export_pretrained(training_model, tokenizer, Path(cfg.run_dir) / EXPORT_DIR, dist_info)
+    return record
+
+
+@one_line_errors
+def main(argv=None) -> dict:
+    cfg, explicit = parse_config(FinetuneConfig, argv, __doc__.split("\n")[0])
+    dist_info = init_distributed()
+    try:
+        cfg = check_flags(resolve_run_config(name_run(cfg), explicit), dist_info.world_size)
+        return finetune(cfg, dist_info)
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+import json
+import random
+
+import pytest
+import torch
+
+import llm_finetune
+from conftest import read_metrics
+from qt.training.checkpoint import Checkpointer
+from qt.training.instruct_data import IGNORE_INDEX, InstructBatches, collate, split_validation, tokenize_examples
+
+WORDS = "apple river stone cloud green seven orange tiger music paper silver window garden yellow".split()
+TEMPLATE = "Q: {prompt}\nA:"
+
+
+def make_records(n: int, seed: int = 0) -> list[dict]:
+    """Learnable instruction data: the response is the prompt's words reversed."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        words = rng.sample(WORDS, rng.randint(2, 6))
+        records.append({"question": "reverse " + " ".join(words), "answer": " ".join(reversed(words))})
+    return records
+
+
+def make_tokenizer(records):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([r["question"] + " " + r["answer"] + " Q: A:" for r in records], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def make_model_dir(path, records, model_type: str):
+    """A tiny pretrained-looking model folder: config, random weights, tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    tokenizer = make_tokenizer(records)
+    shape = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id)
+    # Qwen2 with tied embeddings (like Qwen2-0.5B), Llama untied (like SmolLM-1.7B is not: tying is tested by Qwen).
+    config = Qwen2Config(**shape, tie_word_embeddings=True) if model_type == "qwen2" else LlamaConfig(**shape)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("instruct") / "reverse.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_records(600)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    records = make_records(600)
+    root = tmp_path_factory.mktemp("models")
+    return {kind: make_model_dir(root / kind, records, kind) for kind in ("llama", "qwen2")}
+
+
+def finetune_args(model_dir, data_file, run_dir, *flags) -> list[str]:
+    return ["--model", str(model_dir), "--dataset", str(data_file), "--prompt_field", "question",
+            "--response_field", "answer", "--prompt_template", TEMPLATE, "--run_dir", str(run_dir),
+            "--max_seq_len", "64", "--batch_size", "16", "--lr", "3e-3", "--warmup_steps", "5",
+            "--n_steps", "40", "--log_interval", "5", "--eval_interval", "20", "--val_examples", "64",
+            "--wandb", "disabled", "--dtype", "fp32", *flags]
+
+
+def test_prompt_masking_is_exact(model_dirs):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
+    records = make_records(5)
+    examples, dropped = tokenize_examples(records, tokenizer, prompt_field="question", response_field="answer",
+                                          template=TEMPLATE, max_seq_len=64)
+    assert dropped == 0
+    batch = collate(examples, tokenizer.pad_token_id, torch.device("cpu"))
+    for row, record in enumerate(records):
+        prompt = tokenizer(TEMPLATE.replace("{prompt}", record["question"])).input_ids
+        response = tokenizer(record["answer"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        n = len(prompt) + len(response)
+        assert batch["input_ids"][row, :n].tolist() == prompt + response
+        assert batch["labels"][row].tolist() == [IGNORE_INDEX] * len(prompt) + response + [IGNORE_INDEX] * (
+            batch["labels"].shape[1] - n)
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["labels"].shape[1] - n)
+    assert batch["n_tokens"] == int(batch["attention_mask"].sum())
+    assert batch["input_ids"].shape[1] % 8 == 0
+
+
+def test_truncation_keeps_at_least_one_response_token_and_drops_prompts_that_fill_the_window(model_dirs):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
+    records = [{"question": "reverse " + " ".join(WORDS), "answer": "x " * 50}, {"question": "hi", "answer": "yo"}]
+    prompt_length = len(tokenizer(TEMPLATE.replace("{prompt}", records[0]["question"])).input_ids)
+    examples, dropped = tokenize_examples(records, tokenizer, prompt_field="question", response_field="answer",
+                                          template=TEMPLATE, max_seq_len=prompt_length + 1)
+    assert dropped == 0 and len(examples[0].tokens) == prompt_length + 1 and examples[0].n_prompt == prompt_length
+    examples, dropped = tokenize_examples(records, tokenizer, prompt_field="question", response_field="answer",
+                                          template=TEMPLATE, max_seq_len=prompt_length)
+    assert dropped == 1 and len(examples) == 1
+
+
+def test_length_bucketing_pads_little_and_covers_each_example_once_an_epoch(model_dirs, data_file):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
+    examples, _ = tokenize_examples(make_records(600), tokenizer, prompt_field="question", response_field="answer",
+                                    template=TEMPLATE, max_seq_len=64)
+    train_examples, val_examples = split_validation(examples, 64, seed=0)
+    assert len(train_examples) == 536 and len(val_examples) == 64
+    ranks = [InstructBatches(train_examples, 16, grad_accum=2, seed=0, rank=r, world_size=2, pad_id=0,
+                             device=torch.device("cpu")) for r in range(2)]
+    steps_per_epoch = 536 // 16
+    seen, real, padded = [], 0, 0
+    for rank in ranks:
+        for _ in range(steps_per_epoch * 2):  # grad_accum micro-batches a step
+            indices = rank.sampler.micro_batch(rank.micro_batches_drawn)
+            batch = next(rank)
+            assert len(indices) == 4
+            seen += indices.tolist()
+            real += batch["n_tokens"]
+            padded += batch["attention_mask"].numel()
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == steps_per_epoch * 16
+    assert real / padded > 0.75  # random batches of these lengths would be about 0.6
+
+
+@pytest.mark.parametrize("recipe", ["none", "int8_weight_only", "int8_mixed_precision", "bitnet"])
+def test_each_recipe_finetunes_and_the_loss_falls(recipe, model_dirs, data_file, tmp_path):
+    run_dir = tmp_path / recipe
+    llm_finetune.main(finetune_args(model_dirs["llama"], data_file, run_dir, "--quantize", recipe))
+    metrics = read_metrics(run_dir)
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0, metrics
+    val_losses = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert len(val_losses) == 2 and val_losses[-1] < metrics[0]["loss"] - 1.0
+    for key in ("tokens_seen", "tokens_per_second", "lr", "grad_norm", "max_memory_allocated_gb"):
+        assert key in metrics[-1]
+    assert (run_dir / "hf_model" / "model.safetensors").is_file() == (recipe != "bitnet")
+
+
+def test_tokens_seen_counts_only_real_tokens(model_dirs, data_file, tmp_path):
+    run_dir = tmp_path / "count"
+    llm_finetune.main(finetune_args(model_dirs["llama"], data_file, run_dir, "--n_steps", "5", "--grad_accum", "2"))
+    state = torch.load(Checkpointer(run_dir, None, sharded=False, keep=1).latest() / "rank_0.pt", weights_only=False)
+    assert state["extra"]["batches"]["micro_batches_drawn"] == 10
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
+    examples, _ = tokenize_examples(make_records(600), tokenizer, prompt_field="question", response_field="answer",
+                                    template=TEMPLATE, max_seq_len=64)
+    batches = InstructBatches(split_validation(examples, 64, seed=0)[0], 16, grad_accum=2, seed=0, rank=0,
+                              world_size=1, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"))
+    assert read_metrics(run_dir)[-1]["tokens_seen"] == sum(next(batches)["n_tokens"] for _ in range(10))
+
+
+@pytest.mark.parametrize("model_type, flags", [
+    ("llama", ["--quantize", "int8_mixed_precision", "--freeze_embedding_layer"]),
+    ("qwen2", ["--quantize", "int8_weight_only", "--quantize_lm_head"]),  # tied head: untied, quantized once
+])
+def test_exported_checkpoint_loads_in_transformers_with_the_trained_dequantized_weights(
+        model_type, flags, model_dirs, data_file, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    import qt
+    run_dir = tmp_path / "run"
+    llm_finetune.main(finetune_args(model_dirs[model_type], data_file, run_dir, "--n_steps", "10", *flags))
+    trained = torch.load(Checkpointer(run_dir, None, sharded=False, keep=1).latest() / "rank_0.pt",
+                         weights_only=False)["model"]
+    quantized = [k for k, v in trained.items() if isinstance(v, qt.QuantizedWeight)]
+    head_quantized = "lm_head.weight" in quantized
+    assert len(quantized) == 14 + head_quantized and head_quantized == ("--quantize_lm_head" in flags)
+    original = AutoModelForCausalLM.from_pretrained(model_dirs[model_type])
+    if "--freeze_embedding_layer" in flags:
+        assert torch.equal(trained["model.embed_tokens.weight"], original.model.embed_tokens.weight)
+
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model", dtype=torch.bfloat16)
+    config = AutoConfig.from_pretrained(run_dir / "hf_model")
+    assert config.tie_word_embeddings == (model_type == "qwen2" and not head_quantized)
+    expected = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    expected.load_state_dict({k: (v.dequantize() if isinstance(v, qt.QuantizedWeight) else v).to(torch.bfloat16)
+                              for k, v in trained.items()})
+    tokens = torch.randint(0, 384, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(exported(tokens).logits, expected(tokens).logits)
+        assert not torch.equal(exported(tokens).logits, original.to(torch.bfloat16)(tokens).logits)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "no-such-org/no-such-model"], "cannot load the tokenizer of --model 'no-such-org/no-such-model'"),
+    (["--prompt_field", "query"], "the data have no field 'query'; their fields are 'question', 'answer'"),
+    (["--prompt_template", "no placeholder"], "--prompt_template must contain {prompt}"),
+    (["--dataset", "missing.jsonl"], "--dataset missing.jsonl: no such file"),
+    (["--val_examples", "600"], "600 examples leave none for training after --val_examples 600"),
+    (["--batch_size", "15", "--grad_accum", "2"], "--batch_size 15 must be divisible by --grad_accum 2"),
+    (["--max_seq_len", "4"], "every prompt fills --max_seq_len 4 tokens"),
+])
+def test_bad_input_gets_a_one_line_error(flags, message, model_dirs, data_file, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on a machine without internet
+    with pytest.raises(SystemExit):
+        llm_finetune.main(finetune_args(model_dirs["llama"], data_file, tmp_path / "run", *flags))
+    assert_one_line_error(capsys.readouterr().err, message)
+
+
+def assert_one_line_error(stderr: str, message: str) -> None:
+    """Exactly one error line, no traceback (progress bars of loading may come before it)."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in stderr, stderr
+
+
+def test_a_non_preset_dataset_needs_its_fields(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        llm_finetune.main(["--model", "m", "--dataset", "data.jsonl", "--run_dir", str(tmp_path / "run")])
+    assert_one_line_error(capsys.readouterr().err,
+                          "--dataset data.jsonl is not a preset: pass --prompt_field and --response_field")
