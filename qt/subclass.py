@@ -112,9 +112,12 @@ class QuantizedWeight(torch.Tensor):
                 return self._to(kwargs.get("device"), kwargs.get("dtype"))
             if func is aten.new_zeros.default:
                 return self._new_zeros(args[1], kwargs.get("device"))
-            if func is aten.copy_.default and type(args[1]) is type(self):
-                for dst, src in zip(self._inner(), args[1]._inner()):
-                    dst.copy_(src)
+            if func is aten.copy_.default:
+                if type(args[1]) is type(self):
+                    for dst, src in zip(self._inner(), args[1]._inner()):
+                        dst.copy_(src)
+                else:  # e.g. an optimizer writing back its FP32 result: no need to read the old value
+                    self._assign_(args[1].dequantize() if isinstance(args[1], QuantizedWeight) else args[1])
                 return self
 
         if _writes_first_argument(func):
@@ -128,6 +131,10 @@ class QuantizedWeight(torch.Tensor):
 
         args, kwargs = tree_map_only(QuantizedWeight, lambda t: t.dequantize(), (args, kwargs))
         return func(*args, **kwargs)
+
+    def _assign_(self, value: Tensor) -> None:
+        """Stores `value` (shaped like the weight) the recipe's way."""
+        self._update_(lambda hp: hp.copy_(value))
 
     def _split_rows(self, func, args, kwargs):
         dim_index = [a.name for a in func._schema.arguments].index("dim") - 1  # args here exclude self

@@ -100,7 +100,10 @@ class Int8WeightOnlyWeight(QuantizedWeight):
     def _update_(self, fn) -> None:
         weight = self.dequantize(torch.float32)
         fn(weight)
-        int_data, scale = quantize_int8(weight, 1, self.config.stochastic_rounding)
+        self._assign_(weight)
+
+    def _assign_(self, value: Tensor) -> None:
+        int_data, scale = quantize_int8(value.to(torch.float32), 1, self.config.stochastic_rounding)
         self.int_data.copy_(int_data)
         self.scale.copy_(scale)
 

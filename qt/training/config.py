@@ -75,7 +75,7 @@ class TrainConfig:
 
     # Numerics and speed
     quantize: str = flag("none", "quantized-training recipe from qt.RECIPES; none = the BF16 baseline")
-    quantize_kwargs: dict = flag({}, "recipe arguments as JSON, e.g. '{\"group_size\": 128}'")
+    quantize_kwargs: dict = flag({}, "recipe arguments as JSON, e.g. '{\"grad_weight\": false}'")
     quantize_lm_head: bool = flag(False, "also quantize the output layer")
     dtype: str = flag("auto", "weights: bf16, fp32, or fp32_master (fp32 weights, bf16 compute); "
                               "auto = bf16 on GPU, fp32 on CPU", ("auto", "bf16", "fp32", "fp32_master"))
