@@ -11,7 +11,9 @@
 # Run directories (with checkpoints) go to RUNS_DIR/CONFIG_NAME/RECIPE (RUNS_DIR default runs); OUT_DIR gets
 # only what is worth keeping: comparison.md, loss_curves.png, and per recipe its log, metrics.jsonl, config.yaml.
 # Environment: NPROC (GPUs per run, default 1), RUN_TIMEOUT_S (default 300), VOCAB_SIZE (default 32000),
-# DATA_DIR, RUNS_DIR, EXTRA_ARGS (more llm_pretrain.py flags).
+# DATA_DIR, RUNS_DIR, EXTRA_ARGS (more llm_pretrain.py flags), PARALLEL=1 (train all recipes at once on the
+# same GPUs: for small models that leave the GPU idle, the sweep then takes about as long as its slowest run;
+# the logged tok/s are then shared-GPU figures, not comparable to a run alone).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,17 +39,30 @@ fi
 
 mkdir -p "$out_dir"
 runs_dir=${RUNS_DIR:-runs}/$(basename "$config" .yaml)
-run_dirs=()
-for recipe in "${recipes[@]}"; do
-    run_dir=$runs_dir/$recipe
-    echo "== $recipe -> $run_dir ($(date +%T))"
+exec 3>&1  # the sweep's own stdout, for status lines while a run's output goes to its log
+train() {
+    local recipe=$1 run_dir=$runs_dir/$1
+    echo "== $recipe -> $run_dir ($(date +%T))" >&3
     # --resume: rerunning the sweep continues interrupted runs and skips finished ones.
     timeout --signal=TERM --kill-after=60 "${RUN_TIMEOUT_S:-300}" \
         "${launcher[@]}" llm_pretrain.py --config "$config" \
-        --dataset_dir "$data_dir" --quantize "$recipe" --run_dir "$run_dir" --resume ${EXTRA_ARGS:-} \
-        2>&1 | tee "$out_dir/$recipe.log"
-    status=${PIPESTATUS[0]}
-    [[ $status -eq 0 ]] || echo "!! $recipe exited with status $status (124: stopped at RUN_TIMEOUT_S)"
+        --dataset_dir "$data_dir" --quantize "$recipe" --run_dir "$run_dir" --resume ${EXTRA_ARGS:-}
+    local status=$?
+    [[ $status -eq 0 ]] || echo "!! $recipe exited with status $status (124: stopped at RUN_TIMEOUT_S)" >&3
+}
+
+for recipe in "${recipes[@]}"; do
+    if [[ ${PARALLEL:-0} == 1 ]]; then
+        train "$recipe" > "$out_dir/$recipe.log" 2>&1 &
+    else
+        train "$recipe" 2>&1 | tee "$out_dir/$recipe.log"
+    fi
+done
+wait
+
+run_dirs=()
+for recipe in "${recipes[@]}"; do
+    run_dir=$runs_dir/$recipe
     if [[ -s $run_dir/metrics.jsonl ]]; then
         run_dirs+=("$run_dir")
         mkdir -p "$out_dir/$recipe" && cp "$run_dir/metrics.jsonl" "$run_dir/config.yaml" "$out_dir/$recipe/"
