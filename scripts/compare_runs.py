@@ -3,8 +3,10 @@
     python scripts/compare_runs.py runs/tiny-none runs/tiny-int8_mixed_precision --output_dir runs/compare \
         --dataset_dir data/quickstart
 
-Reads each run directory's metrics.jsonl and config.yaml. The baseline is the run with --quantize none
-(else the first run). With --dataset_dir, the table also gives the unigram entropy of the training tokens.
+Reads each run directory's metrics.jsonl and config.yaml; a run directory without metrics.jsonl is read from
+the wandb offline runs inside it (RUN_DIR/wandb/offline-run-*/, a resumed run's segments joined), and an
+offline-run folder can be named directly. The baseline is the run with --quantize none (else the first run).
+With --dataset_dir, the table also gives the unigram entropy of the training tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import struct
 import sys
 from pathlib import Path
 
@@ -26,12 +29,65 @@ from qt.training.data import TokenShards, unigram_entropy  # noqa: E402
 def load_run(run_dir: Path) -> dict:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
-        raise ConfigError(f"{run_dir} has no metrics.jsonl; is it a run directory of llm_pretrain.py?")
+        return load_wandb_offline_run(run_dir)
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     if not records:
         raise ConfigError(f"{metrics} is empty: the run logged nothing yet")
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     return {"name": run_dir.name, "recipe": config.get("quantize", "?"), "records": records}
+
+
+def load_wandb_offline_run(path: Path) -> dict:
+    """A run from its wandb offline files: PATH is an offline-run folder, or a run directory holding them
+    (one per session of a resumed run: each later segment replaces what the earlier ones logged from its
+    first step on, as metrics.jsonl does)."""
+    files = sorted(path.glob("run-*.wandb")) or sorted(path.glob("wandb/offline-run-*/run-*.wandb"))
+    if not files:
+        raise ConfigError(f"{path} has no metrics.jsonl and no wandb offline run; is it a run directory of "
+                          f"llm_pretrain.py?")
+    records, config = [], {}
+    for file in files:  # offline-run-YYYYMMDD_HHMMSS-ID: name order is time order
+        segment = []
+        for kind, message in read_wandb_records(file):
+            if kind == "history":
+                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in message.item}
+                segment.append({k: v for k, v in row.items() if not k.startswith("_")})
+            elif kind in ("run", "config"):
+                update = message.config.update if kind == "run" else message.update
+                config.update({item.key: json.loads(item.value_json) for item in update})
+        if segment:
+            records = [r for r in records if r["step"] < segment[0]["step"]] + segment
+    if not records:
+        raise ConfigError(f"the wandb offline run in {path} logged nothing yet")
+    return {"name": path.name, "recipe": config.get("quantize", "?"), "records": records}
+
+
+def read_wandb_records(path: Path):
+    """(record type, message) of each record of a wandb `.wandb` file: protobuf `Record`s in a LevelDB log
+    (a 7-byte file header, then 32 KiB blocks of chunks: crc32 u32, length u16, type u8 (1 full, 2 first,
+    3 middle, 4 last), data). wandb's own reader left the Python package, so this is the format's reader."""
+    from wandb.proto import wandb_internal_pb2
+
+    block, chunk_header = 32768, 7
+    data = path.read_bytes()
+    if data[:4] != b":W&B":
+        raise ConfigError(f"{path} is not a wandb run file")
+    position, pieces = 7, []
+    while position + chunk_header <= len(data):
+        left_in_block = block - position % block
+        if left_in_block < chunk_header:  # a block's zero-filled trailer
+            position += left_in_block
+            continue
+        _, length, chunk_type = struct.unpack_from("<IHB", data, position)
+        if chunk_type == 0:  # zero padding at the end of a file still being written
+            break
+        pieces.append(data[position + chunk_header:position + chunk_header + length])
+        position += chunk_header + length
+        if chunk_type in (1, 4):
+            record = wandb_internal_pb2.Record.FromString(b"".join(pieces))
+            pieces = []
+            kind = record.WhichOneof("record_type")
+            yield kind, getattr(record, kind) if kind else None
 
 
 def summarize(run: dict) -> dict:

@@ -1,9 +1,14 @@
 import json
+import shutil
 import subprocess
 import sys
+import time
 
+import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, pretrain_args, read_metrics
+
+import llm_pretrain
 
 sys.path.insert(0, str(REPO / "scripts"))
 import compare_runs  # noqa: E402
@@ -32,8 +37,30 @@ def test_table_and_plot(tmp_path, dataset_dir):
     assert (tmp_path / "out" / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_wandb_offline_run_reads_like_its_metrics_file(dataset_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run_dir = tmp_path / "run"
+    flags = ["--n_steps", "6", "--ckpt_interval", "3", "--keep_checkpoints", "2", "--wandb", "offline",
+             "--quantize", "int8_weight_only"]
+    llm_pretrain.main(pretrain_args(dataset_dir, run_dir, *flags))
+    # Resume from step 3: wandb's second segment logs steps 4-6 again, which must replace the first's.
+    (run_dir / "checkpoints" / "latest").write_text("step_00000003")
+    time.sleep(1.1)  # offline-run folders are named to the second
+    llm_pretrain.main(["--run_dir", str(run_dir), "--resume"])
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2
+    wandb_only = tmp_path / "wandb_only"
+    shutil.copytree(run_dir / "wandb", wandb_only / "wandb")
+
+    run = compare_runs.load_run(wandb_only)
+    assert run["recipe"] == "int8_weight_only"
+    assert run["records"] == read_metrics(run_dir)
+    segment = sorted((run_dir / "wandb").glob("offline-run-*"))[-1]
+    assert [r["step"] for r in compare_runs.load_run(segment)["records"]] == [4, 5, 6]
+
+
 def test_a_folder_without_metrics_is_a_one_line_error(tmp_path):
     result = subprocess.run([sys.executable, "scripts/compare_runs.py", str(tmp_path), "--output_dir",
                              str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, check=False)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        f"error: {tmp_path} has no metrics.jsonl; is it a run directory of llm_pretrain.py?"]
+        f"error: {tmp_path} has no metrics.jsonl and no wandb offline run; is it a run directory of llm_pretrain.py?"]
