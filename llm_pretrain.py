@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from qt.training.checkpoint import resolve_run_config
-from qt.training.config import ConfigError, TrainConfig, flag, one_line_errors, parse_config
+from qt.training.config import ConfigError, TrainConfig, check_train_flags, flag, one_line_errors, parse_config
 from qt.training.data import RandomWindows, TokenShards, validation_batches
 from qt.training.distributed import Dist, init_distributed, resolve_dtypes, shutdown_distributed
 from qt.training.loop import train
@@ -51,20 +51,12 @@ def check_flags(cfg: PretrainConfig, explicit: set[str], world_size: int) -> Pre
                           "(scripts/quickstart.sh makes one from text on this machine)")
     if {"model", "init_from"} <= explicit:
         raise ConfigError("give --model (a fresh model) or --init_from (pretrained weights), not both")
-    for name in ("n_steps", "batch_size", "grad_accum", "seq_len", "log_interval", "eval_tokens"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1")
-    if cfg.batch_size % (cfg.grad_accum * world_size):
-        raise ConfigError(f"--batch_size {cfg.batch_size} must be divisible by --grad_accum {cfg.grad_accum} "
-                          f"x {world_size} processes; e.g. --batch_size "
-                          f"{math.ceil(cfg.batch_size / (cfg.grad_accum * world_size)) * cfg.grad_accum * world_size}")
+    check_train_flags(cfg, world_size, positive=("seq_len", "eval_tokens"))
     if cfg.n_tokens is not None:
         if "n_steps" in explicit:
             raise ConfigError("give --n_steps or --n_tokens, not both")
         cfg.n_steps = max(1, math.ceil(cfg.n_tokens / (cfg.batch_size * cfg.seq_len)))
     resolve_recipe(cfg)
-    if len(cfg.betas) != 2:
-        raise ConfigError(f"--betas takes two numbers, e.g. --betas 0.9 0.95 (got {cfg.betas})")
     return cfg
 
 

@@ -72,6 +72,9 @@ class TrainConfig:
     decay_fraction: float = flag(0.2, "wsd: fraction of the steps spent in the final linear decay")
     min_lr_ratio: float = flag(0.1, "final LR as a fraction of --lr (cosine and wsd)")
     clip_grad_norm: float = flag(1.0, "clip the global gradient norm to this (0: no clipping)")
+    offload_optimizer: bool = flag(False, "keep FP32 master weights and the optimizer states on the CPU and step "
+                                          "there (qt.optim.CPUOffloadOptimizer): the GPU holds only the weights "
+                                          "and the gradients in flight")
 
     # Numerics and speed
     quantize: str = flag("none", "quantized-training recipe from qt.RECIPES; none = the BF16 baseline")
@@ -216,6 +219,11 @@ def check_train_flags(cfg, world_size: int, positive: tuple[str, ...] = ()) -> N
                           f"x {world_size} processes; e.g. --batch_size {-(-cfg.batch_size // per_step) * per_step}")
     if len(cfg.betas) != 2:
         raise ConfigError(f"--betas takes two numbers, e.g. --betas 0.9 0.95 (got {cfg.betas})")
+    if cfg.offload_optimizer and world_size > 1:
+        raise ConfigError("--offload_optimizer runs on one process: drop it under torchrun (FSDP2 shards the "
+                          "optimizer states over the GPUs instead)")
+    if cfg.offload_optimizer and cfg.quantize != "none":
+        raise ConfigError(f"--offload_optimizer steps plain weights: use it with --quantize none, not {cfg.quantize}")
 
 
 def check_choices(cfg) -> None:

@@ -50,6 +50,14 @@ def mean_loss(model, batches, loss_fn, device: torch.device) -> float:
     return (total[0] / total[1]).item()
 
 
+def clip_gradients(model, optimizer, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm; returns it. An optimizer that moves gradients off the model (CPU
+    offload) clips where they are."""
+    if hasattr(optimizer, "clip_grad_norm_"):
+        return optimizer.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
 def train(*, model, optimizer, batches, loss_fn, cfg, dist_info: Dist, tokens_per_step: int | None = None,
           count_tokens=None, unit: str = "tokens", eval_batches=None, evaluate=None,
           flops_per_token: float | None = None, weight_dtype=torch.float32, compute_dtype=torch.float32) -> dict:
@@ -101,7 +109,7 @@ def train(*, model, optimizer, batches, loss_fn, cfg, dist_info: Dist, tokens_pe
                 micro_loss.backward()
                 loss += micro_loss.detach()
                 step_tokens += count_tokens(batch) if count_tokens else 0
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm or math.inf)
+            grad_norm = clip_gradients(model, optimizer, cfg.clip_grad_norm or math.inf)
             if isinstance(grad_norm, DTensor):
                 grad_norm = grad_norm.full_tensor()
             # One collective and one host sync a step: the loss (all ranks), whether any rank must stop, and

@@ -36,8 +36,12 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     if "betas" in inspect.signature(cls).parameters:
         kwargs["betas"] = tuple(cfg.betas)
     kwargs.update(cfg.optim_kwargs)
+    groups = [g for g in groups if g["params"]]
     try:
-        return cls([g for g in groups if g["params"]], **kwargs)
+        if cfg.offload_optimizer:
+            from qt.optim.cpu_offload import CPUOffloadOptimizer
+            return CPUOffloadOptimizer(groups, optimizer_class=cls, **kwargs)
+        return cls(groups, **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"--optim {cfg.optim} with {kwargs}: {e}") from None
 

@@ -22,11 +22,13 @@ def _load_bench():
 def test_bench_memory_smoke(tmp_path):
     bench = _load_bench()
     argv = ["--out", str(tmp_path), "--model", "tiny", "--device", "cpu", "--seq_len", "32", "--batch_sizes", "1"]
-    argv += ["--warmup", "1", "--steps", "2", "--setups", "mixed precision", "int8_weight_only + qt AdamW8bit"]
+    argv += ["--warmup", "1", "--steps", "2", "--setups", "mixed precision", "int8_weight_only + qt AdamW8bit",
+             "CPU-offloaded"]
     rows = bench.main(argv)
     assert [row["setup"] for row in rows] == [
         "mixed precision (FP32 weights, BF16 autocast) + torch AdamW",
         "int8_weight_only + qt AdamW8bit",
+        "BF16 weights + CPU-offloaded torch AdamW (FP32 master weights and states on the CPU)",
     ]
     for row in rows:
         assert "error" not in row, row

@@ -11,6 +11,7 @@ import llm_pretrain
 import qt
 from conftest import REPO, pretrain_args, read_metrics
 from qt.training.checkpoint import Checkpointer
+from qt.training.config import ConfigError, check_train_flags
 from qt.training.data import TokenShards, unigram_entropy
 
 N_STEPS = 100  # the tiny model needs ~100 steps to get clearly below the unigram entropy
@@ -134,6 +135,8 @@ def bad_input_cases(dataset_dir, base_run, small_vocab_model, tmp_path):
         "resume with another config": (["--run_dir", str(base_run), "--resume", "--lr", "0.5"],
                                        "cannot resume with a different config (lr: 0.003 -> 0.5)"),
         "existing run without resume": (pretrain_args(dataset_dir, base_run), "already holds a run"),
+        "CPU offload of quantized weights": (pretrain_args(dataset_dir, run, "--offload_optimizer", "--quantize",
+                                                           "int8_weight_only"), "use it with --quantize none"),
     }
 
 
@@ -141,7 +144,7 @@ CASES = ["missing dataset", "empty dataset", "half-tokenized dataset", "token id
          "seq_len beyond the shards", "batch not divisible", "kwargs without a recipe", "unknown recipe",
          "unknown recipe option", "quantized head tied to the embedding", "bad optimizer kwarg",
          "unknown optimizer", "unknown model", "steps and tokens", "resume with another config",
-         "existing run without resume"]
+         "existing run without resume", "CPU offload of quantized weights"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -164,6 +167,29 @@ def test_bad_input_from_the_command_line_is_one_line(dataset_dir, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: --batch_size 6 must be divisible by --grad_accum 4 x 1 processes; e.g. --batch_size 8"]
+
+
+def test_cpu_offloaded_optimizer_trains_like_the_plain_one_and_resumes_exactly(dataset_dir, tmp_path):
+    """FP32 weights on the CPU: the offloaded FP32 masters are the weights, so the losses follow the plain
+    run's (up to float rounding: the global gradient norm sums the tensors in another order)."""
+    flags = ["--n_steps", "30", "--ckpt_interval", "15", "--keep_checkpoints", "2", "--optim_kwargs",
+             '{"fused": true}', "--grad_accum", "2"]
+    llm_pretrain.main(pretrain_args(dataset_dir, tmp_path / "plain", *flags))
+    offloaded = tmp_path / "offloaded"
+    llm_pretrain.main(pretrain_args(dataset_dir, offloaded, *flags, "--offload_optimizer"))
+    metrics = without_speed(read_metrics(offloaded))
+    plain = read_metrics(tmp_path / "plain")
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close([m[key] for m in metrics], [m[key] for m in plain], rtol=1e-5, atol=0)
+    (offloaded / "checkpoints" / "latest").write_text("step_00000015")
+    llm_pretrain.main(["--run_dir", str(offloaded), "--resume"])
+    assert without_speed(read_metrics(offloaded)) == metrics
+
+
+def test_cpu_offload_refuses_several_processes():
+    cfg = llm_pretrain.PretrainConfig(dataset_dir="d", offload_optimizer=True)
+    with pytest.raises(ConfigError, match="--offload_optimizer runs on one process"):
+        check_train_flags(cfg, world_size=2)
 
 
 # BitNet's ternary weights move in coarse jumps: it trains with larger learning rates.
