@@ -112,7 +112,7 @@ def classification_loss(model, batch) -> torch.Tensor:
     return nn.functional.cross_entropy(model(images).float(), labels)
 
 
-def make_evaluate(loader, n_classes: int, dist_info: Dist):
+def make_evaluate(loader, n_classes: int, dist_info: Dist, dtype: torch.dtype):
     """evaluate(model) -> val_loss, val_acc and (with more than 5 classes) val_top5 over every rank's images."""
     top_k = 5 if n_classes > 5 else None
 
@@ -120,7 +120,7 @@ def make_evaluate(loader, n_classes: int, dist_info: Dist):
     def evaluate(model) -> dict:
         totals = torch.zeros(4, dtype=torch.float64, device=dist_info.device)  # loss sum, top-1, top-5, images
         for images, labels in loader:
-            images, labels = images.to(dist_info.device), labels.to(dist_info.device)
+            images, labels = images.to(dist_info.device, dtype), labels.to(dist_info.device)
             logits = model(images).float()
             totals[0] += nn.functional.cross_entropy(logits, labels, reduction="sum")
             totals[1] += (logits.argmax(-1) == labels).sum()
@@ -149,18 +149,21 @@ def finetune(cfg: TimmFinetuneConfig, explicit: set[str], dist_info: Dist) -> di
         raise ConfigError(f"--augment_kwargs '{json.dumps(cfg.augment_kwargs)}': {e}") from None
     val_set.transform = timm.data.create_transform(**data_config)
 
+    weight_dtype, compute_dtype = resolve_dtypes(cfg.dtype, device)
     micro_batch_size = cfg.batch_size // (cfg.grad_accum * dist_info.world_size)
+    # Images in the compute dtype: BF16 weights take BF16 inputs (autocast would cast them, but runs only
+    # where weights and compute differ).
     batches = ImageBatches(train_set, cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed, rank=dist_info.rank,
-                           world_size=dist_info.world_size, num_workers=cfg.num_workers, device=device)
+                           world_size=dist_info.world_size, num_workers=cfg.num_workers, device=device,
+                           dtype=compute_dtype)
     if cfg.n_epochs is not None:
         cfg.n_steps = max(1, math.ceil(cfg.n_epochs * batches.sampler.steps_per_epoch))
         if "eval_interval" not in explicit:
             cfg.eval_interval = batches.sampler.steps_per_epoch
     evaluate = make_evaluate(validation_loader(val_set, micro_batch_size, rank=dist_info.rank,
                                                world_size=dist_info.world_size, num_workers=cfg.num_workers),
-                             len(classes), dist_info)
+                             len(classes), dist_info, compute_dtype)
 
-    weight_dtype, compute_dtype = resolve_dtypes(cfg.dtype, device)
     model.to(weight_dtype)
     quantize_model(model, cfg)
     training_model, optimizer = parallelize_with_optimizer(model, repeated_blocks(model), cfg, dist_info, compute_dtype)

@@ -81,8 +81,6 @@ def _setups() -> list[Setup]:
         Setup("int8_weight_only + qt AdamW4bit", "int8_weight_only", qt_4bit, compiles_qt_step=True),
         Setup("pure BF16 + qt AdamW8bit (stochastic rounding)", "bf16", qt_8bit, compiles_qt_step=True),
         Setup("pure BF16 + qt AdamW4bit (stochastic rounding)", "bf16", qt_4bit, compiles_qt_step=True),
-        Setup("BF16 weights + CPU-offloaded torch AdamW (FP32 master weights and states on the CPU)", "bf16",
-              lambda params, lr: qt.optim.CPUOffloadOptimizer(params, lr=lr)),
     ]
     torchao = _torchao_optimizers()
     for bits, index in (("8bit", 0), ("4bit", 1)):
@@ -92,6 +90,8 @@ def _setups() -> list[Setup]:
         else:
             cls = torchao[index]
             setups.append(Setup(name, "bf16", lambda params, lr, cls=cls: cls(params, lr=lr, bf16_stochastic_round=True)))
+    setups.append(Setup("BF16 weights + CPU-offloaded torch AdamW (FP32 master weights and states on the CPU)", "bf16",
+                        lambda params, lr: qt.optim.CPUOffloadOptimizer(params, lr=lr)))
     return setups
 
 

@@ -19,6 +19,8 @@ loop does) instead of `torch.nn.utils.clip_grad_norm_(model.parameters())`, whic
 
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Any
 
 import torch
@@ -64,7 +66,9 @@ class CPUOffloadOptimizer(Optimizer):
             self._staging[p] = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
         self.params.append(p)
         self.masters[p] = master
-        p.register_post_accumulate_grad_hook(self._offload_grad)
+        # The hook lives in autograd's C++ graph, where Python's collector cannot see a cycle through it: a
+        # hook holding the optimizer would keep the optimizer, and through it the model, alive forever.
+        p.register_post_accumulate_grad_hook(functools.partial(_offload_grad_if_alive, weakref.ref(self)))
         return master
 
     def _offload_grad(self, p: Tensor) -> None:
@@ -146,3 +150,8 @@ class CPUOffloadOptimizer(Optimizer):
         self.param_groups, self.state = self.inner.param_groups, self.inner.state  # loading made new ones
         with torch.no_grad():
             self._copy_masters_to_params()
+
+
+def _offload_grad_if_alive(optimizer: weakref.ref, p: Tensor) -> None:
+    if (alive := optimizer()) is not None:
+        alive._offload_grad(p)

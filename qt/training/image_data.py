@@ -112,8 +112,8 @@ class ImageBatches:
     processes. Resumable by count; the random augmentations of a resumed run differ."""
 
     def __init__(self, dataset: Dataset, batch_size: int, *, grad_accum: int, seed: int, rank: int,
-                 world_size: int, num_workers: int, device: torch.device):
-        self.dataset, self.num_workers, self.device = dataset, num_workers, device
+                 world_size: int, num_workers: int, device: torch.device, dtype: torch.dtype):
+        self.dataset, self.num_workers, self.device, self.dtype = dataset, num_workers, device, dtype
         self.sampler = EpochSampler(len(dataset), batch_size, grad_accum=grad_accum, seed=seed, rank=rank,
                                     world_size=world_size, what="images")
         self.micro_batches_drawn, self._loader = 0, None
@@ -130,7 +130,7 @@ class ImageBatches:
                                            persistent_workers=self.num_workers > 0))
         images, labels = next(self._loader)
         self.micro_batches_drawn += 1
-        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        return images.to(self.device, self.dtype, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
         return {"micro_batches_drawn": self.micro_batches_drawn}

@@ -3,7 +3,9 @@ CPU to CPU, but every part runs: the gradient hooks, accumulation over micro-ste
 offloaded gradients, FP32 masters, the copy back and state_dict."""
 
 import copy
+import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -122,6 +124,17 @@ def test_an_lr_scheduler_reaches_the_step():
     scheduler.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert optimizer.inner.param_groups[0]["lr"] == 0.0
+
+
+def test_the_model_and_optimizer_are_freed_when_dropped():
+    """The gradient hooks must not keep the optimizer (and with it the model and its masters) alive."""
+    model = _model()
+    optimizer = CPUOffloadOptimizer(model.parameters(), lr=1e-3)
+    _train(model, optimizer, 2)
+    weight, master = weakref.ref(model[0].weight), weakref.ref(optimizer.masters[model[0].weight])
+    del model, optimizer
+    gc.collect()
+    assert weight() is None and master() is None
 
 
 def test_quantized_weights_are_refused_with_what_to_do():

@@ -44,6 +44,16 @@ def test_a_tiny_vit_learns_the_digits_well_above_chance(recipe, digits_dir, tmp_
     assert metrics[-1]["images_seen"] == 300 * 64 and "images_per_second" in metrics[-1]
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32_master"])
+def test_bf16_weights_or_compute_take_the_images_in_their_dtype(dtype, digits_dir, tmp_path):
+    """The images arrive in float32 from the loader; BF16 weights without autocast must get BF16 inputs."""
+    run_dir = tmp_path / dtype
+    timm_finetune.main(args(digits_dir, run_dir, "--n_steps", "4", "--eval_interval", "4", "--log_interval", "2",
+                            "--dtype", dtype))  # the last --dtype wins
+    metrics = read_metrics(run_dir)
+    assert metrics[-1]["step"] == 4 and 0 <= metrics[-1]["val_acc"] <= 1 and metrics[-1]["loss"] < 3.0
+
+
 def test_quantize_takes_the_backbone_linears_and_leaves_the_new_head(digits_dir, tmp_path):
     import qt
     run_dir = tmp_path / "w8"
