@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import qt
-from tests.ports import free_port
+from tests.rendezvous import rendezvous_file
 from tests.test_training_parity import markov_batches
 from tests.tiny_models import tiny_llama
 
@@ -54,9 +54,8 @@ def shard(model):
     return fully_shard(model)
 
 
-def worker(rank, world_size, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def worker(rank, world_size, init_method, out_dir):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     torch.manual_seed(0)
     results = {}
     for recipe in RECIPES:
@@ -89,7 +88,7 @@ def worker(rank, world_size, port, out_dir):
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("fsdp"))
-    mp.spawn(worker, args=(2, free_port(), out_dir), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, rendezvous_file(out_dir), out_dir), nprocs=2, join=True)
     return torch.load(os.path.join(out_dir, "results.pt"), weights_only=False)
 
 

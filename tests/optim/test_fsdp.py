@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import qt.optim
-from tests.ports import free_port
+from tests.rendezvous import rendezvous_file
 
 WORLD_SIZE = 2
 OPTIMIZERS = ["AdamW", "AdamW8bit", "AdamW4bit", "AdamWFp8"]
@@ -64,10 +64,9 @@ def _fsdp_model_and_optimizer(optimizer_name: str):
     return model, getattr(qt.optim, optimizer_name)(model.parameters(), lr=1e-2)
 
 
-def _worker(rank: int, port: int, checkpoint_root: str, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, init_method: str, checkpoint_root: str, results):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE)
     try:
         batches = _batches(STEPS_BEFORE_SAVE + STEPS_AFTER_SAVE)
         for name in OPTIMIZERS:
@@ -96,7 +95,8 @@ def fsdp_results(tmp_path_factory):
     checkpoint_root = str(tmp_path_factory.mktemp("fsdp_checkpoints"))
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(free_port(), checkpoint_root, results), nprocs=WORLD_SIZE)
+        mp.spawn(_worker, args=(rendezvous_file(tmp_path_factory.mktemp("rendezvous")), checkpoint_root, results),
+                 nprocs=WORLD_SIZE)
         return dict(results), checkpoint_root
 
 
