@@ -41,6 +41,8 @@ def test_loss_falls_below_unigram_entropy_and_the_run_dir_holds_everything(base_
     assert sorted(p.name for p in (base_run / "checkpoints").iterdir()) == [
         "latest", "step_00000025", "step_00000050", "step_00000075", "step_00000100"]
     assert (base_run / "profile" / "trace_rank0.json").stat().st_size > 0
+    top_ops = (base_run / "profile" / "top_ops_rank0.txt").read_text()
+    assert "Self CPU" in top_ops and "aten::" in top_ops
 
 
 def without_speed(metrics):
