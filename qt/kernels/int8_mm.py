@@ -110,7 +110,7 @@ def triton_scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Te
 
     _scaled_int8_mm_kernel[grid](
         a, b, row_scale, col_scale, out,
-        m, n, k, triton.next_power_of_2(m),
+        m, n, k, triton.next_power_of_2(m), triton.next_power_of_2(k),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         _scale_stride(row_scale), _scale_stride(col_scale),
         out.stride(0), out.stride(1),
@@ -134,14 +134,15 @@ def _autotune_configs() -> list:
 
 if triton is not None:
 
-    # M_BUCKET (M rounded up to a power of two) stands in for M in the key: the token count changes from
-    # batch to batch, and re-tuning for every new M would stall training.
-    @triton.autotune(configs=_autotune_configs(), key=["M_BUCKET", "N", "K"])
+    # M_BUCKET and K_BUCKET (rounded up to a power of two) stand in for M and K in the key: the token count,
+    # which is M of the forward and grad_input matmuls and K of grad_weight's, changes from batch to batch
+    # when fine-tuning on padded batches, and re-tuning for every new count would stall training.
+    @triton.autotune(configs=_autotune_configs(), key=["M_BUCKET", "N", "K_BUCKET"])
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
     def _scaled_int8_mm_kernel(
         a_ptr, b_ptr, row_scale_ptr, col_scale_ptr, out_ptr,
-        M, N, K, M_BUCKET,
+        M, N, K, M_BUCKET, K_BUCKET,
         stride_am, stride_ak, stride_bk, stride_bn,
         stride_row_scale, stride_col_scale,
         stride_om, stride_on,
