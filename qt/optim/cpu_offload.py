@@ -75,8 +75,8 @@ class CPUOffloadOptimizer(Optimizer):
         """Start copying p's finished gradient to the CPU and free it on the GPU. Under gradient
         accumulation each micro-step's gradient is copied; step() sums them."""
         grad = p.grad
-        if self.stream is None:
-            self._pending.setdefault(p, []).append((grad.detach().clone(), None))
+        if self.stream is None:  # already on the CPU: the gradient itself, which the model lets go of below
+            self._pending.setdefault(p, []).append((grad.detach(), None))
         else:
             copy = torch.empty(grad.shape, dtype=grad.dtype, pin_memory=True)
             self.stream.wait_stream(torch.cuda.current_stream(p.device))
@@ -97,7 +97,7 @@ class CPUOffloadOptimizer(Optimizer):
                 if done is not None:
                     done.synchronize()
                 if i == 0:
-                    master.grad = copy.to(torch.float32, copy=True) if copy.dtype != torch.float32 else copy
+                    master.grad = copy.float()  # the copy itself when it is FP32: nothing else holds it
                 else:
                     master.grad.add_(copy)
         self._pending.clear()
