@@ -4,7 +4,7 @@ A recipe replaces `linear.weight` with a `QuantizedWeight`: a wrapper tensor tha
 high-precision weight (shape, dtype, device) but stores whatever the recipe needs (INT8 data and
 scales, or a latent high-precision copy). Three kinds of ops reach it:
 
-- `F.linear`: routed by `__torch_function__` to the recipe's autograd function (`_linear`).
+- `F.linear`: routed by `__torch_function__` to `qt.linear.quantized_linear` with the recipe's plan.
 - In-place ops with the weight as the written-to tensor (the optimizer step, `load_state_dict`'s
   `copy_`, foreach optimizer kernels): routed to `_update_`, which applies the op to a
   high-precision view and stores the result the recipe's way (for INT8 weight-only: re-quantized
@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_map_only
+
+from qt.linear import quantized_linear
 
 aten = torch.ops.aten
 
@@ -48,7 +50,9 @@ class QuantizedWeight(torch.Tensor):
     - `_inner_names`: attribute names of the inner tensors, first one shaped like the weight;
     - `_metadata()`: the non-tensor constructor arguments that follow the inner tensors;
     - `dequantize(dtype=None)`, `_update_(fn)`, `_to(device, dtype)`, `_new_zeros(size, device)`;
-    - `_linear(x, weight, bias)`: the recipe's differentiable linear.
+    - `plan` (a `qt.linear.LinearPlan`; by default the config's) and the operands its matmuls take:
+      `_forward_operands(dtype, plan)` -> (the forward's right operand [in, out], tensors to save) and
+      `_grad_input_operand(saved, dtype, plan)` -> grad_input's right operand [out, in].
     """
 
     _inner_names: tuple[str, ...] = ()
@@ -59,6 +63,10 @@ class QuantizedWeight(torch.Tensor):
 
     def _metadata(self) -> tuple:
         raise NotImplementedError
+
+    @property
+    def plan(self):
+        return self.config.plan
 
     def _inner(self) -> list[Tensor]:
         return [getattr(self, name) for name in self._inner_names]
@@ -90,7 +98,7 @@ class QuantizedWeight(torch.Tensor):
         if func is F.linear:
             x, weight, *rest = args
             bias = rest[0] if rest else kwargs.get("bias")
-            return cls._linear(x, weight, bias)
+            return quantized_linear(x, weight, bias, weight.plan, compute_dtype(x))
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
@@ -132,6 +140,11 @@ class QuantizedWeight(torch.Tensor):
         args, kwargs = tree_map_only(QuantizedWeight, lambda t: t.dequantize(), (args, kwargs))
         return func(*args, **kwargs)
 
+    def _in_place_target(self) -> Tensor | None:
+        """The high-precision tensor an in-place update may write directly (a master or latent weight),
+        or None when the weight is stored quantized and an update must go through `_update_`."""
+        return None
+
     def _assign_(self, value: Tensor) -> None:
         """Stores `value` (shaped like the weight) the recipe's way."""
         self._update_(lambda hp: hp.copy_(value))
@@ -150,20 +163,37 @@ class QuantizedWeight(torch.Tensor):
 
 
 def _foreach_update_(func, tensors, rest_args, kwargs):
-    """Applies an in-place foreach op (e.g. `_foreach_addcdiv_` from a foreach optimizer) to a
-    list holding quantized weights: plain tensors in one call, each quantized weight through its
-    own `_update_`."""
+    """Applies an in-place foreach op (a foreach or fused optimizer step: `_foreach_addcdiv_`,
+    `_fused_adamw_`, ...) to a list holding quantized weights, in at most two calls.
 
-    def take(indices, arg):
-        return [arg[i] for i in indices] if isinstance(arg, (list, tuple)) else arg
+    Weights that keep a high-precision tensor updated in place (a master or latent weight) join the
+    plain tensors in one call. Weights stored quantized go through a second call on FP32 copies, of
+    every list argument for those entries (a fused kernel reads one dtype per entry), and are stored
+    back the recipe's way; the op's other written arguments (optimizer states) are copied back."""
+    targets = [t._in_place_target() if isinstance(t, QuantizedWeight) else t for t in tensors]
+    direct = [i for i, target in enumerate(targets) if target is not None]
+    stored = [i for i, target in enumerate(targets) if target is None]
+    written = [arg.alias_info is not None and arg.alias_info.is_write for arg in func._schema.arguments[1:]]
 
-    plain = [i for i, t in enumerate(tensors) if not isinstance(t, QuantizedWeight)]
-    if plain:
-        func([tensors[i] for i in plain], *[take(plain, a) for a in rest_args], **kwargs)
-    for i, t in enumerate(tensors):
-        if isinstance(t, QuantizedWeight):
-            one = [take([i], a) for a in rest_args]
-            t._update_(lambda hp: func([hp], *one, **kwargs))
+    def take(indices, arg, convert=lambda t: t):
+        if isinstance(arg, (list, tuple)) and len(arg) == len(tensors):  # a list that pairs with the weights
+            return [convert(arg[i]) for i in indices]
+        return arg
+
+    if direct:
+        func([targets[i] for i in direct], *[take(direct, a) for a in rest_args], **kwargs)
+    if stored:
+        fp32 = [tensors[i].dequantize(torch.float32) for i in stored]
+        args = [take(stored, a, lambda t: t.float() if isinstance(t, Tensor) and t.is_floating_point() else t)
+                for a in rest_args]
+        func(fp32, *args, **kwargs)
+        for i, value in zip(stored, fp32):
+            tensors[i]._assign_(value)
+        for arg, copies, is_written in zip(rest_args, args, written):
+            if is_written and copies is not arg:
+                for i, copy in zip(stored, copies):
+                    if copy is not arg[i]:
+                        arg[i].copy_(copy)
     return None
 
 

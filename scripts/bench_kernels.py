@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.testing
 
-from qt.kernels import quantize_int8, scaled_int8_mm
+from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, scaled_int8_mm
 from qt.kernels.int8_mm import _scaled_int8_mm_kernel
 from qt.kernels.quantize import _torch_quantize_int8
 
@@ -60,7 +60,7 @@ def bench_matmul(m: int, n: int, k: int, layout: str) -> dict:
     out = scaled_int8_mm(a, b, row_scale, col_scale)  # the first call autotunes
     config = _scaled_int8_mm_kernel.best_config
     int_mm_a, int_mm_b, int_mm_layout = int_mm_operands(a, b)
-    expected = torch._int_mm(int_mm_a, int_mm_b).float() * row_scale.float() * col_scale.float()
+    expected = torch._int_mm(int_mm_a, int_mm_b).float() * (row_scale.float() * col_scale.float())
     rel_err = ((out.float() - expected).norm() / expected.norm()).item()
     # Both round the same fp32 products to bf16, so they should agree bit for bit.
     mismatched = (out != expected.to(out.dtype)).float().mean().item()
@@ -79,21 +79,39 @@ def bench_matmul(m: int, n: int, k: int, layout: str) -> dict:
     }  # fmt: skip
 
 
-def bench_quantize(x: torch.Tensor, axis: int, stochastic: bool) -> dict:
-    q, scale = quantize_int8(x, axis, stochastic)
-    nearest_q, nearest_scale = _torch_quantize_int8(x, axis, None)
-    # Stochastic roundings differ from the eager ones' random numbers; both must stay within 1 of nearest.
-    q_ok = (q.int() - nearest_q.int()).abs().max().item() <= 1 if stochastic else torch.equal(q, nearest_q)
-    layout_ok = q.stride() == nearest_q.stride()
-    seed = torch.randint(0, 2**31 - 1, (1,), device=x.device) if stochastic else None
-    bytes_moved = x.numel() * x.element_size() + q.numel() + scale.numel() * scale.element_size()
-    qt_ms = time_ms(lambda: quantize_int8(x, axis, stochastic))
-    eager_ms = time_ms(lambda: _torch_quantize_int8(x, axis, seed))
+QUANTIZE_SHAPES = [(2048, "nearest"), (2048, "stochastic"), (5632, "nearest"), (768, "nearest")]  # (width, rounding)
+QUANTIZE_MODES = {  # name -> (qt function, the same math in torch ops) on x
+    "rows": (lambda x, sr: quantize_int8(x, 1, sr), lambda x: _torch_quantize_int8(x, 1, None)),
+    "columns": (lambda x, sr: quantize_int8(x, 0, sr), lambda x: _torch_quantize_int8(x, 0, None)),
+    "both": (quantize_int8_rows_and_cols,
+             lambda x: (*_torch_quantize_int8(x, 1, None), *_torch_quantize_int8(x, 0, None))),
+}
+
+
+def bench_quantize(x: torch.Tensor, mode: str, stochastic: bool) -> dict:
+    """qt's kernel against the same math in torch ops, eager and compiled by Inductor (the alternative of
+    letting torch.compile generate the quantize kernels)."""
+    qt_fn, torch_fn = QUANTIZE_MODES[mode]
+    outputs, expected = qt_fn(x, stochastic), torch_fn(x)
+    compiled = torch.compile(torch_fn, fullgraph=True, dynamic=False)
+    compiled_outputs = compiled(x)
+    ok = all(a.stride() == b.stride() and a.dtype == b.dtype for a, b in zip(outputs, expected))
+    for got, want in zip(outputs, expected):
+        if got.dtype == torch.int8 and stochastic:
+            # Stochastic roundings use other random numbers: each must stay within 1 of nearest.
+            ok &= (got.int() - want.int()).abs().max().item() <= 1
+        else:
+            ok &= torch.equal(got, want)
+    compiled_ok = all(torch.equal(a, b) for a, b in zip(compiled_outputs, expected))
+    # Bytes a single pass would move: x read once, every output written once.
+    bytes_moved = x.numel() * x.element_size() + sum(t.numel() * t.element_size() for t in outputs)
+    qt_ms = time_ms(lambda: qt_fn(x, stochastic))
+    compiled_ms = time_ms(lambda: compiled(x)) if not stochastic else float("nan")
     return {
-        "shape": list(x.shape), "axis": axis, "stochastic": stochastic,
-        "ok": bool(q_ok and layout_ok and torch.equal(scale, nearest_scale)),
+        "shape": list(x.shape), "mode": mode, "stochastic": stochastic, "ok": bool(ok),
         "qt_us": qt_ms * 1e3, "qt_gbps": bytes_moved / qt_ms / 1e6,
-        "eager_us": eager_ms * 1e3, "eager_gbps": bytes_moved / eager_ms / 1e6,
+        "inductor_us": compiled_ms * 1e3, "inductor_gbps": bytes_moved / compiled_ms / 1e6,
+        "inductor_ok": compiled_ok,
     }  # fmt: skip
 
 
@@ -117,16 +135,18 @@ def markdown(device: str, matmuls: list[dict], quantizes: list[dict]) -> str:
         )
     lines += [
         "",
-        "quantize_int8 (GB/s counts x read once, q and scale written once) vs the same math in eager torch.",
+        "quantize_int8 by rows / by columns, and quantize_int8_rows_and_cols (both), against the same math in "
+        "torch ops compiled by Inductor (GB/s counts x read once and every output written once).",
         "",
-        "| x | axis | rounding | qt us | qt GB/s | eager us | eager GB/s | matches eager |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |",
+        "| x | mode | rounding | qt us | qt GB/s | Inductor us | Inductor GB/s | qt matches torch | Inductor matches |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for r in quantizes:
         rounding = "stochastic" if r["stochastic"] else "nearest"
         lines.append(
-            f"| {r['shape'][0]} x {r['shape'][1]} bf16 | {r['axis']} | {rounding} | {r['qt_us']:.1f} "
-            f"| {r['qt_gbps']:.0f} | {r['eager_us']:.1f} | {r['eager_gbps']:.0f} | {'yes' if r['ok'] else 'NO'} |"
+            f"| {r['shape'][0]} x {r['shape'][1]} bf16 | {r['mode']} | {rounding} | {r['qt_us']:.1f} "
+            f"| {r['qt_gbps']:.0f} | {r['inductor_us']:.1f} | {r['inductor_gbps']:.0f} | {'yes' if r['ok'] else 'NO'} "
+            f"| {'yes' if r['inductor_ok'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -146,11 +166,11 @@ def main() -> None:
         for layout in LAYOUTS:  # the K-contiguous layout first: it is the one the autotuner's pick is for
             matmuls.append(bench_matmul(args.m, n, k, layout))
             print(json.dumps(matmuls[-1]), flush=True)
-    x = torch.randn(args.m, 2048, device=DEVICE, dtype=torch.bfloat16)
     quantizes = []
-    for axis in (1, 0):
-        for stochastic in (False,) if args.quick else (False, True):
-            quantizes.append(bench_quantize(x, axis, stochastic))
+    for width, rounding in QUANTIZE_SHAPES[:1] if args.quick else QUANTIZE_SHAPES:
+        x = torch.randn(args.m, width, device=DEVICE, dtype=torch.bfloat16)
+        for mode in QUANTIZE_MODES:
+            quantizes.append(bench_quantize(x, mode, rounding == "stochastic"))
             print(json.dumps(quantizes[-1]), flush=True)
 
     table = markdown(device, matmuls, quantizes)

@@ -23,7 +23,11 @@ def use_triton(t: Tensor, triton_available: bool) -> bool:
         if choice == "triton":
             raise RuntimeError("QT_KERNEL_BACKEND=triton, but Triton is not installed: pip install triton")
         return False
-    return choice == "triton" or t.is_cuda
+    if not (choice == "triton" or t.is_cuda):
+        return False
+    # Triton's CPU interpreter runs kernels on real tensors only; traced (fake/functional) CPU tensors take the
+    # torch ops, which torch.compile then fuses. On a GPU, torch.compile records the Triton launches themselves.
+    return t.is_cuda or type(t) in (Tensor, Parameter)
 
 
 def traced(*tensors: Tensor) -> bool:
@@ -31,3 +35,11 @@ def traced(*tensors: Tensor) -> bool:
     records one opaque node): under dynamo, or on the fake/functional tensors its tracing passes
     run ops on, which carry no data a kernel could read."""
     return torch.compiler.is_compiling() or any(type(t) not in (Tensor, Parameter) for t in tensors)
+
+
+def eager_launch():
+    """Context for eager kernel calls: Triton kernels launch directly, not through the wrapper that
+    lets torch.compile record them (`torch.library.wrap_triton`)."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    return set_wrap_triton_enabled(False)

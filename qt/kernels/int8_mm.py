@@ -11,17 +11,21 @@ import os
 import torch
 from torch import Tensor
 
-from qt.kernels.backend import traced, use_triton
+from qt.kernels.backend import eager_launch, traced, use_triton
 
 try:
     import triton
     import triton.language as tl
+    from torch.library import wrap_triton
 except ImportError:  # qt must still import, and fall back to torch, where Triton is not installed.
     triton = None
 
 
-def scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -> Tensor:
-    """Returns ``(a @ b) * row_scale * col_scale`` as an [M, N] tensor of ``row_scale.dtype``.
+def scaled_int8_mm(
+    a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    """Returns ``(a @ b) * row_scale * col_scale`` as an [M, N] tensor of ``out_dtype`` (by default
+    ``row_scale.dtype``).
 
     Args:
         a: int8 [M, K], any strides (fastest when row-major, i.e. K-contiguous).
@@ -31,10 +35,12 @@ def scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -
             (one scale for all of ``b``, e.g. BitNet's tensor-wise weight scale).
     """
     _check_mm_inputs(a, b, row_scale, col_scale)
-    # The custom op is what torch.compile traces; eager calls skip its dispatch (tens of µs a call).
+    out_dtype = out_dtype or row_scale.dtype
+    # The op is what torch.compile traces; eager calls skip its dispatch (tens of µs a call).
     if traced(a, b, row_scale, col_scale):
-        return torch.ops.qt.scaled_int8_mm(a, b, row_scale, col_scale)
-    return _scaled_int8_mm_impl(a, b, row_scale, col_scale)
+        return torch.ops.qt.scaled_int8_mm(a, b, row_scale, col_scale, out_dtype)
+    with eager_launch():
+        return _scaled_int8_mm(a, b, row_scale, col_scale, out_dtype)
 
 
 def _check_mm_inputs(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -> None:
@@ -71,51 +77,56 @@ def _scale_stride(scale: Tensor) -> int:
     return scale.stride(long_dims[0]) if long_dims else 0
 
 
-def _scaled_int8_mm_impl(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -> Tensor:
+def _scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    if 0 in (*a.shape, b.shape[1]):  # e.g. a micro-batch without tokens; an empty reduction sums to 0
+        return torch.zeros((a.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
     if use_triton(a, triton is not None):
-        return triton_scaled_int8_mm(a, b, row_scale, col_scale)
-    return _torch_scaled_int8_mm(a, b, row_scale, col_scale)
+        return _triton_scaled_int8_mm(a, b, row_scale, col_scale, out_dtype)
+    return _torch_scaled_int8_mm(a, b, row_scale, col_scale, out_dtype)
 
 
-_scaled_int8_mm_op = torch.library.custom_op("qt::scaled_int8_mm", _scaled_int8_mm_impl, mutates_args=())
+if triton is not None:
+    torch.library.triton_op("qt::scaled_int8_mm", _scaled_int8_mm, mutates_args=())
+else:
+    torch.library.custom_op("qt::scaled_int8_mm", _scaled_int8_mm, mutates_args=())
+    torch.library.register_fake("qt::scaled_int8_mm")(
+        lambda a, b, row_scale, col_scale, out_dtype: a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype))
 
 
-@_scaled_int8_mm_op.register_fake
-def _(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -> Tensor:
-    return a.new_empty((a.shape[0], b.shape[1]), dtype=row_scale.dtype)
+def _with_clear_strides(t: Tensor) -> Tensor:
+    """``t``, copied to the standard row-major strides when it has a size-1 dimension: torch._int_mm on CPU
+    computes garbage for such operands with other strides (a [1, K] row with strides (1, 1), as a
+    transposed [K, 1] column has; seen with torch 2.13). Such an operand is a vector: the copy is cheap."""
+    return t.clone(memory_format=torch.contiguous_format) if 1 in t.shape else t
 
 
-def _torch_scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -> Tensor:
-    if a.shape[0] == 1:
-        # torch._int_mm on CPU returns garbage for a single row whose strides are (1, 1), as a transposed
-        # [K, 1] column has (seen with torch 2.13); a row-major copy of that one row is cheap.
-        a = a.clone(memory_format=torch.contiguous_format)
+def _torch_scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    product = torch._int_mm(_with_clear_strides(a), _with_clear_strides(b)).float()
     # Same epilogue as the kernel, in the same order, so both paths round alike.
-    product = torch._int_mm(a, b).float()
-    scaled = product * row_scale.reshape(-1, 1).float() * col_scale.reshape(1, -1).float()
-    return scaled.to(row_scale.dtype)
+    return (product * (row_scale.reshape(-1, 1).float() * col_scale.reshape(1, -1).float())).to(out_dtype)
 
 
-def triton_scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -> Tensor:
-    """Launches the Triton kernel on inputs already checked by ``scaled_int8_mm``.
-
-    Public so tests can run it on CPU tensors under ``TRITON_INTERPRET=1``.
-    """
+def _triton_scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
     m, k = a.shape
     n = b.shape[1]
-    out = torch.empty((m, n), dtype=row_scale.dtype, device=a.device)
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _scaled_int8_mm_kernel[grid](
+    wrap_triton(_scaled_int8_mm_kernel)[grid](
         a, b, row_scale, col_scale, out,
         m, n, k, triton.next_power_of_2(m), triton.next_power_of_2(k),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         _scale_stride(row_scale), _scale_stride(col_scale),
         out.stride(0), out.stride(1),
+        EVEN_K=k % _LARGEST_BLOCK_K == 0,
     )  # fmt: skip
     return out
+
+
+# Every config's BLOCK_K divides this, so one divisibility test (EVEN_K, passed in) serves them all.
+_LARGEST_BLOCK_K = 128
 
 
 def _autotune_configs() -> list:
@@ -137,8 +148,7 @@ if triton is not None:
     # M_BUCKET and K_BUCKET (rounded up to a power of two) stand in for M and K in the key: the token count,
     # which is M of the forward and grad_input matmuls and K of grad_weight's, changes from batch to batch
     # when fine-tuning on padded batches, and re-tuning for every new count would stall training.
-    @triton.autotune(configs=_autotune_configs(), key=["M_BUCKET", "N", "K_BUCKET"])
-    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+    @triton.autotune(configs=_autotune_configs(), key=["M_BUCKET", "N", "K_BUCKET", "EVEN_K"])
     @triton.jit
     def _scaled_int8_mm_kernel(
         a_ptr, b_ptr, row_scale_ptr, col_scale_ptr, out_ptr,
@@ -187,6 +197,8 @@ if triton is not None:
 
         row_scale = tl.load(row_scale_ptr + offs_m * stride_row_scale, mask=m_in_bounds).to(tl.float32)
         col_scale = tl.load(col_scale_ptr + offs_n * stride_col_scale, mask=n_in_bounds).to(tl.float32)
-        out = acc.to(tl.float32) * row_scale[:, None] * col_scale[None, :]
+        # The scales multiply each other first: the product of the two fits in fp32 wherever the result
+        # does, while the INT32 sum times one scale can overflow (inputs near 1e37).
+        out = acc.to(tl.float32) * (row_scale[:, None] * col_scale[None, :])
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_in_bounds[:, None] & n_in_bounds[None, :])

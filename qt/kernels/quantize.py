@@ -1,27 +1,62 @@
-"""Symmetric abs-max INT8 quantization of a 2-D tensor along one axis, in one fused kernel.
+"""Symmetric abs-max INT8 quantization of a 2-D tensor along one axis or both, in fused kernels.
 
 ``quantize_int8(x, axis)`` reduces ``x`` over ``axis`` and keeps one scale per slice along the other
 axis: ``axis=1`` gives one scale per row, ``axis=0`` one per column. The int8 result is laid out with
 the reduced axis contiguous, which is the K-contiguous layout ``scaled_int8_mm`` is fastest on.
+``quantize_int8_rows_and_cols(x)`` gives both at once: a linear's backward needs its output gradient
+quantized per row (for grad_input) and per column (for grad_weight), and this reads it half as often.
 
-Both axes share one kernel, which quantizes the rows of a [rows, cols] view: ``x`` itself for
-``axis=1`` and ``x.t()`` for ``axis=0``. Writing that view's rows into a row-major buffer is exactly
-the transposed layout ``axis=0`` asks for, so the transpose happens in the kernel's store.
+Three Triton kernels, picked by shape:
+- whole rows: each program holds whole rows in registers (rows up to ``_MAX_WHOLE_ROW`` wide), so a
+  row-wise quantize reads ``x`` once;
+- tiles, two passes: the first takes the abs-max of each tile and folds it into per-row and per-column
+  maxima with atomics, the second re-reads the tile and writes either or both outputs, the column-wise
+  one transposed in the store. Every axis and shape gets a full grid this way.
+
+Both ops are ``torch.library.triton_op``s: torch.compile sees the Triton launches themselves and calls
+them from its generated code, with no Python between kernels. CPU tensors (and ``QT_KERNEL_BACKEND=torch``)
+run the same math in torch ops, which torch.compile traces and fuses like any other.
+
+Non-finite input is not hidden: a slice holding NaN or inf gets an infinite scale, so whatever is
+computed from it (``q * scale``, the scaled matmul) is non-finite too.
 """
 
 import torch
 from torch import Tensor
 
-from qt.kernels.backend import traced, use_triton
+from qt.kernels.backend import eager_launch, traced, use_triton
 
 try:
     import triton
     import triton.language as tl
+    from torch.library import wrap_triton
 except ImportError:  # qt must still import, and fall back to torch, where Triton is not installed.
     triton = None
 
 QUANT_MAX = 127
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Whole rows in registers up to this width (8192 fp32 values over 8 warps: 32 registers a thread a row).
+_MAX_WHOLE_ROW = 8192
+_TILE = 64
+
+
+def scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the scales of a ``dtype`` tensor are stored in: its own, except float16, whose range
+    cannot hold the scale of small rows (1e-5 / 127 is subnormal there); those get float32."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _check_input(x: Tensor, name: str) -> None:
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name}: x must be 2-D, got shape {list(x.shape)}; reshape it to [rows, cols] first")
+
+
+def _draw_seeds(x: Tensor, count: int, stochastic_rounding: bool) -> Tensor | None:
+    # Drawn here, as a device tensor, so the ops stay pure functions of their inputs (which torch.compile
+    # and opcheck rely on) and drawing needs no host sync.
+    return torch.randint(0, 2**31 - 1, (count,), device=x.device) if stochastic_rounding else None
 
 
 def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False) -> tuple[Tensor, Tensor]:
@@ -36,101 +71,177 @@ def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False) -> tu
 
     Returns:
         ``(q, scale)``: ``q`` int8 [R, C] with the reduced axis contiguous (strides (C, 1) for
-        ``axis=1``, (1, R) for ``axis=0``) and ``scale`` of ``x.dtype`` with the reduced axis kept
-        as size 1 ([R, 1] or [1, C]), such that ``q * scale`` approximates ``x``.
+        ``axis=1``, (1, R) for ``axis=0``) and ``scale`` (of ``scale_dtype(x.dtype)``) with the reduced
+        axis kept as size 1 ([R, 1] or [1, C]), such that ``q * scale`` approximates ``x``.
     """
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"quantize_int8: x must be float32, bfloat16 or float16, got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"quantize_int8: x must be 2-D, got shape {list(x.shape)}; reshape it to [rows, cols] first")
+    _check_input(x, "quantize_int8")
     if axis not in (0, 1):
         raise ValueError(f"quantize_int8: axis must be 0 (one scale per column) or 1 (one scale per row), got {axis}")
-    # The seed is drawn here, as a device tensor, so the op itself stays a pure function of its inputs
-    # (which torch.compile and opcheck rely on) and drawing it needs no host sync.
-    seed = torch.randint(0, 2**31 - 1, (1,), device=x.device) if stochastic_rounding else None
-    # The custom op is what torch.compile traces; eager calls skip its dispatch (tens of µs a call).
+    seed = _draw_seeds(x, 1, stochastic_rounding)
+    # The op is what torch.compile traces; eager calls skip its dispatch (tens of µs a call).
     if traced(x):
         return torch.ops.qt.quantize_int8(x, axis, seed)
-    return _quantize_int8_impl(x, axis, seed)
+    with eager_launch():
+        return _quantize_int8(x, axis, seed)
 
 
-def _quantize_int8_impl(x: Tensor, axis: int, seed: Tensor | None) -> tuple[Tensor, Tensor]:
-    if use_triton(x, triton is not None):
-        return triton_quantize_int8(x, axis, seed)
-    return _torch_quantize_int8(x, axis, seed)
+def quantize_int8_rows_and_cols(x: Tensor, stochastic_rounding: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``quantize_int8(x, 1) + quantize_int8(x, 0)`` from two reads of ``x`` instead of four.
 
-
-_quantize_int8_op = torch.library.custom_op("qt::quantize_int8", _quantize_int8_impl, mutates_args=())
-
-
-@_quantize_int8_op.register_fake
-def _(x: Tensor, axis: int, seed: Tensor | None) -> tuple[Tensor, Tensor]:
-    return _empty_outputs(x, axis)
+    Returns ``(q_rows, row_scale, q_cols, col_scale)``, laid out as ``quantize_int8`` lays out each.
+    With stochastic rounding the two results round independently.
+    """
+    _check_input(x, "quantize_int8_rows_and_cols")
+    seeds = _draw_seeds(x, 2, stochastic_rounding)
+    if traced(x):
+        return torch.ops.qt.quantize_int8_rows_and_cols(x, seeds)
+    with eager_launch():
+        return _quantize_int8_rows_and_cols(x, seeds)
 
 
 def _empty_outputs(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
     """Allocates ``(q, scale)`` in the documented layout; shared by every path so their strides agree."""
     rows, cols = x.shape
+    dtype = scale_dtype(x.dtype)
     if axis == 1:
         q = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
-        scale = torch.empty((rows, 1), dtype=x.dtype, device=x.device)
+        scale = torch.empty((rows, 1), dtype=dtype, device=x.device)
     else:
         q = torch.empty_strided((rows, cols), (1, rows), dtype=torch.int8, device=x.device)
-        scale = torch.empty((1, cols), dtype=x.dtype, device=x.device)
+        scale = torch.empty((1, cols), dtype=dtype, device=x.device)
     return q, scale
 
 
+def _min_amax(dtype: torch.dtype) -> float:
+    # The floor keeps the scale of an all-zero slice positive, so 0 / scale is 0 and not NaN.
+    smallest_subnormal = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    return max(1e-12, QUANT_MAX * smallest_subnormal)
+
+
+def _quantize_int8(x: Tensor, axis: int, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+    if not use_triton(x, triton is not None) or x.numel() == 0:
+        return _torch_quantize_int8(x, axis, seed)
+    if axis == 1 and x.shape[1] <= _MAX_WHOLE_ROW:
+        return _triton_quantize_whole_rows(x, seed)
+    q, scale = _empty_outputs(x, axis)
+    outputs = (q, scale, None, None) if axis == 1 else (None, None, q, scale)
+    _triton_quantize_tiles(x, *outputs, seed)
+    return q, scale
+
+
+def _quantize_int8_rows_and_cols(x: Tensor, seeds: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if not use_triton(x, triton is not None) or x.numel() == 0:
+        row_seed, col_seed = (None, None) if seeds is None else (seeds[0:1], seeds[1:2])
+        return (*_torch_quantize_int8(x, 1, row_seed), *_torch_quantize_int8(x, 0, col_seed))
+    outputs = (*_empty_outputs(x, 1), *_empty_outputs(x, 0))
+    _triton_quantize_tiles(x, *outputs, seeds)
+    return outputs
+
+
+if triton is not None:
+    torch.library.triton_op("qt::quantize_int8", _quantize_int8, mutates_args=())
+    torch.library.triton_op("qt::quantize_int8_rows_and_cols", _quantize_int8_rows_and_cols, mutates_args=())
+else:
+    torch.library.custom_op("qt::quantize_int8", _quantize_int8, mutates_args=())
+    torch.library.custom_op("qt::quantize_int8_rows_and_cols", _quantize_int8_rows_and_cols, mutates_args=())
+    torch.library.register_fake("qt::quantize_int8")(lambda x, axis, seed: _empty_outputs(x, axis))
+    torch.library.register_fake("qt::quantize_int8_rows_and_cols")(
+        lambda x, seeds: (*_empty_outputs(x, 1), *_empty_outputs(x, 0)))
+
+
+# The torch path: the same math in torch ops (CPU, QT_KERNEL_BACKEND=torch, and what torch.compile fuses there).
+
+
 def _as_rows(t: Tensor, axis: int) -> Tensor:
-    """The view whose rows are the slices that ``axis`` reduces: the kernel's [rows, cols] frame."""
+    """The view whose rows are the slices that ``axis`` reduces."""
     return t if axis == 1 else t.t()
 
 
-def _min_amax(dtype: torch.dtype) -> float:
-    # The floor keeps the scale of an all-zero slice positive, so 0 / scale is 0 and not NaN. 1e-12 / 127
-    # underflows to zero in float16, so there the floor is raised to give its smallest subnormal scale.
-    smallest_subnormal = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
-    return max(1e-12, QUANT_MAX * smallest_subnormal)
+def _uniform_from_hash(seed: Tensor, n_rows: int, n_cols: int, device) -> Tensor:
+    """[n_rows, n_cols] uniforms in [0, 1), a hash (murmur3's finalizer) of the seed and each element's
+    index. Plain integer ops: deterministic, and traceable by torch.compile (a torch.Generator is not)."""
+    mask = 0xFFFFFFFF
+    h = torch.arange(n_rows * n_cols, dtype=torch.int64, device=device).view(n_rows, n_cols)
+    h = (h * 0x9E3779B1 + seed.to(torch.int64)) & mask
+    for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        h = ((h ^ (h >> shift)) * multiplier) & mask
+    h = h ^ (h >> 16)
+    return (h >> 8).to(torch.float32) * 2.0**-24
 
 
 def _torch_quantize_int8(x: Tensor, axis: int, seed: Tensor | None) -> tuple[Tensor, Tensor]:
     q, scale = _empty_outputs(x, axis)
     x_rows = _as_rows(x, axis).float()
-    amax = x_rows.abs().amax(dim=1, keepdim=True).clamp(min=_min_amax(x.dtype))
-    scale_rows = (amax / QUANT_MAX).to(x.dtype)
-    scaled = x_rows / scale_rows.float()
+    abs_rows = torch.where(torch.isnan(x_rows), torch.inf, x_rows.abs())
+    # An empty slice (no tokens) has no maximum: the floor stands in for it.
+    amax = abs_rows.amax(dim=1, keepdim=True) if abs_rows.shape[1] else abs_rows.new_zeros(abs_rows.shape[0], 1)
+    amax = amax.clamp(min=_min_amax(x.dtype))
+    scale_rows = _round_to_scale_dtype(amax / QUANT_MAX, scale.dtype)
+    scaled = x_rows / scale_rows
     if seed is None:
         rounded = torch.round(scaled)
     else:
-        generator = torch.Generator(device=x.device).manual_seed(int(seed.item()))
-        rounded = torch.floor(scaled + torch.rand(scaled.shape, generator=generator, device=x.device))
+        rounded = torch.floor(scaled + _uniform_from_hash(seed, *scaled.shape, x.device))
+    # Finite values of a slice holding inf or NaN quantize to 0; its infinite scale carries the news.
+    rounded = torch.where(torch.isfinite(scaled), rounded, 0.0)
     _as_rows(q, axis).copy_(rounded.clamp(-QUANT_MAX, QUANT_MAX))
     _as_rows(scale, axis).copy_(scale_rows)
     return q, scale
 
 
-def triton_quantize_int8(x: Tensor, axis: int, seed: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Launches the Triton kernel on an input already checked by ``quantize_int8``.
+def _round_to_scale_dtype(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """fp32 `scale` rounded to `dtype` (to nearest, ties to even), kept in fp32. For bfloat16 by bit
+    arithmetic, as in the Triton kernel: torch.compile drops a `.to(bfloat16).float()` round trip inside a
+    fused kernel, and the values divided by must be the scales stored."""
+    if dtype != torch.bfloat16:
+        return scale.to(dtype).float()
+    bits = scale.view(torch.int32)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & ~0xFFFF
+    return bits.view(torch.float32)
 
-    ``seed`` (a 1-element int64 tensor on ``x.device``) turns on stochastic rounding. Public so tests
-    can run the kernel on CPU tensors under ``TRITON_INTERPRET=1``.
-    """
-    q, scale = _empty_outputs(x, axis)
-    x_rows = _as_rows(x, axis)
-    q_rows = _as_rows(q, axis)
-    n_rows, n_cols = x_rows.shape
-    # 16 rows per program still give C / 16 programs for axis=0 (128 for C = 2048: about one per SM on an
-    # H100); 1024 columns per step keep 32 KB of bf16 loads in flight per program.
-    block_rows, block_cols = 16, 1024
-    _quantize_rows_kernel[(triton.cdiv(n_rows, block_rows),)](
-        x_rows, q_rows, scale, seed,
-        n_rows, n_cols,
-        x_rows.stride(0), x_rows.stride(1), q_rows.stride(0),
+
+# The Triton path.
+
+
+def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+    q, scale = _empty_outputs(x, 1)
+    n_rows, n_cols = x.shape
+    block_cols = max(triton.next_power_of_2(n_cols), 16)
+    block_rows = max(1, min(16, 2048 // block_cols))
+    wrap_triton(_quantize_whole_rows_kernel)[(triton.cdiv(n_rows, block_rows),)](
+        x, q, scale, seed,
+        n_rows, n_cols, x.stride(0), x.stride(1),
         _min_amax(x.dtype),
-        STOCHASTIC=seed is not None,
-        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-        num_warps=8,
+        STOCHASTIC=seed is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        num_warps=8 if block_rows * block_cols >= 4096 else 4,
     )  # fmt: skip
     return q, scale
+
+
+def _triton_quantize_tiles(x, q_rows, row_scale, q_cols, col_scale, seeds) -> None:
+    """Writes whichever of the row-wise (``q_rows``, ``row_scale``) and column-wise (``q_cols``,
+    ``col_scale``) outputs are given, from two passes over ``x``."""
+    n_rows, n_cols = x.shape
+    rows_out, cols_out = q_rows is not None, q_cols is not None
+    # atomic_max needs a starting value: 0 is below every abs-max.
+    row_amax = torch.zeros(n_rows if rows_out else 1, dtype=torch.float32, device=x.device)
+    col_amax = torch.zeros(n_cols if cols_out else 1, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n_rows, _TILE), triton.cdiv(n_cols, _TILE))
+    wrap_triton(_tile_amax_kernel)[grid](
+        x, row_amax, col_amax, n_rows, n_cols, x.stride(0), x.stride(1),
+        ROWS=rows_out, COLS=cols_out, BLOCK_R=_TILE, BLOCK_C=_TILE, num_warps=4,
+    )  # fmt: skip
+    wrap_triton(_tile_quantize_kernel)[grid](
+        x, row_amax, col_amax,
+        q_rows if rows_out else row_amax, row_scale if rows_out else row_amax,
+        q_cols if cols_out else col_amax, col_scale if cols_out else col_amax,
+        seeds,
+        n_rows, n_cols, x.stride(0), x.stride(1),
+        _min_amax(x.dtype),
+        ROWS=rows_out, COLS=cols_out, STOCHASTIC=seeds is not None, COL_SEED_INDEX=int(rows_out),
+        SCALE_IS_BF16=(row_scale if rows_out else col_scale).dtype == torch.bfloat16,
+        BLOCK_R=_TILE, BLOCK_C=_TILE, num_warps=4,
+    )  # fmt: skip
 
 
 if triton is not None:
@@ -146,10 +257,11 @@ if triton is not None:
 
     @triton.jit
     def _round_to_bfloat16(v):
-        """Rounds positive finite fp32 values to the nearest bfloat16 (ties to even), kept in fp32.
+        """Rounds positive fp32 values to the nearest bfloat16 (ties to even), kept in fp32.
 
         A plain ``.to(tl.bfloat16)`` rounds this way on the GPU, but Triton's interpreter truncates,
         which would make the CPU tests disagree with torch; after this the cast is exact on both.
+        Infinity stays infinity (its low bits are zero).
         """
         bits = v.to(tl.uint32, bitcast=True)
         lowest_kept_bit = (bits >> 16) & 1
@@ -157,55 +269,99 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _load_block(x_row_ptrs, row_in_bounds, cols, n_cols, stride_x_col):
-        """Loads x[rows, cols] as fp32 (0 outside x), with the mask of the elements inside x."""
-        in_bounds = row_in_bounds[:, None] & (cols[None, :] < n_cols)
-        # int64: with axis=0 the columns here are the rows of x, and row * row stride can pass 2**31.
-        x = tl.load(x_row_ptrs + cols[None, :].to(tl.int64) * stride_x_col, mask=in_bounds, other=0.0)
-        return x.to(tl.float32), in_bounds
+    def _abs_nan_as_inf(x):
+        a = tl.abs(x)
+        return tl.where(a != a, float("inf"), a)  # Triton's max skips NaN; an infinite scale keeps it visible
 
     @triton.jit
-    def _quantize_rows_kernel(
+    def _scale_from_amax(amax, min_amax, SCALE_IS_BF16: tl.constexpr):
+        """The scale as stored (rounded to the scale dtype), in fp32, so q * scale is what the kernel meant."""
+        scale = tl.div_rn(tl.maximum(amax, min_amax), 127.0)
+        if SCALE_IS_BF16:
+            scale = _round_to_bfloat16(scale)
+        return scale
+
+    @triton.jit
+    def _quantize_values(x, scale, seed, random_offsets, STOCHASTIC: tl.constexpr):
+        """int8 values of x / scale; finite values of a slice with an infinite scale become 0."""
+        scaled = tl.div_rn(x, scale)
+        if STOCHASTIC:
+            # Rounds up with probability frac(scaled); the element's index keys its random number.
+            rounded = tl.floor(scaled + tl.rand(seed, random_offsets))
+        else:
+            rounded = _round_half_to_even(scaled)
+        rounded = tl.where(scaled == scaled, rounded, 0.0)
+        return tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8)
+
+    @triton.jit
+    def _quantize_whole_rows_kernel(
         x_ptr, q_ptr, scale_ptr, seed_ptr,
-        n_rows, n_cols,
-        stride_x_row, stride_x_col, stride_q_row,
+        n_rows, n_cols, stride_x_row, stride_x_col,
         min_amax,
         STOCHASTIC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     ):  # fmt: skip
-        """Quantizes BLOCK_ROWS whole rows of x (any strides) into rows of q (contiguous within a row)."""
+        """Quantizes BLOCK_ROWS whole rows of x, each held in registers: one read of x."""
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        row_in_bounds = rows < n_rows
-        x_row_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x_row
-        q_row_ptrs = q_ptr + rows[:, None].to(tl.int64) * stride_q_row
+        cols = tl.arange(0, BLOCK_COLS)
+        in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x_row + cols[None, :].to(tl.int64) * stride_x_col
+        x = tl.load(x_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+        scale = _scale_from_amax(tl.max(_abs_nan_as_inf(x), axis=1), min_amax,
+                                 scale_ptr.dtype.element_ty == tl.bfloat16)
+        tl.store(scale_ptr + rows, scale.to(scale_ptr.dtype.element_ty), mask=rows < n_rows)
+        seed = tl.load(seed_ptr) if STOCHASTIC else 0
+        offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+        q = _quantize_values(x, scale[:, None], seed, offsets, STOCHASTIC)
+        tl.store(q_ptr + offsets, q, mask=in_bounds)
 
-        amax = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
-        for col_start in range(0, n_cols, BLOCK_COLS):
-            cols = col_start + tl.arange(0, BLOCK_COLS)
-            x, _ = _load_block(x_row_ptrs, row_in_bounds, cols, n_cols, stride_x_col)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    @triton.jit
+    def _load_tile(x_ptr, n_rows, n_cols, stride_x_row, stride_x_col, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        # int64: row * row stride can pass 2**31 in large tensors.
+        x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x_row + cols[None, :].to(tl.int64) * stride_x_col
+        x = tl.load(x_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+        return x, rows, cols, in_bounds
 
-        # Quantize with the scale as stored (rounded to x's dtype), so q * scale is what the kernel meant.
-        scale = tl.div_rn(tl.maximum(amax, min_amax), 127.0)
-        if scale_ptr.dtype.element_ty == tl.bfloat16:
-            scale = _round_to_bfloat16(scale)
-        scale = scale.to(scale_ptr.dtype.element_ty)
-        tl.store(scale_ptr + rows, scale, mask=row_in_bounds)
-        scale = scale.to(tl.float32)
-        if STOCHASTIC:
-            seed = tl.load(seed_ptr)
+    @triton.jit
+    def _tile_amax_kernel(
+        x_ptr, row_amax_ptr, col_amax_ptr,
+        n_rows, n_cols, stride_x_row, stride_x_col,
+        ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        x, rows, cols, _ = _load_tile(x_ptr, n_rows, n_cols, stride_x_row, stride_x_col, BLOCK_R, BLOCK_C)
+        magnitude = _abs_nan_as_inf(x)
+        if ROWS:
+            tl.atomic_max(row_amax_ptr + rows, tl.max(magnitude, axis=1), mask=rows < n_rows, sem="relaxed")
+        if COLS:
+            tl.atomic_max(col_amax_ptr + cols, tl.max(magnitude, axis=0), mask=cols < n_cols, sem="relaxed")
 
-        # Second read of x: a whole row (up to all R rows of x when axis=0) need not fit on chip, so the
-        # abs-max pass cannot keep it. For row-wise blocks the re-read mostly hits L2.
-        for col_start in range(0, n_cols, BLOCK_COLS):
-            cols = col_start + tl.arange(0, BLOCK_COLS)
-            x, in_bounds = _load_block(x_row_ptrs, row_in_bounds, cols, n_cols, stride_x_col)
-            scaled = tl.div_rn(x, scale[:, None])
-            if STOCHASTIC:
-                # Rounds up with probability frac(scaled). The element's index in the output keys its
-                # random number, so no two elements share one.
-                random_offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-                rounded = tl.floor(scaled + tl.rand(seed, random_offsets))
-            else:
-                rounded = _round_half_to_even(scaled)
-            q = tl.minimum(tl.maximum(rounded, -127.0), 127.0)
-            tl.store(q_row_ptrs + cols[None, :], q.to(tl.int8), mask=in_bounds)
+    @triton.jit
+    def _tile_quantize_kernel(
+        x_ptr, row_amax_ptr, col_amax_ptr,
+        q_rows_ptr, row_scale_ptr, q_cols_ptr, col_scale_ptr, seed_ptr,
+        n_rows, n_cols, stride_x_row, stride_x_col,
+        min_amax,
+        ROWS: tl.constexpr, COLS: tl.constexpr, STOCHASTIC: tl.constexpr, COL_SEED_INDEX: tl.constexpr,
+        SCALE_IS_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        x, rows, cols, in_bounds = _load_tile(x_ptr, n_rows, n_cols, stride_x_row, stride_x_col, BLOCK_R, BLOCK_C)
+        # Row-major offsets for the row-wise output, column-major ones for the column-wise output: each
+        # also keys that output's random numbers, as in quantize_int8 of the matching axis.
+        row_major = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+        col_major = cols[None, :].to(tl.int64) * n_rows + rows[:, None]
+        if ROWS:
+            scale = _scale_from_amax(tl.load(row_amax_ptr + rows, mask=rows < n_rows, other=0.0), min_amax, SCALE_IS_BF16)
+            if tl.program_id(1) == 0:
+                tl.store(row_scale_ptr + rows, scale.to(row_scale_ptr.dtype.element_ty), mask=rows < n_rows)
+            seed = tl.load(seed_ptr) if STOCHASTIC else 0
+            tl.store(q_rows_ptr + row_major, _quantize_values(x, scale[:, None], seed, row_major, STOCHASTIC),
+                     mask=in_bounds)
+        if COLS:
+            scale = _scale_from_amax(tl.load(col_amax_ptr + cols, mask=cols < n_cols, other=0.0), min_amax, SCALE_IS_BF16)
+            if tl.program_id(0) == 0:
+                tl.store(col_scale_ptr + cols, scale.to(col_scale_ptr.dtype.element_ty), mask=cols < n_cols)
+            seed = tl.load(seed_ptr + COL_SEED_INDEX) if STOCHASTIC else 0
+            tl.store(q_cols_ptr + col_major, _quantize_values(x, scale[None, :], seed, col_major, STOCHASTIC),
+                     mask=in_bounds)

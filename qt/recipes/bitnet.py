@@ -8,7 +8,8 @@ Forward (per the BitNet b1.58 paper and its training tips):
 Backward: the straight-through estimator treats both quantizers as the identity, so
     grad_input  = dY @ (W_t * w_scale)
     grad_weight = dY.T @ (X_q * x_scale)    (flows to the latent high-precision weight)
-which is exactly the gradient of the reference `x + (quant(x) - x).detach()` formulation.
+which is exactly the gradient of the reference `x + (quant(x) - x).detach()` formulation. In
+qt/linear.py's terms: `BITNET_PLAN`, with the weight operands below.
 
 `convert_llama_to_bitnet` does the model surgery the training tips call for: an RMSNorm before
 each quantized linear (BitNet's "SubLN"), and the decoder layers' own RMSNorms removed.
@@ -23,10 +24,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from qt.config import RecipeConfig
-from qt.kernels import quantize_int8, scaled_int8_mm
-from qt.subclass import QuantizedWeight, compute_dtype
+from qt.linear import Int8Operand, LinearPlan, MatmulPlan
+from qt.subclass import QuantizedWeight
 
 _MIN_WEIGHT_SCALE = 1e-5  # the reference implementation's clamp: keeps an all-zero weight finite
+# The forward in INT8 (X row-wise, the ternary weight); the backward in high precision, straight through.
+BITNET_PLAN = LinearPlan(output=MatmulPlan("int8"), grad_weight_sees_quantized_input=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +40,10 @@ class BitNetConfig(RecipeConfig):
 
     def quantize_weight(self, weight: Tensor) -> Tensor:
         return BitNetWeight(weight)
+
+    @property
+    def plan(self) -> LinearPlan:
+        return BITNET_PLAN
 
 
 def ternarize(weight: Tensor, abs_mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -49,40 +56,11 @@ def ternarize(weight: Tensor, abs_mean: Tensor | None = None) -> tuple[Tensor, T
     return ternary, scale
 
 
-class _BitNetLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, ternary: Tensor, w_scale: Tensor):
-        dtype = compute_dtype(x)
-        x2d = x.reshape(-1, x.shape[-1]).to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            x_q, x_scale = quantize_int8(x2d, 1)
-            out = scaled_int8_mm(x_q, ternary.T, x_scale, w_scale)
-        if bias is not None:
-            out = out + bias.to(dtype)
-        ctx.save_for_backward(x_q, x_scale, ternary, w_scale)
-        ctx.has_bias = bias is not None
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        x_q, x_scale, ternary, w_scale = ctx.saved_tensors
-        dtype = x_scale.dtype
-        dy = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (dy @ ternary.to(dtype)) * w_scale.to(dtype)
-            grad_x = grad_x.view(*grad_output.shape[:-1], ternary.shape[1])
-        if ctx.needs_input_grad[1]:
-            grad_w = dy.T @ (x_q.to(dtype) * x_scale)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = dy.sum(0)
-        return grad_x, grad_w, grad_b, None, None
-
-
 class BitNetWeight(QuantizedWeight):
     """The latent high-precision weight; every forward ternarizes it afresh."""
 
     _inner_names = ("latent",)
+    plan = BITNET_PLAN
 
     @staticmethod
     @torch._dynamo.disable
@@ -102,16 +80,19 @@ class BitNetWeight(QuantizedWeight):
     def _update_(self, fn) -> None:
         fn(self.latent)
 
+    def _in_place_target(self) -> Tensor:
+        return self.latent
+
     def _to(self, device, dtype):
         return BitNetWeight(self.latent.to(device=device, dtype=dtype))
 
     def _new_zeros(self, size, device):
         return BitNetWeight(self.latent.new_zeros(size, device=device))
 
-    @staticmethod
-    def _linear(x: Tensor, weight: "BitNetWeight", bias: Tensor | None) -> Tensor:
-        ternary, w_scale = ternarize(weight.latent)
-        return _BitNetLinear.apply(x, weight, bias, ternary, w_scale)
+    def _forward_operands(self, dtype: torch.dtype, plan: LinearPlan):
+        return _ternary_operands(*ternarize(self.latent))
+
+    _grad_input_operand = staticmethod(lambda saved, dtype, plan: _dequantize_ternary(*saved, dtype))
 
     # FSDP2: ternarize the shard with the scale of the whole weight (one all-reduce of |W| sums),
     # and all-gather it packed four values to a byte.
@@ -141,6 +122,7 @@ class BitNetTernaryWeight(QuantizedWeight):
     straight-through gradient that FSDP2 reduce-scatters back to the latent shards."""
 
     _inner_names = ("ternary", "w_scale")
+    plan = BITNET_PLAN
 
     @staticmethod
     @torch._dynamo.disable
@@ -156,7 +138,7 @@ class BitNetTernaryWeight(QuantizedWeight):
         return (self.dtype,)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        return (self.ternary.to(torch.float32) * self.w_scale).to(dtype or self.dtype)
+        return _dequantize_ternary(self.ternary, self.w_scale, dtype or self.dtype)
 
     def _update_(self, fn) -> None:
         raise RuntimeError("an un-sharded BitNet weight is rebuilt every all-gather; update the sharded latent weight")
@@ -167,9 +149,19 @@ class BitNetTernaryWeight(QuantizedWeight):
     def _new_zeros(self, size, device):
         raise RuntimeError("an un-sharded BitNet weight cannot be re-sharded; shard the latent weight")
 
-    @staticmethod
-    def _linear(x: Tensor, weight: "BitNetTernaryWeight", bias: Tensor | None) -> Tensor:
-        return _BitNetLinear.apply(x, weight, bias, weight.ternary, weight.w_scale)
+    def _forward_operands(self, dtype: torch.dtype, plan: LinearPlan):
+        return _ternary_operands(self.ternary, self.w_scale)
+
+    _grad_input_operand = BitNetWeight._grad_input_operand
+
+
+def _ternary_operands(ternary: Tensor, w_scale: Tensor):
+    """The forward's INT8 right operand ([in, out], in contiguous) and what the backward keeps."""
+    return Int8Operand(ternary.T, w_scale), (ternary, w_scale)
+
+
+def _dequantize_ternary(ternary: Tensor, w_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    return ternary.to(dtype) * w_scale.to(dtype)
 
 
 def pack_ternary(ternary: Tensor) -> Tensor:

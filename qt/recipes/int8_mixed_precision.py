@@ -1,14 +1,13 @@
 """INT8 mixed precision: high-precision master weights, INT8 matmuls.
 
-Each of a linear's three matmuls can run as a dynamically quantized INT8 matmul:
+Each of a linear's three matmuls can run as a dynamically quantized INT8 matmul (see qt/linear.py):
 
-    output      = X  @ W.T    reduces over in_features   X row-wise,   W row-wise
-    grad_input  = dY @ W      reduces over out_features  dY row-wise,  W column-wise
-    grad_weight = dY.T @ X    reduces over tokens        dY column-wise, X column-wise
+    output      = X  @ W.T    X row-wise,     W row-wise
+    grad_input  = dY @ W      dY row-wise,    W column-wise
+    grad_weight = dY.T @ X    dY column-wise, X column-wise
 
-Each operand is scaled along the dimension the matmul keeps (so the scales factor out of the sum
-into the kernel's epilogue) and `quantize_int8` lays it out with the reduced dimension contiguous,
-which is the fast layout for the INT8 kernel; the transposes below are views, never copies.
+The weight is quantized in the forward, along both axes from one read of the master when both of
+its matmuls run in INT8; the column-wise copy is saved for the backward.
 """
 
 from __future__ import annotations
@@ -19,8 +18,8 @@ import torch
 from torch import Tensor
 
 from qt.config import RecipeConfig
-from qt.kernels import quantize_int8, scaled_int8_mm
-from qt.subclass import QuantizedWeight, compute_dtype
+from qt.linear import HIGH_PRECISION, Int8Operand, LinearPlan, MatmulPlan, quantize_operand_pair
+from qt.subclass import QuantizedWeight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,55 +37,10 @@ class Int8MixedPrecisionConfig(RecipeConfig):
     def quantize_weight(self, weight: Tensor) -> Tensor:
         return Int8MixedPrecisionWeight(weight, self)
 
-
-def int8_matmul(a: Tensor, b: Tensor, stochastic_rounding: bool = False) -> Tensor:
-    """`a @ b` as a dynamically quantized INT8 matmul: `a` scaled per row, `b` per column."""
-    a_q, a_scale = quantize_int8(a, 1, stochastic_rounding)
-    b_q, b_scale = quantize_int8(b, 0, stochastic_rounding)
-    return scaled_int8_mm(a_q, b_q, a_scale, b_scale)
-
-
-class _Int8MixedPrecisionLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: "Int8MixedPrecisionWeight", bias: Tensor | None):
-        config = weight.config
-        dtype = compute_dtype(x)
-        x2d = x.reshape(-1, x.shape[-1]).to(dtype)
-        w = weight.master.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            if config.output:
-                out = int8_matmul(x2d, w.T, config.stochastic_rounding)
-            else:
-                out = x2d @ w.T
-        if bias is not None:
-            out = out + bias.to(dtype)
-        ctx.save_for_backward(x2d, weight.master)
-        ctx.has_bias = bias is not None
-        ctx.config = config
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        x2d, master = ctx.saved_tensors
-        config = ctx.config
-        dy = grad_output.reshape(-1, grad_output.shape[-1]).to(x2d.dtype)
-        w = master.to(x2d.dtype)
-        grad_x = grad_w = grad_b = None
-        with torch.autocast(dy.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                if config.grad_input:
-                    grad_x = int8_matmul(dy, w, config.stochastic_rounding)
-                else:
-                    grad_x = dy @ w
-                grad_x = grad_x.view(*grad_output.shape[:-1], w.shape[1])
-            if ctx.needs_input_grad[1]:
-                if config.grad_weight:
-                    grad_w = int8_matmul(dy.T, x2d, config.stochastic_rounding)
-                else:
-                    grad_w = dy.T @ x2d
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_b = dy.sum(0)
-        return grad_x, grad_w, grad_b
+    @property
+    def plan(self) -> LinearPlan:
+        int8 = MatmulPlan("int8", self.stochastic_rounding)
+        return LinearPlan(*(int8 if on else HIGH_PRECISION for on in (self.output, self.grad_input, self.grad_weight)))
 
 
 class Int8MixedPrecisionWeight(QuantizedWeight):
@@ -108,21 +62,30 @@ class Int8MixedPrecisionWeight(QuantizedWeight):
     def _metadata(self):
         return (self.config,)
 
+    def _forward_operands(self, dtype: torch.dtype, plan: LinearPlan):
+        w = self.master.to(dtype)
+        rows, cols = quantize_operand_pair(w, plan.output if plan.output.int8 else None,
+                                           plan.grad_input if plan.grad_input.int8 else None)
+        return (rows.T if rows else w.T), (tuple(cols) if cols else (self.master,))
+
+    @staticmethod
+    def _grad_input_operand(saved: tuple[Tensor, ...], dtype: torch.dtype, plan: LinearPlan):
+        return Int8Operand(*saved) if plan.grad_input.int8 else saved[0].to(dtype)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return self.master if dtype is None else self.master.to(dtype)
 
     def _update_(self, fn) -> None:
         fn(self.master)
 
+    def _in_place_target(self) -> Tensor:
+        return self.master
+
     def _to(self, device, dtype):
         return Int8MixedPrecisionWeight(self.master.to(device=device, dtype=dtype), self.config)
 
     def _new_zeros(self, size, device):
         return Int8MixedPrecisionWeight(self.master.new_zeros(size, device=device), self.config)
-
-    @staticmethod
-    def _linear(x: Tensor, weight: "Int8MixedPrecisionWeight", bias: Tensor | None) -> Tensor:
-        return _Int8MixedPrecisionLinear.apply(x, weight, bias)
 
     # FSDP2: all-gather the master shard (in FSDP's param dtype when it has one) and wrap it.
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):

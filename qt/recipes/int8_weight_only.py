@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from qt.config import RecipeConfig
-from qt.kernels import quantize_int8, scaled_int8_mm
-from qt.subclass import QuantizedWeight, compute_dtype
+from qt.kernels import quantize_int8
+from qt.linear import HIGH_PRECISION, Int8Operand, LinearPlan, MatmulPlan
+from qt.subclass import QuantizedWeight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,46 +34,14 @@ class Int8WeightOnlyConfig(RecipeConfig):
         int_data, scale = quantize_int8(weight.float(), 1)
         return Int8WeightOnlyWeight(int_data, scale, weight.dtype, self)
 
+    @property
+    def plan(self) -> LinearPlan:
+        return LinearPlan(output=MatmulPlan("int8") if self.int8_activations else HIGH_PRECISION)
+
 
 def dequantize_rows(int_data: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     # One rounding, from the exact FP32 product to `dtype`.
     return (int_data.to(torch.float32) * scale).to(dtype)
-
-
-class _Int8WeightOnlyLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: "Int8WeightOnlyWeight", bias: Tensor | None):
-        dtype = compute_dtype(x)
-        x2d = x.reshape(-1, x.shape[-1]).to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            if weight.config.int8_activations:
-                x_q, x_scale = quantize_int8(x2d, 1)
-                # int_data is row-major [out, in], so its transpose is the reduced-dim-contiguous layout
-                out = scaled_int8_mm(x_q, weight.int_data.T, x_scale, weight.scale.T)
-            else:
-                # Dequantize, then a plain matmul: scaling the output instead would save a
-                # weight-sized multiply, but Inductor rewrites that form into an INT8 weight-only
-                # inference kernel whose lowering fails (torch 2.11-2.13).
-                out = x2d @ weight.dequantize(dtype).T
-        if bias is not None:
-            out = out + bias.to(dtype)
-        # The INT8 weight is saved rather than its upcast, so no high-precision copy outlives the forward.
-        ctx.save_for_backward(x2d, weight.int_data, weight.scale)
-        ctx.has_bias = bias is not None
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        x2d, int_data, scale = ctx.saved_tensors
-        dy = grad_output.reshape(-1, grad_output.shape[-1]).to(x2d.dtype)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (dy @ dequantize_rows(int_data, scale, dy.dtype)).view(*grad_output.shape[:-1], int_data.shape[1])
-        if ctx.needs_input_grad[1]:
-            grad_w = dy.T @ x2d
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = dy.sum(0)
-        return grad_x, grad_w, grad_b
 
 
 class Int8WeightOnlyWeight(QuantizedWeight):
@@ -93,6 +62,18 @@ class Int8WeightOnlyWeight(QuantizedWeight):
 
     def _metadata(self):
         return (self.dtype, self.config)
+
+    def _forward_operands(self, dtype: torch.dtype, plan: LinearPlan):
+        # Without INT8 activations: dequantize, then a plain matmul. Scaling the output instead would save a
+        # weight-sized multiply, but Inductor rewrites that form into an INT8 weight-only inference kernel
+        # whose lowering fails (torch 2.11-2.13). The INT8 rows are saved rather than their upcast, so no
+        # high-precision copy outlives the forward.
+        forward = Int8Operand(self.int_data, self.scale).T if plan.output.int8 else self.dequantize(dtype).T
+        return forward, (self.int_data, self.scale)
+
+    @staticmethod
+    def _grad_input_operand(saved: tuple[Tensor, ...], dtype: torch.dtype, plan: LinearPlan):
+        return dequantize_rows(*saved, dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return dequantize_rows(self.int_data, self.scale, dtype or self.dtype)
@@ -117,10 +98,6 @@ class Int8WeightOnlyWeight(QuantizedWeight):
         int_data = torch.zeros(size, dtype=torch.int8, device=device)
         scale = torch.zeros(size[0], 1, dtype=torch.float32, device=device)
         return Int8WeightOnlyWeight(int_data, scale, self.dtype, self.config)
-
-    @staticmethod
-    def _linear(x: Tensor, weight: "Int8WeightOnlyWeight", bias: Tensor | None) -> Tensor:
-        return _Int8WeightOnlyLinear.apply(x, weight, bias)
 
     # FSDP2: all-gather the INT8 rows and their scales as they are (both shard along dim 0).
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):

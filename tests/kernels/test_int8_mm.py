@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from qt.kernels import quantize_int8, scaled_int8_mm
-from qt.kernels.int8_mm import triton_scaled_int8_mm
+from tests.kernels.backends import through
 
-# (M, N, K): odd sizes that leave partial tiles in every dimension, including K < one 32-wide K step.
-SHAPES = [(1, 1, 1), (17, 33, 70), (33, 130, 17), (70, 17, 33), (130, 70, 130), (1, 130, 70)]
+# (M, N, K): odd sizes that leave partial tiles in every dimension, including K < one 32-wide K step, and
+# every size-1 dimension (whose operands can have ambiguous strides, such as a [1, K] row with strides (1, 1)).
+SHAPES = [(1, 1, 1), (17, 33, 70), (33, 130, 17), (70, 17, 33), (130, 70, 130), (1, 130, 70), (17, 1, 70),
+          (17, 33, 1), (1, 1, 70), (17, 1, 1), (1, 33, 1)]
 LAYOUTS = {  # name -> (a row-major, b row-major)
     "a_row_b_col": (True, False),
     "a_row_b_row": (True, True),
@@ -19,7 +21,8 @@ LAYOUTS = {  # name -> (a row-major, b row-major)
 # up to one bf16 ulp, 2**-7.
 RTOL = {torch.float32: 1e-6, torch.bfloat16: 2**-7}
 
-mm_paths = pytest.mark.parametrize("mm", [triton_scaled_int8_mm, scaled_int8_mm], ids=["triton", "fallback"])
+mm_paths = pytest.mark.parametrize("mm", [through("triton", scaled_int8_mm), through("torch", scaled_int8_mm)],
+                                   ids=["triton", "fallback"])
 
 
 def random_int8(rows: int, cols: int, row_major: bool) -> torch.Tensor:
@@ -100,10 +103,40 @@ def test_strided_scale_vectors(mm):
     assert_matches_reference(mm(a, b, row_scale, col_scale), reference(a, b, row_scale, col_scale))
 
 
+@mm_paths
+@pytest.mark.parametrize(("m", "n", "k"), [(17, 33, 0), (0, 33, 70), (17, 0, 70)])
+def test_empty_operands(mm, m, n, k):
+    """A micro-batch without tokens makes an empty reduction (grad_weight) or an empty output."""
+    a, b = random_operands(m, n, k)
+    out = mm(a, b, torch.ones(m, 1), torch.ones(1, n))
+    assert out.shape == (m, n) and (out == 0).all()
+
+
+@mm_paths
+def test_large_scales_do_not_overflow_where_the_result_fits(mm):
+    # Inputs near 1e37 quantize to scales near 1e35; the weight's scale near 1e-3. The INT32 sum times the
+    # first scale alone would pass fp32's 3.4e38; the result (~1e36) fits.
+    a = torch.full((4, 64), 127, dtype=torch.int8)
+    b = torch.full((64, 3), 127, dtype=torch.int8)
+    row_scale, col_scale = torch.full((4, 1), 1e35), torch.full((1, 3), 1e-3)
+    out = mm(a, b, row_scale, col_scale)
+    assert torch.isfinite(out).all()
+    assert_matches_reference(out, reference(a, b, row_scale, col_scale))
+
+
+@mm_paths
+def test_output_dtype(mm):
+    a, b = random_operands(17, 33, 70)
+    row_scale, col_scale = torch.rand(17, 1) + 0.5, torch.rand(1, 33) + 0.5
+    out = mm(a, b, row_scale, col_scale, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert_matches_reference(out, reference(a, b, row_scale, col_scale))
+
+
 def test_opcheck():
     a, b = random_operands(17, 33, 70)
     for col_scale in (torch.rand(1, 33), torch.rand(1)):
-        torch.library.opcheck(torch.ops.qt.scaled_int8_mm.default, (a, b, torch.rand(17, 1), col_scale))
+        torch.library.opcheck(torch.ops.qt.scaled_int8_mm.default, (a, b, torch.rand(17, 1), col_scale, torch.float32))
 
 
 def test_compiled_quantized_linear_matches_eager():

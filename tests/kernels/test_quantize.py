@@ -6,17 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from qt.kernels import quantize_int8
-from qt.kernels.quantize import triton_quantize_int8
+from qt.kernels import quantize_int8, quantize_int8_rows_and_cols
+from qt.kernels.quantize import scale_dtype
+from tests.kernels.backends import through
+from tests.reference import rel_err
 
 
-def triton_path(x, axis, stochastic_rounding=False):
-    """The raw Triton launcher, seeded from torch's generator the way quantize_int8 seeds it."""
-    seed = torch.randint(0, 2**31 - 1, (1,)) if stochastic_rounding else None
-    return triton_quantize_int8(x, axis, seed)
+def one_axis_of_both(x, axis, stochastic_rounding=False):
+    """quantize_int8's result for `axis`, taken from the both-axes op (which must agree with it)."""
+    q_rows, row_scale, q_cols, col_scale = quantize_int8_rows_and_cols(x, stochastic_rounding)
+    return (q_rows, row_scale) if axis == 1 else (q_cols, col_scale)
 
 
-quantize_paths = pytest.mark.parametrize("quantize", [triton_path, quantize_int8], ids=["triton", "fallback"])
+PATHS = {f"{name}-{backend}": through(backend, fn) for backend in ("triton", "torch")
+         for name, fn in (("one_axis", quantize_int8), ("both_axes", one_axis_of_both))}
+quantize_paths = pytest.mark.parametrize("quantize", PATHS.values(), ids=PATHS.keys())
 
 
 def reference_quantize(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,7 +30,7 @@ def reference_quantize(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.
     scales = []
     for i, values in enumerate(slices):
         amax = max(np.abs(values).max(), np.float32(1e-12))
-        scale = torch.tensor(amax / np.float32(127)).to(x.dtype)  # torch rounds to bf16 to nearest even
+        scale = torch.tensor(amax / np.float32(127)).to(scale_dtype(x.dtype))  # rounds to bf16 to nearest even
         q[i] = np.clip(np.rint(values / np.float32(scale.float().item())), -127, 127)
         scales.append(scale)
     q, scale = torch.from_numpy(q), torch.stack(scales)
@@ -51,7 +55,7 @@ def make_input(kept: int, reduced: int, axis: int, dtype: torch.dtype, layout: s
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("axis", [0, 1])
-@pytest.mark.parametrize(("kept", "reduced"), [(1, 1), (17, 70), (37, 1100)])  # 1100: two column blocks
+@pytest.mark.parametrize(("kept", "reduced"), [(1, 1), (17, 70), (37, 1100), (3, 9000)])  # 9000: wider than a whole-row block
 def test_round_to_nearest_matches_reference(quantize, kept, reduced, axis, dtype, layout):
     torch.manual_seed(kept * reduced + axis)
     x = make_input(kept, reduced, axis, dtype, layout)
@@ -60,7 +64,7 @@ def test_round_to_nearest_matches_reference(quantize, kept, reduced, axis, dtype
     rows, cols = x.shape
     assert q.dtype == torch.int8 and q.shape == (rows, cols)
     assert q.stride() == ((cols, 1) if axis == 1 else (1, rows)), "the reduced axis must be contiguous"
-    assert scale.dtype == dtype and scale.shape == ((rows, 1) if axis == 1 else (1, cols))
+    assert scale.dtype == scale_dtype(dtype) and scale.shape == ((rows, 1) if axis == 1 else (1, cols))
     expected_q, expected_scale = reference_quantize(x, axis)
     assert torch.equal(scale, expected_scale)
     assert torch.equal(q, expected_q)
@@ -135,12 +139,53 @@ def test_stochastic_rounding_follows_torch_seed(quantize, axis):
     assert torch.equal(first[1], reference_quantize(x, axis)[1]), "stochastic rounding must not change the scale"
 
 
+@quantize_paths
+@pytest.mark.parametrize("axis", [0, 1])
+def test_float16_small_slices_keep_their_precision(quantize, axis):
+    # Values near 1e-5 give scales near 1e-7, subnormal in float16 (relative error up to 0.24 when the
+    # scale is stored there); float32 scales keep INT8's nominal precision.
+    x = (torch.randn(6, 40) * 1e-5).to(torch.float16)
+    x = x if axis == 1 else x.t().contiguous()
+    q, scale = quantize(x, axis)
+    assert scale.dtype == torch.float32
+    assert rel_err(q.float() * scale, x.float()) < 0.01
+
+
+@quantize_paths
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_give_non_finite_results(quantize, axis, bad):
+    """Only the slices holding a non-finite value get an infinite scale; the others quantize as usual."""
+    x = torch.randn(5, 70)
+    x = x if axis == 1 else x.t().contiguous()
+    bad_slice = (2, slice(None)) if axis == 1 else (slice(None), 2)
+    x[(2, 7) if axis == 1 else (7, 2)] = bad
+    q, scale = quantize(x, axis)
+    dequantized = q.float() * scale
+    assert not torch.isfinite(dequantized[bad_slice]).all()
+    good = [i for i in range(5) if i != 2]
+    good_part = dequantized[good] if axis == 1 else dequantized[:, good]
+    expected = reference_quantize(x[good] if axis == 1 else x[:, good].contiguous(), axis)
+    assert torch.equal(good_part, expected[0].float() * expected[1])
+
+
+@quantize_paths
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("shape", [(0, 70), (33, 0)])
+def test_empty_inputs(quantize, axis, shape):
+    q, scale = quantize(torch.randn(shape), axis)
+    assert q.shape == shape and scale.shape == ((shape[0], 1) if axis == 1 else (1, shape[1]))
+    assert (scale > 0).all()
+
+
 @pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_opcheck(axis, stochastic):
     x = torch.randn(17, 33, dtype=torch.bfloat16)
     seed = torch.tensor([1234]) if stochastic else None
     torch.library.opcheck(torch.ops.qt.quantize_int8.default, (x, axis, seed))
+    seeds = torch.tensor([1234, 99]) if stochastic else None
+    torch.library.opcheck(torch.ops.qt.quantize_int8_rows_and_cols.default, (x, seeds))
 
 
 @pytest.mark.parametrize(
