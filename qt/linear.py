@@ -13,10 +13,10 @@ The activation side (X, dY) is quantized here; the weight side comes from the re
 which stores the weight its own way (a high-precision master, INT8 rows, a latent ternary weight) and
 hands out the operands a plan asks for. So a recipe is a plan plus a weight class.
 
-Bytes are read once where a plan allows: an operand that two matmuls need quantized along different
-axes (X for output and grad_weight, dY for grad_input and grad_weight) is quantized both ways from
-one pass, and the forward saves the INT8 operands the backward needs rather than re-reading the
-high-precision tensors.
+The output gradient dY, which both backward matmuls need quantized (along different axes), is
+quantized both ways from one kernel. X and W are saved as they are, not as quantized copies: the
+linears that share an input (q/k/v, gate/up) then share its saved copy, and the peak memory stays
+below BF16's; each is quantized where its matmul runs.
 """
 
 from __future__ import annotations
@@ -105,19 +105,15 @@ class _QuantizedLinear(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
         w_operand, w_saved = weight._forward_operands(dtype, plan)
         with torch.autocast(x.device.type, enabled=False):
-            grad_weight_plan = plan.grad_weight if plan.grad_weight.int8 else None
-            x_rows, x_cols = quantize_operand_pair(x2d, plan.output if plan.output.int8 else None, grad_weight_plan)
-            out = _matmul(x_rows if plan.output.int8 else x2d, w_operand, dtype)
+            if plan.output.int8:
+                x_rows = Int8Operand(*quantize_int8(x2d, 1, plan.output.stochastic_rounding))
+                out = _matmul(x_rows, w_operand, dtype)
+            else:
+                out = x2d @ w_operand
         if bias is not None:
             out = out + bias.to(dtype)
-        # What grad_weight reads: X quantized per column (INT8 grad_weight; half the bytes of X), X as the
-        # forward quantized it (straight-through), or X.
-        if plan.grad_weight.int8:
-            x_saved = tuple(x_cols)
-        elif plan.grad_weight_sees_quantized_input:
-            x_saved = tuple(x_rows)
-        else:
-            x_saved = (x2d,)
+        # X itself is saved, not a quantized copy: the linears that share an input (q/k/v, gate/up) share it.
+        x_saved = tuple(x_rows) if plan.grad_weight_sees_quantized_input else (x2d,)
         ctx.save_for_backward(*x_saved, *w_saved)
         ctx.n_x_saved, ctx.weight_type, ctx.plan, ctx.dtype = len(x_saved), type(weight), plan, dtype
         ctx.has_bias, ctx.in_features = bias is not None, x.shape[-1]
@@ -132,6 +128,7 @@ class _QuantizedLinear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
         with torch.autocast(dy.device.type, enabled=False):
+            # dY is quantized along both axes from one read when both of its matmuls run in INT8.
             dy_rows, dy_cols = quantize_operand_pair(
                 dy, plan.grad_input if need_x and plan.grad_input.int8 else None,
                 plan.grad_weight if need_w and plan.grad_weight.int8 else None)
@@ -141,7 +138,8 @@ class _QuantizedLinear(torch.autograd.Function):
                 grad_x = grad_x.view(*grad_output.shape[:-1], ctx.in_features)
             if need_w:
                 if plan.grad_weight.int8:
-                    grad_w = _matmul(dy_cols.T, Int8Operand(*x_saved), dtype)
+                    x_cols = Int8Operand(*quantize_int8(x_saved[0], 0, plan.grad_weight.stochastic_rounding))
+                    grad_w = _matmul(dy_cols.T, x_cols, dtype)
                 elif plan.grad_weight_sees_quantized_input:
                     x_q, x_scale = x_saved
                     grad_w = dy.T @ (x_q.to(dtype) * x_scale)

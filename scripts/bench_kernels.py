@@ -155,6 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--m", type=int, default=16384, help="tokens per matmul (rows of a and of x)")
     parser.add_argument("--quick", action="store_true", help="only the first (N, K) shape and no stochastic rounding")
+    parser.add_argument("--quantize_only", action="store_true", help="skip the matmuls")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
@@ -162,7 +163,7 @@ def main() -> None:
     device = torch.cuda.get_device_name()
 
     matmuls = []
-    for n, k in LLAMA_1B_NK[:1] if args.quick else LLAMA_1B_NK:
+    for n, k in [] if args.quantize_only else LLAMA_1B_NK[:1] if args.quick else LLAMA_1B_NK:
         for layout in LAYOUTS:  # the K-contiguous layout first: it is the one the autotuner's pick is for
             matmuls.append(bench_matmul(args.m, n, k, layout))
             print(json.dumps(matmuls[-1]), flush=True)

@@ -22,7 +22,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qt  # noqa: E402
 
-SHAPES = [(2048, 2048), (2048, 5632), (5632, 2048)]  # (in_features K, out_features N), Llama-1B
+SHAPES = [(2048, 2048), (2048, 256), (2048, 5632), (5632, 2048)]  # (in_features K, out_features N), TinyLlama-1.1B
 
 
 def qt_case(recipe, **kwargs):
@@ -94,6 +94,7 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile each linear (all rows)")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--profile", metavar="CASE", help="also print the CUDA kernel times of this case (per shape)")
+    parser.add_argument("--cases", help="comma-separated case names to run (default: all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_linear.py needs a CUDA GPU")
@@ -107,6 +108,8 @@ def main():
         "qt bitnet": qt_case("bitnet"),
         **torchao_cases(),
     }
+    if args.cases:
+        cases = {name: cases[name] for name in args.cases.split(",")}
     rows = []
     for k, n in SHAPES:
         torch.manual_seed(0)

@@ -21,6 +21,8 @@ Non-finite input is not hidden: a slice holding NaN or inf gets an infinite scal
 computed from it (``q * scale``, the scaled matmul) is non-finite too.
 """
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -37,7 +39,20 @@ QUANT_MAX = 127
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Whole rows in registers up to this width (8192 fp32 values over 8 warps: 32 registers a thread a row).
 _MAX_WHOLE_ROW = 8192
-_TILE = 64
+
+
+def _tile_configs() -> list:
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter runs every config, slowly: one small tile
+        return [triton.Config({"BLOCK_R": 32, "BLOCK_C": 32})]
+    # The columns-wise output is stored transposed: taller tiles give it longer contiguous runs.
+    return [triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w)
+            for r, c, w in ((64, 64, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8), (32, 256, 8), (256, 32, 8))]
+
+
+def _whole_row_configs() -> list:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({}, num_warps=4)]
+    return [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
 
 
 def scale_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -211,9 +226,7 @@ def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None) -> tuple[Tensor,
     wrap_triton(_quantize_whole_rows_kernel)[(triton.cdiv(n_rows, block_rows),)](
         x, q, scale, seed,
         n_rows, n_cols, x.stride(0), x.stride(1),
-        _min_amax(x.dtype),
-        STOCHASTIC=seed is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-        num_warps=8 if block_rows * block_cols >= 4096 else 4,
+        MIN_AMAX=_min_amax(x.dtype), STOCHASTIC=seed is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
     )  # fmt: skip
     return q, scale
 
@@ -223,13 +236,16 @@ def _triton_quantize_tiles(x, q_rows, row_scale, q_cols, col_scale, seeds) -> No
     ``col_scale``) outputs are given, from two passes over ``x``."""
     n_rows, n_cols = x.shape
     rows_out, cols_out = q_rows is not None, q_cols is not None
-    # atomic_max needs a starting value: 0 is below every abs-max.
+    # atomic_max needs a starting value: 0 is below every abs-max. (Re-running the pass, as autotuning
+    # does, leaves the maxima as they are.)
     row_amax = torch.zeros(n_rows if rows_out else 1, dtype=torch.float32, device=x.device)
     col_amax = torch.zeros(n_cols if cols_out else 1, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n_rows, _TILE), triton.cdiv(n_cols, _TILE))
+
+    def grid(meta):
+        return (triton.cdiv(n_rows, meta["BLOCK_R"]), triton.cdiv(n_cols, meta["BLOCK_C"]))
+
     wrap_triton(_tile_amax_kernel)[grid](
-        x, row_amax, col_amax, n_rows, n_cols, x.stride(0), x.stride(1),
-        ROWS=rows_out, COLS=cols_out, BLOCK_R=_TILE, BLOCK_C=_TILE, num_warps=4,
+        x, row_amax, col_amax, n_rows, n_cols, x.stride(0), x.stride(1), ROWS=rows_out, COLS=cols_out,
     )  # fmt: skip
     wrap_triton(_tile_quantize_kernel)[grid](
         x, row_amax, col_amax,
@@ -237,10 +253,8 @@ def _triton_quantize_tiles(x, q_rows, row_scale, q_cols, col_scale, seeds) -> No
         q_cols if cols_out else col_amax, col_scale if cols_out else col_amax,
         seeds,
         n_rows, n_cols, x.stride(0), x.stride(1),
-        _min_amax(x.dtype),
-        ROWS=rows_out, COLS=cols_out, STOCHASTIC=seeds is not None, COL_SEED_INDEX=int(rows_out),
-        SCALE_IS_BF16=(row_scale if rows_out else col_scale).dtype == torch.bfloat16,
-        BLOCK_R=_TILE, BLOCK_C=_TILE, num_warps=4,
+        MIN_AMAX=_min_amax(x.dtype), ROWS=rows_out, COLS=cols_out, STOCHASTIC=seeds is not None,
+        COL_SEED_INDEX=int(rows_out), SCALE_IS_BF16=(row_scale if rows_out else col_scale).dtype == torch.bfloat16,
     )  # fmt: skip
 
 
@@ -274,9 +288,9 @@ if triton is not None:
         return tl.where(a != a, float("inf"), a)  # Triton's max skips NaN; an infinite scale keeps it visible
 
     @triton.jit
-    def _scale_from_amax(amax, min_amax, SCALE_IS_BF16: tl.constexpr):
+    def _scale_from_amax(amax, MIN_AMAX: tl.constexpr, SCALE_IS_BF16: tl.constexpr):
         """The scale as stored (rounded to the scale dtype), in fp32, so q * scale is what the kernel meant."""
-        scale = tl.div_rn(tl.maximum(amax, min_amax), 127.0)
+        scale = tl.div_rn(tl.maximum(amax, MIN_AMAX), 127.0)
         if SCALE_IS_BF16:
             scale = _round_to_bfloat16(scale)
         return scale
@@ -293,12 +307,12 @@ if triton is not None:
         rounded = tl.where(scaled == scaled, rounded, 0.0)
         return tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8)
 
+    @triton.autotune(configs=_whole_row_configs(), key=["n_cols", "STOCHASTIC"])
     @triton.jit
     def _quantize_whole_rows_kernel(
         x_ptr, q_ptr, scale_ptr, seed_ptr,
         n_rows, n_cols, stride_x_row, stride_x_col,
-        min_amax,
-        STOCHASTIC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+        MIN_AMAX: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     ):  # fmt: skip
         """Quantizes BLOCK_ROWS whole rows of x, each held in registers: one read of x."""
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -306,7 +320,7 @@ if triton is not None:
         in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x_row + cols[None, :].to(tl.int64) * stride_x_col
         x = tl.load(x_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
-        scale = _scale_from_amax(tl.max(_abs_nan_as_inf(x), axis=1), min_amax,
+        scale = _scale_from_amax(tl.max(_abs_nan_as_inf(x), axis=1), MIN_AMAX,
                                  scale_ptr.dtype.element_ty == tl.bfloat16)
         tl.store(scale_ptr + rows, scale.to(scale_ptr.dtype.element_ty), mask=rows < n_rows)
         seed = tl.load(seed_ptr) if STOCHASTIC else 0
@@ -324,6 +338,7 @@ if triton is not None:
         x = tl.load(x_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
         return x, rows, cols, in_bounds
 
+    @triton.autotune(configs=_tile_configs(), key=["n_rows", "n_cols", "ROWS", "COLS"])
     @triton.jit
     def _tile_amax_kernel(
         x_ptr, row_amax_ptr, col_amax_ptr,
@@ -337,13 +352,13 @@ if triton is not None:
         if COLS:
             tl.atomic_max(col_amax_ptr + cols, tl.max(magnitude, axis=0), mask=cols < n_cols, sem="relaxed")
 
+    @triton.autotune(configs=_tile_configs(), key=["n_rows", "n_cols", "ROWS", "COLS", "STOCHASTIC"])
     @triton.jit
     def _tile_quantize_kernel(
         x_ptr, row_amax_ptr, col_amax_ptr,
         q_rows_ptr, row_scale_ptr, q_cols_ptr, col_scale_ptr, seed_ptr,
         n_rows, n_cols, stride_x_row, stride_x_col,
-        min_amax,
-        ROWS: tl.constexpr, COLS: tl.constexpr, STOCHASTIC: tl.constexpr, COL_SEED_INDEX: tl.constexpr,
+        MIN_AMAX: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, STOCHASTIC: tl.constexpr, COL_SEED_INDEX: tl.constexpr,
         SCALE_IS_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         x, rows, cols, in_bounds = _load_tile(x_ptr, n_rows, n_cols, stride_x_row, stride_x_col, BLOCK_R, BLOCK_C)
@@ -352,14 +367,14 @@ if triton is not None:
         row_major = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
         col_major = cols[None, :].to(tl.int64) * n_rows + rows[:, None]
         if ROWS:
-            scale = _scale_from_amax(tl.load(row_amax_ptr + rows, mask=rows < n_rows, other=0.0), min_amax, SCALE_IS_BF16)
+            scale = _scale_from_amax(tl.load(row_amax_ptr + rows, mask=rows < n_rows, other=0.0), MIN_AMAX, SCALE_IS_BF16)
             if tl.program_id(1) == 0:
                 tl.store(row_scale_ptr + rows, scale.to(row_scale_ptr.dtype.element_ty), mask=rows < n_rows)
             seed = tl.load(seed_ptr) if STOCHASTIC else 0
             tl.store(q_rows_ptr + row_major, _quantize_values(x, scale[:, None], seed, row_major, STOCHASTIC),
                      mask=in_bounds)
         if COLS:
-            scale = _scale_from_amax(tl.load(col_amax_ptr + cols, mask=cols < n_cols, other=0.0), min_amax, SCALE_IS_BF16)
+            scale = _scale_from_amax(tl.load(col_amax_ptr + cols, mask=cols < n_cols, other=0.0), MIN_AMAX, SCALE_IS_BF16)
             if tl.program_id(0) == 0:
                 tl.store(col_scale_ptr + cols, scale.to(col_scale_ptr.dtype.element_ty), mask=cols < n_cols)
             seed = tl.load(seed_ptr + COL_SEED_INDEX) if STOCHASTIC else 0

@@ -6,8 +6,7 @@ Each of a linear's three matmuls can run as a dynamically quantized INT8 matmul 
     grad_input  = dY @ W      dY row-wise,    W column-wise
     grad_weight = dY.T @ X    dY column-wise, X column-wise
 
-The weight is quantized in the forward, along both axes from one read of the master when both of
-its matmuls run in INT8; the column-wise copy is saved for the backward.
+The master is saved for the backward as it is (no extra memory) and quantized where each matmul runs.
 """
 
 from __future__ import annotations
@@ -18,7 +17,8 @@ import torch
 from torch import Tensor
 
 from qt.config import RecipeConfig
-from qt.linear import HIGH_PRECISION, Int8Operand, LinearPlan, MatmulPlan, quantize_operand_pair
+from qt.kernels import quantize_int8
+from qt.linear import HIGH_PRECISION, Int8Operand, LinearPlan, MatmulPlan
 from qt.subclass import QuantizedWeight
 
 
@@ -64,13 +64,13 @@ class Int8MixedPrecisionWeight(QuantizedWeight):
 
     def _forward_operands(self, dtype: torch.dtype, plan: LinearPlan):
         w = self.master.to(dtype)
-        rows, cols = quantize_operand_pair(w, plan.output if plan.output.int8 else None,
-                                           plan.grad_input if plan.grad_input.int8 else None)
-        return (rows.T if rows else w.T), (tuple(cols) if cols else (self.master,))
+        forward = Int8Operand(*quantize_int8(w, 1, plan.output.stochastic_rounding)).T if plan.output.int8 else w.T
+        return forward, (self.master,)
 
     @staticmethod
     def _grad_input_operand(saved: tuple[Tensor, ...], dtype: torch.dtype, plan: LinearPlan):
-        return Int8Operand(*saved) if plan.grad_input.int8 else saved[0].to(dtype)
+        w = saved[0].to(dtype)
+        return Int8Operand(*quantize_int8(w, 0, plan.grad_input.stochastic_rounding)) if plan.grad_input.int8 else w
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return self.master if dtype is None else self.master.to(dtype)
