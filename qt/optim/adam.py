@@ -232,6 +232,8 @@ class _AdamBase(Optimizer):
     def _step_param(self, p, state, lr, beta1, beta2, eps, weight_decay) -> None:
         local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
         param = p.to_local() if isinstance(p, DTensor) else p
+        if param.numel() == 0:  # an empty parameter, or the FSDP2 shard of one with fewer rows than ranks
+            return
         grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
         quantizers = dict(zip(("exp_avg", "exp_avg_sq"), self._quantizers(p)))
         code_maps = {name: quantizer.code_map(param.device) for name, quantizer in quantizers.items()}
