@@ -18,7 +18,7 @@ from torch import nn
 
 from qt.training.checkpoint import resolve_run_config
 from qt.training.config import ConfigError, TrainConfig, check_train_flags, flag, one_line_errors, parse_config
-from qt.training.distributed import Dist, init_distributed, resolve_dtypes, shutdown_distributed
+from qt.training.distributed import Dist, check_run_dir_shared, init_distributed, resolve_dtypes, shutdown_distributed
 from qt.training.export import export_pretrained
 from qt.training.instruct_data import (ALPACA_TEMPLATE, InstructBatches, load_records, preset_fields,
                                        response_loss, split_validation, tokenize_examples, validation_batches)
@@ -152,7 +152,9 @@ def main(argv=None) -> dict:
     cfg, explicit = parse_config(FinetuneConfig, argv, __doc__.split("\n")[0])
     dist_info = init_distributed()
     try:
-        cfg = check_flags(resolve_run_config(name_run(cfg), explicit), dist_info.world_size)
+        cfg = name_run(cfg)
+        check_run_dir_shared(cfg.run_dir, dist_info)
+        cfg = check_flags(resolve_run_config(cfg, explicit), dist_info.world_size)
         return finetune(cfg, dist_info)
     finally:
         shutdown_distributed()

@@ -19,7 +19,7 @@ import torch
 from qt.training.checkpoint import resolve_run_config
 from qt.training.config import ConfigError, TrainConfig, check_train_flags, flag, one_line_errors, parse_config
 from qt.training.data import RandomWindows, TokenShards, validation_batches
-from qt.training.distributed import Dist, init_distributed, resolve_dtypes, shutdown_distributed
+from qt.training.distributed import Dist, check_run_dir_shared, init_distributed, resolve_dtypes, shutdown_distributed
 from qt.training.loop import train
 from qt.training.models import (build_causal_lm, decoder_blocks, flops_per_token, next_token_loss,
                                 quantize_model, resolve_recipe)
@@ -97,7 +97,9 @@ def main(argv=None) -> dict:
     cfg, explicit = parse_config(PretrainConfig, argv, __doc__.split("\n")[0])
     dist_info = init_distributed()
     try:
-        cfg = check_flags(resolve_run_config(name_run(cfg), explicit), explicit, dist_info.world_size)
+        cfg = name_run(cfg)
+        check_run_dir_shared(cfg.run_dir, dist_info)
+        cfg = check_flags(resolve_run_config(cfg, explicit), explicit, dist_info.world_size)
         return pretrain(cfg, dist_info)
     finally:
         shutdown_distributed()

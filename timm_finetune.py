@@ -21,7 +21,7 @@ from torch import nn
 
 from qt.training.checkpoint import resolve_run_config
 from qt.training.config import ConfigError, TrainConfig, check_train_flags, flag, one_line_errors, parse_config
-from qt.training.distributed import (Dist, all_reduce_sum, init_distributed, resolve_dtypes,
+from qt.training.distributed import (Dist, all_reduce_sum, check_run_dir_shared, init_distributed, resolve_dtypes,
                                      shutdown_distributed)
 from qt.training.image_data import ImageBatches, load_image_datasets, validation_loader
 from qt.training.loop import train
@@ -182,7 +182,9 @@ def main(argv=None) -> dict:
     cfg, explicit = parse_config(TimmFinetuneConfig, argv, __doc__.split("\n")[0])
     dist_info = init_distributed()
     try:
-        cfg = check_flags(resolve_run_config(name_run(cfg), explicit), explicit, dist_info.world_size)
+        cfg = name_run(cfg)
+        check_run_dir_shared(cfg.run_dir, dist_info)
+        cfg = check_flags(resolve_run_config(cfg, explicit), explicit, dist_info.world_size)
         return finetune(cfg, explicit, dist_info)
     finally:
         shutdown_distributed()

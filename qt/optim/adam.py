@@ -205,7 +205,8 @@ class _AdamBase(Optimizer):
 
     def _init_state(self, p: Tensor, state: dict[str, Tensor]) -> None:
         local_p = p.to_local() if isinstance(p, DTensor) else p
-        state["step"] = torch.tensor(0.0)
+        # FP32 whatever torch's default dtype: a BF16 count stops at 256 and makes 1 - beta1**1 round to 0.
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
         for name, quantizer in zip(("exp_avg", "exp_avg_sq"), self._quantizers(p)):
             codes, scales = quantizer.zeros(local_p.shape, local_p.device)
             state[name] = _shard_like(codes, p, quantized=quantizer is not FP32_STATE)
@@ -231,6 +232,8 @@ class _AdamBase(Optimizer):
     def _step_param(self, p, state, lr, beta1, beta2, eps, weight_decay) -> None:
         local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
         param = p.to_local() if isinstance(p, DTensor) else p
+        if param.numel() == 0:  # an empty parameter, or the FSDP2 shard of one with fewer rows than ranks
+            return
         grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
         quantizers = dict(zip(("exp_avg", "exp_avg_sq"), self._quantizers(p)))
         code_maps = {name: quantizer.code_map(param.device) for name, quantizer in quantizers.items()}

@@ -45,7 +45,9 @@ class CPUOffloadOptimizer(Optimizer):
         master_groups = []
         for group in groups:
             master_group = {k: v for k, v in group.items() if k != "params"}
-            master_group["params"] = [self._add_param(p) for p in group["params"]]
+            # Frozen parameters get no gradient, hence no update (torch.optim skips them too): no master, and
+            # no gradient hook, which autograd refuses on them. Unfreezing one later does not bring it in.
+            master_group["params"] = [self._add_param(p) for p in group["params"] if p.requires_grad]
             master_groups.append(master_group)
         self.inner = optimizer_class(master_groups, **kwargs)
         super().__init__(master_groups, self.inner.defaults)

@@ -96,7 +96,7 @@ class BlockQuantizer:
 
     def zeros(self, shape: torch.Size, device: torch.device) -> tuple[Tensor, Tensor]:
         """Codes and scales of an all-zero state for a (local) parameter shape."""
-        return self.quantize(torch.zeros(shape, device=device), self.code_map(device))
+        return self.quantize(torch.zeros(shape, dtype=torch.float32, device=device), self.code_map(device))
 
     def quantize(self, x: Tensor, code_map: Tensor | None) -> tuple[Tensor, Tensor]:
         rows, row_numel = x.shape[0], math.prod(x.shape[1:])

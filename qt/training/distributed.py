@@ -1,12 +1,19 @@
 """Process group, device and numerics setup, and how a model is wrapped for training: activation
-checkpointing, torch.compile and FSDP2 / DDP, applied per transformer block."""
+checkpointing, torch.compile and FSDP2 / DDP, applied per transformer block.
+
+Under torchrun, on one node or several (docs/distributed.md): RANK (0 .. WORLD_SIZE - 1 over all nodes)
+decides who logs and writes the run's files (rank 0) and which part of each batch and checkpoint a process
+owns; LOCAL_RANK (0 .. GPUs per node - 1) only picks the GPU.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
+import secrets
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -14,6 +21,8 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
+
+from qt.training.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,40 @@ def init_distributed() -> Dist:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world_size, device)
+
+
+def check_run_dir_shared(run_dir: str | Path, dist_info: Dist) -> None:
+    """Refuse a --run_dir that is not the same folder for every process (a node-local path on several
+    nodes): rank 0 writes the config, metrics and checkpoint pointer there, and every rank writes its part of
+    each checkpoint and reads the saved config on --resume. Every process raises the same one-line error,
+    where otherwise the ranks that see another folder would fail alone and leave the others waiting."""
+    if dist_info.world_size == 1:
+        return
+    run_dir = Path(run_dir)
+    token = torch.tensor([1 + secrets.randbits(62) if dist_info.is_main else 0], device=dist_info.device)
+    write_error = "rank 0 could not write there"
+    if dist_info.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # A fresh name each run: a network filesystem may cache that an earlier marker was absent.
+            (run_dir / f".rank0_{token.item()}").touch()
+        except OSError as e:
+            token.zero_()  # tells every rank to stop, here, together
+            write_error = f"{write_error} ({e.strerror})"
+    dist.broadcast(token, src=0)  # after rank 0's write
+    if token.item() == 0:
+        raise ConfigError(f"--run_dir {run_dir}: {write_error}; pick a folder you can write to")
+    marker = run_dir / f".rank0_{token.item()}"
+    blind = torch.zeros(dist_info.world_size, device=dist_info.device)
+    blind[dist_info.rank] = not marker.is_file()
+    all_reduce_sum(blind)
+    if dist_info.is_main:
+        marker.unlink()
+    if blind.any():
+        ranks = blind.nonzero().flatten().tolist()
+        raise ConfigError(f"--run_dir {run_dir} is not one folder shared by every process: rank(s) {ranks} do not "
+                          "see the file rank 0 wrote there. On several nodes, put it on a filesystem every node "
+                          "mounts at the same path (NFS, Lustre, ...)")
 
 
 def shutdown_distributed() -> None:
