@@ -415,22 +415,21 @@ def write_dataset(args, settings: dict, metadata: dict | None, train_docs, val_d
 
 
 def empty_split_error(name: str, splits: dict, settings: dict) -> ConfigError:
-    """Why split `name` holds no documents, and what would give it some."""
+    """Why split `name` holds no documents, and what would give it some. (Held out of the training documents,
+    the validation split is never empty: the first document goes to it.)"""
     source, val_fraction = settings["source"], settings["val_fraction"]
-    local = "data_files" in source
-    if val_fraction is None:  # separate validation data
+    total = sum(split["documents"] for split in splits.values())
+    if val_fraction is None or total == 0:
+        local = "data_files" in source
         flag = {"train": "--data_files" if local else "--split", "val": "--val_files" if local else "--val_split"}
         return ConfigError(f"the {name} data hold no documents; check {flag[name]}")
-    total = sum(split["documents"] for split in splits.values())
     more = "give more documents"
     if "txt_split" in source:
         more += f" (.txt files are split into documents by --txt_split, now {source['txt_split']}; see --help)"
-    if name == "train":
-        return ConfigError(f"all {total} documents went to validation, none to training: {more} or a lower "
-                           f"--val_fraction (now {val_fraction})")
-    return ConfigError(f"none of the {total} documents was held out for validation: {more}, a larger "
-                       f"--val_fraction (now {val_fraction}) or separate validation data "
-                       f"({'--val_files' if local else '--val_split'})")
+    if total == 1:
+        return ConfigError(f"found a single document, which went to validation: {more}")
+    return ConfigError(f"all {total} documents went to validation, none to training: {more} or a lower "
+                       f"--val_fraction (now {val_fraction})")
 
 
 def remove_new_files(output_dir: Path, existing: set | None) -> None:

@@ -68,14 +68,29 @@ def test_a_failed_run_writes_nothing_and_advises_right(tmp_path, capsys):
     output_dir = tmp_path / "out"
     flags = ["--data_files", str(one_document), "--train_tokenizer", "300", "--num_proc", "1"]
     err = run_failing(flags + ["--output_dir", str(output_dir)], capsys)
-    assert err == ("error: all 1 documents went to validation, none to training: give more documents (.txt files "
-                   "are split into documents by --txt_split, now auto; see --help) or a lower --val_fraction (now "
-                   "0.01)")
+    assert err == ("error: found a single document, which went to validation: give more documents (.txt files "
+                   "are split into documents by --txt_split, now auto; see --help)")
     assert not output_dir.exists()  # no metadata.json, no tokenizer trained on nothing
     output_dir.mkdir()
     (output_dir / "notes.md").write_text("mine")
     run_failing(flags + ["--output_dir", str(output_dir)], capsys)
     assert [p.name for p in output_dir.iterdir()] == ["notes.md"]  # only what the run wrote is removed
+
+
+def test_an_empty_split_says_what_would_fill_it(dataset_dir, tmp_path, capsys):
+    (tmp_path / "two.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (tmp_path / "empty.jsonl").write_text("\n")
+    for files, flags, message in [
+        ("two.jsonl", ["--val_fraction", "0.9"], "all 2 documents went to validation, none to training: give more "
+                                                 "documents or a lower --val_fraction (now 0.9)"),
+        ("empty.jsonl", [], "the train data hold no documents; check --data_files"),
+    ]:
+        err = run_failing(["--data_files", str(tmp_path / files), *flags, "--tokenizer", str(dataset_dir),
+                           "--output_dir", str(tmp_path / "out")], capsys)
+        assert err == f"error: {message}"
+    tokenize(dataset_dir, "--data_files", str(tmp_path / "two.jsonl"), "--val_fraction", "0.5", "--output_dir",
+             str(tmp_path / "out"))  # the advice works
+    assert [s["documents"] for s in read_metadata(tmp_path / "out")["splits"].values()] == [1, 1]
 
 
 def test_missing_validation_data_is_named(dataset_dir, tmp_path, capsys):
