@@ -402,7 +402,7 @@ def write_dataset(args, settings: dict, metadata: dict | None, train_docs, val_d
     if metadata is None:
         metadata = {"format": FORMAT, "complete": False, "settings": settings,
                     "tokenizer": args.tokenizer or str(output_dir), "vocab_size": vocab_size,
-                    "bos_id": bos, "eos_id": eos, "max_token_id": 0, "dtype": token_dtype(vocab_size),
+                    "bos_id": bos, "eos_id": eos, "dtype": token_dtype(vocab_size),
                     "splits": {s: {"documents": 0, "tokens": 0, "shards": []} for s in ("train", "val")}}
     tokenize_documents(labeled_documents(train_docs, val_docs, args.val_fraction), tokenizer, bos, eos,
                        metadata, output_dir, args)
@@ -499,7 +499,6 @@ def tokenize_documents(documents, tokenizer, bos, eos, metadata, output_dir: Pat
         with tqdm(desc="tokenizing", unit=" docs", initial=sum(done.values())) as progress:
             for task_splits, token_arrays in results:
                 for split, tokens in zip(task_splits, token_arrays):
-                    metadata["max_token_id"] = max(metadata["max_token_id"], int(tokens.max()))
                     writers[split].add(tokens)
                 progress.update(len(token_arrays))
     finally:  # every result is in (or a document could not be read: then no worker is needed either)

@@ -130,7 +130,7 @@ _TYPE_NAMES = {int: "an integer", float: "a finite number", str: "a string"}
 def _parse_scalar(value, type_):
     """`value` as an int, float or str, or None if it is not one exactly. Integers may be written as
     floats (1e9, 20.0) but not rounded (20.9); floats must be finite; booleans are neither."""
-    if isinstance(value, bool) or isinstance(value, (list, dict)):
+    if isinstance(value, (bool, list, dict)):
         return None
     if type_ is str:
         return str(value)

@@ -18,8 +18,6 @@ import torch
 from qt.training.config import ConfigError, write_atomically
 
 FORMAT = "qt-token-shards-v1"
-
-
 TOKEN_DTYPES = ("uint16", "uint32")
 
 
