@@ -21,8 +21,8 @@ from qt.training.config import ConfigError, TrainConfig, check_train_flags, flag
 from qt.training.data import RandomWindows, TokenShards, validation_batches
 from qt.training.distributed import Dist, check_run_dir_shared, init_distributed, resolve_dtypes, shutdown_distributed
 from qt.training.loop import train
-from qt.training.models import (build_causal_lm, decoder_blocks, flops_per_token, next_token_loss,
-                                quantize_model, resolve_recipe)
+from qt.training.models import (build_causal_lm, decoder_blocks, flops_per_token, load_model_config,
+                                next_token_loss, quantize_model, resolve_recipe)
 from qt.training.optimizer import parallelize_with_optimizer
 
 
@@ -51,30 +51,50 @@ def check_flags(cfg: PretrainConfig, explicit: set[str], world_size: int) -> Pre
                           "(scripts/quickstart.sh makes one from text on this machine)")
     if {"model", "init_from"} <= explicit:
         raise ConfigError("give --model (a fresh model) or --init_from (pretrained weights), not both")
-    check_train_flags(cfg, world_size, positive=("seq_len", "eval_tokens"))
-    if cfg.n_tokens is not None:
+    if cfg.n_tokens is not None:  # --n_steps first: the common checks compare --warmup_steps with it
         if "n_steps" in explicit:
             raise ConfigError("give --n_steps or --n_tokens, not both")
+        if min(cfg.n_tokens, cfg.batch_size, cfg.seq_len) < 1:
+            raise ConfigError("--n_tokens, --batch_size and --seq_len must be at least 1")
         cfg.n_steps = max(1, math.ceil(cfg.n_tokens / (cfg.batch_size * cfg.seq_len)))
+    check_train_flags(cfg, world_size, positive=("seq_len", "eval_tokens"))
     resolve_recipe(cfg)
     return cfg
 
 
-def pretrain(cfg: PretrainConfig, dist_info: Dist) -> dict:
-    device = dist_info.device
-    micro_batch_size = cfg.batch_size // (cfg.grad_accum * dist_info.world_size)
-    train_shards, val_shards = TokenShards(cfg.dataset_dir, "train"), TokenShards(cfg.dataset_dir, "val")
-    batches = RandomWindows(train_shards, cfg.seq_len, cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed,
-                            rank=dist_info.rank, world_size=dist_info.world_size, device=device)
-    eval_batches = validation_batches(val_shards, cfg.seq_len, cfg.eval_tokens, micro_batch_size,
-                                      rank=dist_info.rank, world_size=dist_info.world_size, device=device)
+def pretrained_vocab_size(cfg: PretrainConfig) -> int | None:
+    """Check that the model exists (reading its config only): the vocabulary size of --init_from's model,
+    or None for a fresh --model, whose vocabulary is sized to the dataset."""
+    if not cfg.init_from:
+        load_model_config(cfg.model, cfg.seq_len)
+        return None
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(cfg.init_from).vocab_size
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load --init_from {cfg.init_from!r} ({str(e).splitlines()[0]}); give a local "
+                          f"checkpoint folder or a Hugging Face model name") from None
 
+
+def load_data(cfg: PretrainConfig, dist_info: Dist, model_vocab_size: int | None) -> tuple:
+    """(training shards, training batches, validation batches), checked against the flags and the model."""
+    train_shards, val_shards = TokenShards(cfg.dataset_dir, "train"), TokenShards(cfg.dataset_dir, "val")
+    if model_vocab_size is not None:
+        for shards in (train_shards, val_shards):
+            shards.check_vocabulary(model_vocab_size)
+    micro_batch_size = cfg.batch_size // (cfg.grad_accum * dist_info.world_size)
+    batches = RandomWindows(train_shards, cfg.seq_len, cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed,
+                            rank=dist_info.rank, world_size=dist_info.world_size, device=dist_info.device)
+    eval_batches = validation_batches(val_shards, cfg.seq_len, cfg.eval_tokens, micro_batch_size,
+                                      rank=dist_info.rank, world_size=dist_info.world_size, device=dist_info.device)
+    return train_shards, batches, eval_batches
+
+
+def pretrain(cfg: PretrainConfig, dist_info: Dist, data: tuple) -> dict:
+    device = dist_info.device
+    train_shards, batches, eval_batches = data
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_causal_lm(cfg.model, cfg.init_from, train_shards.vocab_size, cfg.seq_len, device)
-    model_vocab = model.get_input_embeddings().num_embeddings
-    if max(train_shards.max_token_id, val_shards.max_token_id) >= model_vocab:
-        raise ConfigError(f"the dataset's token ids go up to {train_shards.max_token_id}, beyond the model's "
-                          f"vocabulary of {model_vocab}; tokenize the data with the model's tokenizer")
     flops = flops_per_token(model, cfg.seq_len)  # before quantization replaces the Linear layers
     weight_dtype, compute_dtype = resolve_dtypes(cfg.dtype, device)
     if cfg.quantize == "bitnet":
@@ -99,8 +119,14 @@ def main(argv=None) -> dict:
     try:
         cfg = name_run(cfg)
         check_run_dir_shared(cfg.run_dir, dist_info)
-        cfg = check_flags(resolve_run_config(cfg, explicit), explicit, dist_info.world_size)
-        return pretrain(cfg, dist_info)
+        if cfg.resume:  # continue with the saved run's config, checked below like a new one
+            cfg = resolve_run_config(cfg, explicit)
+        # Flags, then the model, then the data; the run directory last, when the run could start.
+        cfg = check_flags(cfg, explicit, dist_info.world_size)
+        data = load_data(cfg, dist_info, pretrained_vocab_size(cfg))
+        if not cfg.resume:  # refuses to start over an existing run
+            resolve_run_config(cfg, explicit)
+        return pretrain(cfg, dist_info, data)
     finally:
         shutdown_distributed()
 

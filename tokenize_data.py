@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,10 @@ DATASET_PRESETS = {
 }
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".txt", ".txt.gz")
 TRAINED_BOS, TRAINED_EOS = "<s>", "</s>"
+END_OF_TEXT = "<|endoftext|>"  # the document separator of GPT-style text dumps, e.g. TinyStories-train.txt
+TXT_SPLITS = ("auto", "endoftext", "blank_lines", "lines", "file")
 DOCS_PER_TASK = 256
+READ_CHUNK = 1 << 24  # bytes read at a time when searching a file
 
 
 def parse_args(argv):
@@ -48,9 +52,13 @@ def parse_args(argv):
     src.add_argument("--split", default="train", help="its training split")
     src.add_argument("--val_split", help="its validation split (default: hold out --val_fraction of the documents)")
     src.add_argument("--data_files", nargs="+", help=f"local files or globs ({', '.join(LOCAL_SUFFIXES)}); "
-                                                     f"a .txt file is one document")
+                                                     f".txt files are split into documents by --txt_split")
     src.add_argument("--val_files", nargs="+", help="local validation files (default: hold out --val_fraction)")
     src.add_argument("--text_field", default="text", help="the field that holds a document's text")
+    src.add_argument("--txt_split", choices=TXT_SPLITS, default="auto",
+                     help=f"how a .txt file is split into documents: at {END_OF_TEXT} (endoftext), at blank lines, "
+                          f"one per line, or the whole file as one; auto (default): at {END_OF_TEXT} where the "
+                          f"file holds one (TinyStories' .txt files), else at blank lines")
     tok = p.add_argument_group("tokenizer (one of)")
     tok.add_argument("--tokenizer", help="a Hugging Face tokenizer name or local folder")
     tok.add_argument("--train_tokenizer", type=int, metavar="VOCAB_SIZE",
@@ -80,28 +88,133 @@ def local_files(patterns: list[str]) -> list[str]:
     return files
 
 
-def read_local_file(path: str, text_field: str):
-    """The documents of one local file."""
+@contextmanager
+def reading(path: str):
+    """A local file opened for reading bytes (gunzipped if .gz); failing to read it is a one-line error."""
     opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            yield f
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise ConfigError(f"{path}: cannot read it ({e}); check the file") from None
+
+
+def numbered_lines(path: str):
+    """(line number, line) of a text file; a line that is not UTF-8 text is an error naming it."""
+    with reading(path) as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {e.start} of the line); "
+                                  f"convert the file to UTF-8 or leave it out") from None
+            if "\0" in line:
+                raise ConfigError(f"{path}:{number}: a NUL byte: binary data, not text; leave the file out")
+            yield number, line.replace("\r\n", "\n")
+
+
+def file_contains(path: str, text: str) -> bool:
+    needle = text.encode()
+    with reading(path) as f:
+        previous = b""
+        while chunk := f.read(READ_CHUNK):
+            if needle in chunk or needle in previous[-len(needle):] + chunk[:len(needle)]:
+                return True
+            previous = chunk
+    return False
+
+
+def split_text(lines, mode: str):
+    """The documents of a stream of text lines, split as --txt_split `mode` (not auto) says."""
+    document = []
+    for line in lines:
+        if mode == "endoftext":
+            *finished, line = line.split(END_OF_TEXT)
+            for piece in finished:
+                yield "".join(document) + piece
+                document = []
+        elif mode == "blank_lines" and not line.strip():
+            yield "".join(document)
+            document = []
+            continue
+        document.append(line)
+        if mode == "lines":
+            yield "".join(document)
+            document = []
+    yield "".join(document)
+
+
+def text_documents(path: str, mode: str):
+    """The documents of a .txt file, without surrounding whitespace; blank ones are dropped."""
+    if mode == "auto":
+        mode = "endoftext" if file_contains(path, END_OF_TEXT) else "blank_lines"
+    for document in split_text((line for _, line in numbered_lines(path)), mode):
+        if document.strip():
+            yield document.strip()
+
+
+def json_records(path: str):
+    """(where, record) for each record of a JSON lines file, or of a .json file holding one JSON array."""
+    lines = numbered_lines(path)
+    for number, line in lines:
+        if not line.strip():
+            continue
+        if path.endswith((".json", ".json.gz")) and line.lstrip().startswith("["):  # the rest of the file too
+            try:
+                records = json.loads(line + "".join(rest for _, rest in lines))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{number + e.lineno - 1}: not valid JSON ({e.msg}); fix the file") from None
+            if not isinstance(records, list):
+                raise ConfigError(f"{path}: not a JSON array of records")
+            yield from ((f"{path}: record {i}", record) for i, record in enumerate(records))
+            return
+        try:
+            yield f"{path}:{number}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{number}: not valid JSON ({e.msg}); JSON lines hold one object a line: "
+                              f"fix or remove the line") from None
+
+
+def record_text(where: str, record, text_field: str) -> str:
+    """The document text of one record, which must be an object with a string `text_field`."""
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where}: expected a JSON object with a {text_field!r} field, not "
+                          f"{json.dumps(record, default=str)[:40]}; fix or remove the record")
+    if text_field not in record:
+        raise ConfigError(f"{where}: has no field {text_field!r} (fields: {', '.join(record)}); pass --text_field")
+    return checked_text(where, record[text_field], text_field)
+
+
+def checked_text(where: str, text, text_field: str) -> str:
+    if not isinstance(text, str):
+        raise ConfigError(f"{where}: {text_field!r} is {json.dumps(text, default=str)[:40]}, not a string; "
+                          f"fix or remove the record")
+    return text
+
+
+def parquet_documents(path: str, text_field: str):
+    import pyarrow.parquet as pq  # only for parquet input
+    try:
+        table = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ConfigError(f"{path}: not a readable parquet file ({e})") from None
+    if text_field not in table.schema_arrow.names:
+        raise ConfigError(f"{path}: no column {text_field!r} (columns: {', '.join(table.schema_arrow.names)}); "
+                          f"pass --text_field")
+    row = 0
+    for batch in table.iter_batches(columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            yield checked_text(f"{path}: row {row}", text, text_field)
+            row += 1
+
+
+def read_local_file(path: str, text_field: str, txt_split: str = "auto"):
+    """The documents of one local file."""
     if path.endswith((".txt", ".txt.gz")):
-        with opener(path, "rt", encoding="utf-8") as f:
-            yield f.read()
-        return
+        return text_documents(path, txt_split)
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq  # only for parquet input
-        for batch in pq.ParquetFile(path).iter_batches(columns=[text_field]):
-            yield from batch.column(0).to_pylist()
-        return
-    with opener(path, "rt", encoding="utf-8") as f:
-        first = f.read(1)
-        f.seek(0)
-        # A .json file is either one JSON array of records or JSON lines.
-        records = json.load(f) if first == "[" else (json.loads(line) for line in f if line.strip())
-        for i, record in enumerate(records):
-            if text_field not in record:
-                raise ConfigError(f"{path}: record {i} has no field {text_field!r} (fields: "
-                                  f"{', '.join(record)}); pass --text_field")
-            yield record[text_field]
+        return parquet_documents(path, text_field)
+    return (record_text(where, record, text_field) for where, record in json_records(path))
 
 
 def hf_documents(name: str, config: str | None, split: str, text_field: str):
@@ -110,8 +223,8 @@ def hf_documents(name: str, config: str | None, split: str, text_field: str):
     except ImportError:
         raise ConfigError("reading a Hugging Face dataset needs `pip install datasets` "
                           "(or download its files and pass them to --data_files)") from None
-    for record in datasets.load_dataset(name, config, split=split, streaming=True):
-        yield record[text_field]
+    for i, record in enumerate(datasets.load_dataset(name, config, split=split, streaming=True)):
+        yield record_text(f"{name} {split}: record {i}", record, text_field)
 
 
 def document_streams(args) -> tuple[dict, object, object]:
@@ -124,9 +237,11 @@ def document_streams(args) -> tuple[dict, object, object]:
         train_files = local_files(args.data_files)
         val_files = local_files(args.val_files) if args.val_files else None
         description = {"data_files": train_files, "val_files": val_files, "text_field": args.text_field}
+        if any(f.endswith((".txt", ".txt.gz")) for f in train_files + (val_files or [])):
+            description["txt_split"] = args.txt_split
 
         def from_files(files):
-            return lambda: (doc for f in files for doc in read_local_file(f, args.text_field))
+            return lambda: (doc for f in files for doc in read_local_file(f, args.text_field, args.txt_split))
         return description, from_files(train_files), val_files and from_files(val_files)
     if args.dataset:
         name, config, split, val_split = DATASET_PRESETS[args.dataset]
@@ -232,11 +347,11 @@ def batched(items, size):
 @one_line_errors
 def main(argv=None):
     args = parse_args(argv)
-    if (args.tokenizer is None) == (args.train_tokenizer is None):
-        raise ConfigError("give exactly one of --tokenizer NAME and --train_tokenizer VOCAB_SIZE")
-    if not 0 <= args.val_fraction < 1:
-        raise ConfigError("--val_fraction must be in [0, 1)")
+    check_args(args)
     source, train_docs, val_docs = document_streams(args)
+    if not val_docs and args.val_fraction == 0:
+        raise ConfigError("--val_fraction 0 holds out no validation documents: give a fraction (e.g. 0.01) or "
+                          "separate validation data (--val_files / --val_split)")
     output_dir = Path(args.output_dir)
     settings = {"source": source, "tokenizer": args.tokenizer or f"trained byte-level BPE {args.train_tokenizer}",
                 "val_fraction": None if val_docs else args.val_fraction, "shard_tokens": args.shard_tokens}
@@ -245,8 +360,32 @@ def main(argv=None):
     if metadata and metadata["complete"]:
         print(f"{output_dir} is already complete ({metadata['splits']['train']['tokens']:,} training tokens)")
         return
+    existing = set(output_dir.iterdir()) if output_dir.is_dir() else None
     output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        splits = write_dataset(args, settings, metadata, train_docs, val_docs, output_dir)
+    except Exception:
+        # A failed fresh run leaves nothing behind; an interrupted one (Ctrl-C) stays, for a rerun to finish.
+        if metadata is None:
+            remove_new_files(output_dir, existing)
+        raise
+    print(f"wrote {output_dir}: " + ", ".join(
+        f"{name} {s['documents']:,} documents {s['tokens']:,} tokens in {len(s['shards'])} shards"
+        for name, s in splits.items()))
 
+
+def check_args(args) -> None:
+    if (args.tokenizer is None) == (args.train_tokenizer is None):
+        raise ConfigError("give exactly one of --tokenizer NAME and --train_tokenizer VOCAB_SIZE")
+    if not 0 <= args.val_fraction < 1:
+        raise ConfigError(f"--val_fraction must be at least 0 and below 1, not {args.val_fraction}")
+    for name in ("shard_tokens", "num_proc", "tokenizer_documents"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1, not {getattr(args, name)}")
+
+
+def write_dataset(args, settings: dict, metadata: dict | None, train_docs, val_docs, output_dir: Path) -> dict:
+    """Tokenize into `output_dir`, continuing the interrupted run of `metadata` if any; the splits written."""
     if args.tokenizer:
         tokenizer, bos, eos = load_tokenizer(args.tokenizer)
     elif (output_dir / "tokenizer.json").is_file():  # trained by the interrupted run being finished
@@ -263,19 +402,46 @@ def main(argv=None):
     if metadata is None:
         metadata = {"format": FORMAT, "complete": False, "settings": settings,
                     "tokenizer": args.tokenizer or str(output_dir), "vocab_size": vocab_size,
-                    "bos_id": bos, "eos_id": eos, "max_token_id": 0, "dtype": token_dtype(vocab_size),
+                    "bos_id": bos, "eos_id": eos, "dtype": token_dtype(vocab_size),
                     "splits": {s: {"documents": 0, "tokens": 0, "shards": []} for s in ("train", "val")}}
     tokenize_documents(labeled_documents(train_docs, val_docs, args.val_fraction), tokenizer, bos, eos,
                        metadata, output_dir, args)
     for name, split in metadata["splits"].items():
         if split["tokens"] == 0:
-            raise ConfigError(f"the {name} split came out empty; give more documents, a larger --val_fraction "
-                              f"or --val_files/--val_split (and delete {output_dir})")
+            raise empty_split_error(name, metadata["splits"], settings)
     metadata["complete"] = True
     write_metadata(output_dir, metadata)
-    print(f"wrote {output_dir}: " + ", ".join(
-        f"{name} {s['documents']:,} documents {s['tokens']:,} tokens in {len(s['shards'])} shards"
-        for name, s in metadata["splits"].items()))
+    return metadata["splits"]
+
+
+def empty_split_error(name: str, splits: dict, settings: dict) -> ConfigError:
+    """Why split `name` holds no documents, and what would give it some. (Held out of the training documents,
+    the validation split is never empty: the first document goes to it.)"""
+    source, val_fraction = settings["source"], settings["val_fraction"]
+    total = sum(split["documents"] for split in splits.values())
+    if val_fraction is None or total == 0:
+        local = "data_files" in source
+        flag = {"train": "--data_files" if local else "--split", "val": "--val_files" if local else "--val_split"}
+        return ConfigError(f"the {name} data hold no documents; check {flag[name]}")
+    more = "give more documents"
+    if "txt_split" in source:
+        more += f" (.txt files are split into documents by --txt_split, now {source['txt_split']}; see --help)"
+    if total == 1:
+        return ConfigError(f"found a single document, which went to validation: {more}")
+    return ConfigError(f"all {total} documents went to validation, none to training: {more} or a lower "
+                       f"--val_fraction (now {val_fraction})")
+
+
+def remove_new_files(output_dir: Path, existing: set | None) -> None:
+    """Remove what a failed run wrote: the whole folder if it made it, else the entries not in `existing`."""
+    if existing is None:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return
+    for path in set(output_dir.iterdir()) - existing:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def previous_metadata(output_dir: Path, settings: dict) -> dict | None:
@@ -286,8 +452,11 @@ def previous_metadata(output_dir: Path, settings: dict) -> dict | None:
             raise ConfigError(f"{output_dir} holds shards but no metadata.json; delete it or pick another "
                               f"--output_dir")
         return None
-    metadata = json.loads(path.read_text())
-    if metadata.get("settings") != settings:
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); delete {output_dir} or pick another --output_dir") from None
+    if not isinstance(metadata, dict) or metadata.get("settings") != settings:
         raise ConfigError(f"{output_dir} holds a dataset made with different settings; pick another "
                           f"--output_dir or delete it")
     return metadata
@@ -320,22 +489,21 @@ def tokenize_documents(documents, tokenizer, bos, eos, metadata, output_dir: Pat
     tasks = (tuple(zip(*batch)) for batch in batched(todo(), DOCS_PER_TASK))
     parallel = args.num_proc > 1
     init_args = (tokenizer.to_str(), bos, eos, not parallel)
-    progress = tqdm(desc="tokenizing", unit=" docs", initial=sum(done.values()))
     if parallel:
         pool = multiprocessing.get_context("fork").Pool(args.num_proc, _init_worker, init_args)
         results = pool.imap(_encode, tasks)
     else:
         _init_worker(*init_args)
         results = map(_encode, tasks)
-    for task_splits, token_arrays in results:
-        for split, tokens in zip(task_splits, token_arrays):
-            metadata["max_token_id"] = max(metadata["max_token_id"], int(tokens.max()))
-            writers[split].add(tokens)
-        progress.update(len(token_arrays))
-    if parallel:
-        pool.close()
-        pool.join()
-    progress.close()
+    try:
+        with tqdm(desc="tokenizing", unit=" docs", initial=sum(done.values())) as progress:
+            for task_splits, token_arrays in results:
+                for split, tokens in zip(task_splits, token_arrays):
+                    writers[split].add(tokens)
+                progress.update(len(token_arrays))
+    finally:  # every result is in (or a document could not be read: then no worker is needed either)
+        if parallel:
+            pool.terminate()
     for writer in writers.values():
         writer.flush()
 

@@ -12,6 +12,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -68,7 +69,8 @@ class TrainConfig:
     betas: list[float] = flag([0.9, 0.95], "Adam betas (two numbers)")
     schedule: str = flag("cosine", "LR schedule after warmup: cosine decay, warmup-stable-decay, or constant",
                          ("cosine", "wsd", "constant"))
-    warmup_steps: int = flag(100, "linear warmup steps")
+    warmup_steps: int = flag(100, "linear warmup steps; a run of at most this many --n_steps warms up for a "
+                                  "tenth of its steps instead (with a warning)")
     decay_fraction: float = flag(0.2, "wsd: fraction of the steps spent in the final linear decay")
     min_lr_ratio: float = flag(0.1, "final LR as a fraction of --lr (cosine and wsd)")
     clip_grad_norm: float = flag(1.0, "clip the global gradient norm to this (0: no clipping)")
@@ -93,18 +95,19 @@ RESUMABLE_CHANGES = {"run_dir", "resume", "wandb", "project", "run_name", "log_i
 
 
 def _converter(name: str, type_):
-    """A function from a command-line string (or a YAML scalar) to the field's type."""
+    """A function from a command-line string (or a YAML value) to the field's type. Nothing is rounded or
+    coerced silently: 20.9 or true for an int, true for a float, a list for a string are errors."""
     if type_ is dict:
-        def parse_json(text):
-            if isinstance(text, dict):
-                return text
+        def parse_json(value):
+            if isinstance(value, dict):
+                return value
             try:
-                value = json.loads(text)
+                parsed = json.loads(value) if isinstance(value, str) else value
             except json.JSONDecodeError as e:
                 raise ConfigError(f"--{name} must be a JSON object, e.g. '{{\"eps\": 1e-6}}' ({e})") from None
-            if not isinstance(value, dict):
-                raise ConfigError(f"--{name} must be a JSON object, e.g. '{{\"eps\": 1e-6}}', not {text!r}")
-            return value
+            if not isinstance(parsed, dict):
+                raise ConfigError(f"--{name} must be a JSON object, e.g. '{{\"eps\": 1e-6}}', not {value!r}")
+            return parsed
         return parse_json
     if type_ is bool:
         def parse_bool(value):
@@ -114,22 +117,49 @@ def _converter(name: str, type_):
         return parse_bool
 
     def parse_scalar(value):
-        try:
-            return type_(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name} must be {type_.__name__}, not {value!r}") from None
+        parsed = _parse_scalar(value, type_)
+        if parsed is None:
+            raise ConfigError(f"{name} must be {_TYPE_NAMES.get(type_, type_.__name__)}, not {value!r}")
+        return parsed
     return parse_scalar
 
 
+_TYPE_NAMES = {int: "an integer", float: "a finite number", str: "a string"}
+
+
+def _parse_scalar(value, type_):
+    """`value` as an int, float or str, or None if it is not one exactly. Integers may be written as
+    floats (1e9, 20.0) but not rounded (20.9); floats must be finite; booleans are neither."""
+    if isinstance(value, (bool, list, dict)):
+        return None
+    if type_ is str:
+        return str(value)
+    if type_ is int and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass  # perhaps written as a float: 1e9
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number):
+        return None
+    if type_ is float:
+        return number
+    return int(number) if type_ is int and number.is_integer() else None
+
+
 def _field_types(cls) -> dict[str, tuple]:
-    """name -> (base type, is a list) for every field; `X | None` counts as X."""
+    """name -> (base type, is a list, may be None) for every field; `X | None` counts as X."""
     types = {}
     for name, hint in typing.get_type_hints(cls).items():
         args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = type(None) in typing.get_args(hint)
         if typing.get_origin(hint) is list:
-            types[name] = (args[0], True)
+            types[name] = (args[0], True, optional)
         else:
-            types[name] = (args[0] if args else hint, False)
+            types[name] = (args[0] if args else hint, False, optional)
     return types
 
 
@@ -141,7 +171,7 @@ def build_parser(cls, description: str) -> argparse.ArgumentParser:
                                          "command-line flags override it")
     types = _field_types(cls)
     for f in dataclasses.fields(cls):
-        type_, is_list = types[f.name]
+        type_, is_list, _ = types[f.name]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         kwargs = {"help": f"{f.metadata['help']} (default: {default})"}
         if type_ is bool:
@@ -183,18 +213,25 @@ def load_yaml(path: str, cls) -> dict:
                           f"flags of --help without the dashes")
     converted = {}
     for name, value in values.items():
-        type_, is_list = types[name]
-        convert = _converter(name, type_)
-        if value is None:
-            converted[name] = None
-        elif is_list:
-            if not isinstance(value, list):
-                raise ConfigError(f"--config {path}: {name} must be a list, e.g. [0.9, 0.95]")
-            converted[name] = [convert(v) for v in value]
-        else:
-            # PyYAML reads 3e-4 (no dot) as a string; the converter makes it a float.
-            converted[name] = convert(value)
+        try:
+            converted[name] = _yaml_value(name, value, *types[name])
+        except ConfigError as e:
+            raise ConfigError(f"--config {path}: {e}") from None
     return converted
+
+
+def _yaml_value(name: str, value, type_, is_list: bool, optional: bool):
+    if value is None:
+        if not optional:
+            raise ConfigError(f"{name} must have a value, not null; remove the line to use the default")
+        return None
+    convert = _converter(name, type_)
+    if is_list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, e.g. [0.9, 0.95]")
+        return [convert(v) for v in value]
+    # PyYAML reads 3e-4 (no dot) as a string; the converter makes it a float.
+    return convert(value)
 
 
 def parse_config(cls, argv: list[str] | None, description: str):
@@ -208,11 +245,28 @@ def parse_config(cls, argv: list[str] | None, description: str):
     return cfg, set(values)
 
 
+# The largest --lr accepted: above it no optimizer we know of trains; a typo (3e4 for 3e-4) is likelier.
+MAX_LR = 10.0
+
+
 def check_train_flags(cfg, world_size: int, positive: tuple[str, ...] = ()) -> None:
-    """Refuse inconsistent common flags (and non-positive `positive` ones) before anything is loaded."""
-    for name in ("n_steps", "batch_size", "grad_accum", "log_interval", *positive):
+    """Refuse inconsistent or out-of-range common flags (and non-positive `positive` ones) before anything
+    is loaded: a negative clipping norm, decay or LR would train silently wrong."""
+    for name in ("n_steps", "batch_size", "grad_accum", "log_interval", "keep_checkpoints", *positive):
         if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1")
+            raise ConfigError(f"--{name} must be at least 1, not {getattr(cfg, name)}")
+    for name in ("warmup_steps", "eval_interval", "ckpt_interval", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name} must be at least 0, not {getattr(cfg, name)}")
+    ranges = {"lr": (0 < cfg.lr < MAX_LR, f"a positive number below {MAX_LR:g}"),
+              "clip_grad_norm": (cfg.clip_grad_norm >= 0, "at least 0 (0: no clipping)"),
+              "min_lr_ratio": (0 <= cfg.min_lr_ratio <= 1, "between 0 and 1 (a fraction of --lr)"),
+              "decay_fraction": (0 <= cfg.decay_fraction <= 1, "between 0 and 1"),
+              "seed": (0 <= cfg.seed < 2**32, "between 0 and 2**32 - 1"),
+              "betas": (all(0 <= b < 1 for b in cfg.betas), "two numbers in [0, 1), e.g. --betas 0.9 0.95")}
+    for name, (ok, what) in ranges.items():
+        if not ok:
+            raise ConfigError(f"--{name} must be {what}, not {getattr(cfg, name)}")
     if cfg.batch_size % (cfg.grad_accum * world_size):
         per_step = cfg.grad_accum * world_size
         raise ConfigError(f"--batch_size {cfg.batch_size} must be divisible by --grad_accum {cfg.grad_accum} "
@@ -224,6 +278,15 @@ def check_train_flags(cfg, world_size: int, positive: tuple[str, ...] = ()) -> N
                           "optimizer states over the GPUs instead)")
     if cfg.offload_optimizer and cfg.quantize != "none":
         raise ConfigError(f"--offload_optimizer steps plain weights: use it with --quantize none, not {cfg.quantize}")
+    if cfg.warmup_steps != effective_warmup_steps(cfg) and os.environ.get("RANK", "0") == "0":
+        print(f"warning: --warmup_steps {cfg.warmup_steps} >= --n_steps {cfg.n_steps} would never reach the peak "
+              f"LR; warming up for {effective_warmup_steps(cfg)} steps (a tenth of the run) instead", file=sys.stderr)
+
+
+def effective_warmup_steps(cfg) -> int:
+    """--warmup_steps, or for a run too short to finish it (--n_steps at most the warmup: a short test run
+    with the default warmup) a tenth of the run, so the run does reach its peak LR."""
+    return cfg.warmup_steps if cfg.warmup_steps < cfg.n_steps else cfg.n_steps // 10
 
 
 def check_choices(cfg) -> None:

@@ -18,6 +18,7 @@ import torch
 from qt.training.config import ConfigError, write_atomically
 
 FORMAT = "qt-token-shards-v1"
+TOKEN_DTYPES = ("uint16", "uint32")
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -25,6 +26,7 @@ def token_dtype(vocab_size: int) -> str:
 
 
 def read_metadata(dataset_dir: str | Path) -> dict:
+    """The metadata of a finished dataset folder; anything unusable about it is a one-line error."""
     path = Path(dataset_dir) / "metadata.json"
     if not Path(dataset_dir).is_dir():
         raise ConfigError(f"dataset folder {dataset_dir} does not exist; make it with "
@@ -32,13 +34,46 @@ def read_metadata(dataset_dir: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"dataset folder {dataset_dir} has no metadata.json; make it with "
                           f"`python tokenize_data.py --output_dir {dataset_dir} ...`")
-    metadata = json.loads(path.read_text())
-    if metadata.get("format") != FORMAT:
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); re-tokenize the data") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a tokenize_data.py output ({FORMAT}); re-tokenize the data")
+    problem = metadata_problem(metadata)
+    if problem:
+        raise ConfigError(f"{path}: {problem}; re-tokenize the data")
     if not metadata["complete"]:
         raise ConfigError(f"tokenization of {dataset_dir} did not finish; rerun tokenize_data.py with the "
                           f"same flags to complete it")
     return metadata
+
+
+def metadata_problem(metadata: dict) -> str | None:
+    """What makes a dataset's metadata unusable, or None."""
+    def count(value, least: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    if not isinstance(metadata.get("complete"), bool):
+        return "'complete' is missing or not true/false"
+    if not count(metadata.get("vocab_size"), 1):
+        return f"'vocab_size' must be a positive integer, not {metadata.get('vocab_size')!r}"
+    if metadata.get("dtype") not in TOKEN_DTYPES:
+        return f"'dtype' must be one of {', '.join(TOKEN_DTYPES)} (token ids), not {metadata.get('dtype')!r}"
+    splits = metadata.get("splits")
+    for split in ("train", "val"):
+        records = splits.get(split, {}).get("shards") if isinstance(splits, dict) else None
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            return f"'splits' must hold a list of shards for {split!r}"
+        for record in records:
+            name = record.get("file")
+            if not (isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..")):
+                return f"shard {name!r} is not a file name in the dataset folder"
+            if not count(record.get("tokens"), 1):
+                return f"shard {name}: 'tokens' must be a positive integer, not {record.get('tokens')!r}"
+            if "max_token_id" in record and not count(record["max_token_id"], 0):
+                return f"shard {name}: 'max_token_id' must be a non-negative integer"
+    return None
 
 
 def write_metadata(output_dir: Path, metadata: dict) -> None:
@@ -70,30 +105,49 @@ class ShardWriter:
             return
         name = f"{self.split}_{len(self.shards):06d}.bin"
         tmp = self.output_dir / (name + ".tmp")
-        np.concatenate(self.pending).astype(self.dtype).tofile(tmp)
+        tokens = np.concatenate(self.pending)
+        tokens.astype(self.dtype).tofile(tmp)
         os.replace(tmp, self.output_dir / name)
-        self.shards.append({"file": name, "documents": len(self.pending), "tokens": self.pending_tokens})
+        self.shards.append({"file": name, "documents": len(self.pending), "tokens": self.pending_tokens,
+                            "max_token_id": int(tokens.max())})
         self.pending, self.pending_tokens = [], 0
         self.on_shard()
 
 
 class TokenShards:
-    """The memory-mapped shards of one split of a dataset folder."""
+    """The memory-mapped shards of one split of a dataset folder, each checked against its record in the
+    metadata (inside the folder, of the recorded size)."""
 
     def __init__(self, dataset_dir: str | Path, split: str):
         metadata = read_metadata(dataset_dir)
-        records = metadata["splits"].get(split, {}).get("shards", [])
+        folder = Path(dataset_dir).resolve()
+        itemsize = np.dtype(metadata["dtype"]).itemsize
         self.split = split
         self.vocab_size = metadata["vocab_size"]
-        self.max_token_id = metadata["max_token_id"]
-        self.shards = []
-        for record in records:
+        self.shards, max_ids = [], []
+        for record in metadata["splits"][split]["shards"]:
             path = Path(dataset_dir) / record["file"]
-            shard = np.memmap(path, dtype=metadata["dtype"], mode="r") if path.is_file() else None
-            if shard is None or len(shard) != record["tokens"]:
-                raise ConfigError(f"shard {path} is missing or truncated; re-tokenize {dataset_dir}")
+            if path.resolve().parent != folder:
+                raise ConfigError(f"shard {path} leads to {path.resolve()}, outside the dataset folder; shards "
+                                  f"must be files in {dataset_dir}")
+            size, expected = (path.stat().st_size if path.is_file() else None), record["tokens"] * itemsize
+            if size != expected:
+                found = "is missing" if size is None else f"has {size} bytes, not the {expected} of its metadata"
+                raise ConfigError(f"shard {path} {found}; re-tokenize {dataset_dir}")
+            shard = np.memmap(path, dtype=metadata["dtype"], mode="r")
             self.shards.append(shard)
+            # Datasets tokenized before shards recorded their largest id are scanned, once per load.
+            max_ids.append(record["max_token_id"] if "max_token_id" in record else int(shard.max()))
+        self.max_token_id = max(max_ids, default=0)
+        if self.max_token_id >= self.vocab_size:
+            raise ConfigError(f"the {split} shards of {dataset_dir} hold token id {self.max_token_id}, beyond the "
+                              f"vocabulary of {self.vocab_size} in its metadata.json; re-tokenize the data")
         self.n_tokens = sum(len(s) for s in self.shards)
+
+    def check_vocabulary(self, model_vocab_size: int) -> None:
+        if self.max_token_id >= model_vocab_size:
+            raise ConfigError(f"the dataset's {self.split} token ids go up to {self.max_token_id}, beyond the model's "
+                              f"vocabulary of {model_vocab_size}; tokenize the data with the model's tokenizer")
 
     def check_fits(self, seq_len: int, what: str) -> None:
         longest = max((len(s) for s in self.shards), default=0)

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from qt.training.config import ConfigError
+from qt.training.config import ConfigError, effective_warmup_steps
 
 
 def optimizer_class(name: str) -> type:
@@ -47,14 +47,15 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
 
 
 def lr_at(step: int, cfg) -> float:
-    """Learning rate for optimizer step `step` (1-based): linear warmup, then cosine decay to
-    min_lr_ratio * lr, or warmup-stable-decay (constant, then a linear decay over the last decay_fraction),
-    or constant. A pure function of the step, so a resumed run needs no scheduler state."""
-    if step <= cfg.warmup_steps:
-        return cfg.lr * step / cfg.warmup_steps
+    """Learning rate for optimizer step `step` (1-based): linear warmup (effective_warmup_steps), then cosine
+    decay to min_lr_ratio * lr, or warmup-stable-decay (constant, then a linear decay over the last
+    decay_fraction), or constant. A pure function of the step, so a resumed run needs no scheduler state."""
+    warmup_steps = effective_warmup_steps(cfg)
+    if step <= warmup_steps:
+        return cfg.lr * step / warmup_steps
     min_lr = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "cosine":
-        progress = (step - cfg.warmup_steps) / max(cfg.n_steps - cfg.warmup_steps, 1)
+        progress = (step - warmup_steps) / max(cfg.n_steps - warmup_steps, 1)
         return min_lr + (cfg.lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
     if cfg.schedule == "wsd":
         decay_steps = max(round(cfg.n_steps * cfg.decay_fraction), 1)

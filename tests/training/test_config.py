@@ -18,10 +18,21 @@ def test_yaml_sets_flags_and_command_line_overrides(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("learning_rate: 1\n", "unknown key"),
-    ("lr: fast\n", "lr must be float"),
+    ("lr: fast\n", "lr must be a finite number"),
     ("compile: maybe\n", "compile must be true or false"),
     ("schedule: linear\n", "--schedule must be one of"),
     ("- lr\n", "must be a mapping"),
+    # Nothing is coerced: a list for a mapping, null for a value, a float or bool rounded into an int.
+    ("optim_kwargs: [1, 2]\n", "--optim_kwargs must be a JSON object"),
+    ("n_steps: null\n", "n_steps must have a value, not null"),
+    ("n_steps: 20.9\n", "n_steps must be an integer, not 20.9"),
+    ("n_steps: true\n", "n_steps must be an integer, not True"),
+    ("batch_size: 8.9\n", "batch_size must be an integer, not 8.9"),
+    ("lr: true\n", "lr must be a finite number, not True"),
+    ("lr: .inf\n", "lr must be a finite number, not inf"),
+    ("lr: [0.1]\n", "lr must be a finite number"),
+    ("optim: [AdamW]\n", "optim must be a string"),
+    ("betas: [0.9, yes]\n", "betas must be a finite number, not True"),
 ])
 def test_bad_yaml_is_a_one_line_error(tmp_path, text, message):
     config = tmp_path / "run.yaml"

@@ -62,7 +62,8 @@ def test_resume_continues_the_loss_curve_bit_exactly(base_run, dataset_dir, tmp_
 
 def test_grad_accum_and_activation_checkpointing_do_not_change_the_losses(base_run, dataset_dir, tmp_path):
     run_dir = tmp_path / "accum"
-    llm_pretrain.main(pretrain_args(dataset_dir, run_dir, "--n_steps", "5", "--grad_accum", "4",
+    # 6 steps: a run of at most --warmup_steps (5) steps would warm up for a tenth of its steps: other LRs.
+    llm_pretrain.main(pretrain_args(dataset_dir, run_dir, "--n_steps", "6", "--grad_accum", "4",
                                     "--activation_checkpointing"))
     # Only the summation order differs: 4 micro-batches of 4 see the same windows as one batch of 16.
     base = read_metrics(base_run)[:5]
@@ -89,7 +90,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(dataset_dir, tmp_path):
 
 def test_compiled_run_matches_eager(base_run, dataset_dir, tmp_path):
     run_dir = tmp_path / "compiled"
-    llm_pretrain.main(pretrain_args(dataset_dir, run_dir, "--n_steps", "3", "--compile"))
+    llm_pretrain.main(pretrain_args(dataset_dir, run_dir, "--n_steps", "6", "--compile"))  # 6: see above
     for x, y in zip(read_metrics(run_dir), read_metrics(base_run)):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
 

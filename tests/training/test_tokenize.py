@@ -21,7 +21,8 @@ def test_tokenized_corpus_has_wrapped_documents_and_a_validation_split(dataset_d
         assert len(tokens) == split["tokens"] == sum(s["tokens"] for s in split["shards"])
         assert (tokens == metadata["bos_id"]).sum() == (tokens == metadata["eos_id"]).sum() == split["documents"]
         assert tokens[0] == metadata["bos_id"] and tokens[-1] == metadata["eos_id"]
-        assert tokens.max() <= metadata["max_token_id"] < metadata["vocab_size"]
+        for record, shard in zip(split["shards"], TokenShards(dataset_dir, name).shards):
+            assert record["max_token_id"] == shard.max() < metadata["vocab_size"]
     from transformers import AutoTokenizer  # the trained tokenizer is saved in the Hugging Face format
     tokenizer = AutoTokenizer.from_pretrained(dataset_dir)
     assert tokenizer.decode(tokenizer("Return the sum of x and y.")["input_ids"]) == "Return the sum of x and y."
