@@ -226,7 +226,8 @@ def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None) -> tuple[Tensor,
     wrap_triton(_quantize_whole_rows_kernel)[(triton.cdiv(n_rows, block_rows),)](
         x, q, scale, seed,
         n_rows, n_cols, x.stride(0), x.stride(1),
-        MIN_AMAX=_min_amax(x.dtype), STOCHASTIC=seed is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        MIN_AMAX=_min_amax(x.dtype), STOCHASTIC=seed is not None, SCALE_IS_BF16=scale.dtype == torch.bfloat16,
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
     )  # fmt: skip
     return q, scale
 
@@ -312,7 +313,8 @@ if triton is not None:
     def _quantize_whole_rows_kernel(
         x_ptr, q_ptr, scale_ptr, seed_ptr,
         n_rows, n_cols, stride_x_row, stride_x_col,
-        MIN_AMAX: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+        MIN_AMAX: tl.constexpr, STOCHASTIC: tl.constexpr, SCALE_IS_BF16: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     ):  # fmt: skip
         """Quantizes BLOCK_ROWS whole rows of x, each held in registers: one read of x."""
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -320,8 +322,7 @@ if triton is not None:
         in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x_row + cols[None, :].to(tl.int64) * stride_x_col
         x = tl.load(x_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
-        scale = _scale_from_amax(tl.max(_abs_nan_as_inf(x), axis=1), MIN_AMAX,
-                                 scale_ptr.dtype.element_ty == tl.bfloat16)
+        scale = _scale_from_amax(tl.max(_abs_nan_as_inf(x), axis=1), MIN_AMAX, SCALE_IS_BF16)
         tl.store(scale_ptr + rows, scale.to(scale_ptr.dtype.element_ty), mask=rows < n_rows)
         seed = tl.load(seed_ptr) if STOCHASTIC else 0
         offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
