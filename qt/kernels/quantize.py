@@ -330,14 +330,17 @@ if triton is not None:
         tl.store(q_ptr + offsets, q, mask=in_bounds)
 
     @triton.jit
-    def _load_tile(x_ptr, n_rows, n_cols, stride_x_row, stride_x_col, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _tile_offsets(n_rows, n_cols, stride_x_row, stride_x_col, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's rows and columns, which of them are inside x, and their offsets in x.
+
+        (Pointers stay in the kernels themselves: torch.compile reads which tensors a kernel writes from
+        its IR, and a pointer handed to a helper function counts as written, which costs a copy of x.)"""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         # int64: row * row stride can pass 2**31 in large tensors.
-        x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x_row + cols[None, :].to(tl.int64) * stride_x_col
-        x = tl.load(x_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
-        return x, rows, cols, in_bounds
+        offsets = rows[:, None].to(tl.int64) * stride_x_row + cols[None, :].to(tl.int64) * stride_x_col
+        return rows, cols, in_bounds, offsets
 
     @triton.autotune(configs=_tile_configs(), key=["n_rows", "n_cols", "ROWS", "COLS"])
     @triton.jit
@@ -346,7 +349,8 @@ if triton is not None:
         n_rows, n_cols, stride_x_row, stride_x_col,
         ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        x, rows, cols, _ = _load_tile(x_ptr, n_rows, n_cols, stride_x_row, stride_x_col, BLOCK_R, BLOCK_C)
+        rows, cols, in_bounds, offsets = _tile_offsets(n_rows, n_cols, stride_x_row, stride_x_col, BLOCK_R, BLOCK_C)
+        x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
         magnitude = _abs_nan_as_inf(x)
         if ROWS:
             tl.atomic_max(row_amax_ptr + rows, tl.max(magnitude, axis=1), mask=rows < n_rows, sem="relaxed")
@@ -362,7 +366,8 @@ if triton is not None:
         MIN_AMAX: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, STOCHASTIC: tl.constexpr, COL_SEED_INDEX: tl.constexpr,
         SCALE_IS_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        x, rows, cols, in_bounds = _load_tile(x_ptr, n_rows, n_cols, stride_x_row, stride_x_col, BLOCK_R, BLOCK_C)
+        rows, cols, in_bounds, offsets = _tile_offsets(n_rows, n_cols, stride_x_row, stride_x_col, BLOCK_R, BLOCK_C)
+        x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
         # Row-major offsets for the row-wise output, column-major ones for the column-wise output: each
         # also keys that output's random numbers, as in quantize_int8 of the matching axis.
         row_major = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
