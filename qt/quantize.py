@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import types
 from typing import Callable
 
 from torch import nn
@@ -71,7 +72,14 @@ def quantize_(
     for module in targets:
         weight = module.weight
         module.weight = nn.Parameter(config.quantize_weight(weight.detach()), requires_grad=weight.requires_grad)
+        module.qt_recipe = config
+        module.extra_repr = types.MethodType(_quantized_linear_repr, module)
     return model
+
+
+def _quantized_linear_repr(linear: nn.Linear) -> str:
+    """`print(model)` names each quantized linear's recipe and options."""
+    return f"{nn.Linear.extra_repr(linear)}, recipe={linear.qt_recipe!r}"
 
 
 def _incompatibility(config: RecipeConfig, linear: nn.Linear, shared: set[int]) -> str | None:

@@ -93,3 +93,11 @@ def test_non_float_weight_is_incompatible():
     linear.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
     with pytest.raises(ValueError, match="its weight is torch.int8, not a floating-point tensor"):
         qt.quantize_(nn.Sequential(linear), "int8_weight_only")
+
+
+def test_print_names_the_recipe_and_its_options():
+    model = nn.Sequential(nn.Linear(8, 4))
+    qt.quantize_(model, "int8_mixed_precision", filter_fn=lambda m, n: True, grad_weight=False)
+    text = repr(model)
+    assert "in_features=8, out_features=4" in text
+    assert "recipe=Int8MixedPrecisionConfig(output=True, grad_input=True, grad_weight=False" in text
