@@ -317,30 +317,33 @@ if triton is not None:
         BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     ):  # fmt: skip
         """Quantizes BLOCK_ROWS whole rows of x, each held in registers: one read of x."""
-        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_start = tl.program_id(0) * BLOCK_ROWS
+        r = tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_COLS)
+        rows = row_start + r
         in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x_row + cols[None, :].to(tl.int64) * stride_x_col
-        x = tl.load(x_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+        # 64-bit arithmetic only for the block's start: offsets within a block fit in 32 bits (fewer registers).
+        x_block = x_ptr + row_start.to(tl.int64) * stride_x_row
+        x = tl.load(x_block + r[:, None] * stride_x_row + cols[None, :] * stride_x_col, mask=in_bounds, other=0.0)
+        x = x.to(tl.float32)
         scale = _scale_from_amax(tl.max(_abs_nan_as_inf(x), axis=1), MIN_AMAX, SCALE_IS_BF16)
         tl.store(scale_ptr + rows, scale.to(scale_ptr.dtype.element_ty), mask=rows < n_rows)
         seed = tl.load(seed_ptr) if STOCHASTIC else 0
-        offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-        q = _quantize_values(x, scale[:, None], seed, offsets, STOCHASTIC)
-        tl.store(q_ptr + offsets, q, mask=in_bounds)
+        random_offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :] if STOCHASTIC else 0
+        q = _quantize_values(x, scale[:, None], seed, random_offsets, STOCHASTIC)
+        q_block = q_ptr + row_start.to(tl.int64) * n_cols
+        tl.store(q_block + r[:, None] * n_cols + cols[None, :], q, mask=in_bounds)
 
     @triton.jit
-    def _tile_offsets(n_rows, n_cols, stride_x_row, stride_x_col, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        """This program's rows and columns, which of them are inside x, and their offsets in x.
-
-        (Pointers stay in the kernels themselves: torch.compile reads which tensors a kernel writes from
-        its IR, and a pointer handed to a helper function counts as written, which costs a copy of x.)"""
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    def _tile_coordinates(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's tile: its first row and column, row and column indices within the tile and in x,
+        and which elements are inside x. (No pointers here: torch.compile reads which tensors a kernel
+        writes from its IR, and a pointer handed to a helper function counts as written: a copy of x.)"""
+        row_start, col_start = tl.program_id(0) * BLOCK_R, tl.program_id(1) * BLOCK_C
+        r, c = tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_C)
+        rows, cols = row_start + r, col_start + c
         in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        # int64: row * row stride can pass 2**31 in large tensors.
-        offsets = rows[:, None].to(tl.int64) * stride_x_row + cols[None, :].to(tl.int64) * stride_x_col
-        return rows, cols, in_bounds, offsets
+        return row_start, col_start, r, c, rows, cols, in_bounds
 
     @triton.autotune(configs=_tile_configs(), key=["n_rows", "n_cols", "ROWS", "COLS"])
     @triton.jit
@@ -349,9 +352,10 @@ if triton is not None:
         n_rows, n_cols, stride_x_row, stride_x_col,
         ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        rows, cols, in_bounds, offsets = _tile_offsets(n_rows, n_cols, stride_x_row, stride_x_col, BLOCK_R, BLOCK_C)
-        x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-        magnitude = _abs_nan_as_inf(x)
+        row_start, col_start, r, c, rows, cols, in_bounds = _tile_coordinates(n_rows, n_cols, BLOCK_R, BLOCK_C)
+        x_tile = x_ptr + row_start.to(tl.int64) * stride_x_row + col_start.to(tl.int64) * stride_x_col
+        x = tl.load(x_tile + r[:, None] * stride_x_row + c[None, :] * stride_x_col, mask=in_bounds, other=0.0)
+        magnitude = _abs_nan_as_inf(x.to(tl.float32))
         if ROWS:
             tl.atomic_max(row_amax_ptr + rows, tl.max(magnitude, axis=1), mask=rows < n_rows, sem="relaxed")
         if COLS:
@@ -363,26 +367,28 @@ if triton is not None:
         x_ptr, row_amax_ptr, col_amax_ptr,
         q_rows_ptr, row_scale_ptr, q_cols_ptr, col_scale_ptr, seed_ptr,
         n_rows, n_cols, stride_x_row, stride_x_col,
-        MIN_AMAX: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, STOCHASTIC: tl.constexpr, COL_SEED_INDEX: tl.constexpr,
-        SCALE_IS_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        MIN_AMAX: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, STOCHASTIC: tl.constexpr,
+        COL_SEED_INDEX: tl.constexpr, SCALE_IS_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        rows, cols, in_bounds, offsets = _tile_offsets(n_rows, n_cols, stride_x_row, stride_x_col, BLOCK_R, BLOCK_C)
-        x = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-        # Row-major offsets for the row-wise output, column-major ones for the column-wise output: each
-        # also keys that output's random numbers, as in quantize_int8 of the matching axis.
-        row_major = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-        col_major = cols[None, :].to(tl.int64) * n_rows + rows[:, None]
-        if ROWS:
+        row_start, col_start, r, c, rows, cols, in_bounds = _tile_coordinates(n_rows, n_cols, BLOCK_R, BLOCK_C)
+        x_tile = x_ptr + row_start.to(tl.int64) * stride_x_row + col_start.to(tl.int64) * stride_x_col
+        x = tl.load(x_tile + r[:, None] * stride_x_row + c[None, :] * stride_x_col, mask=in_bounds, other=0.0)
+        x = x.to(tl.float32)
+        if ROWS:  # row-major output; the element's row-major index keys its random number
             scale = _scale_from_amax(tl.load(row_amax_ptr + rows, mask=rows < n_rows, other=0.0), MIN_AMAX, SCALE_IS_BF16)
             if tl.program_id(1) == 0:
                 tl.store(row_scale_ptr + rows, scale.to(row_scale_ptr.dtype.element_ty), mask=rows < n_rows)
             seed = tl.load(seed_ptr) if STOCHASTIC else 0
-            tl.store(q_rows_ptr + row_major, _quantize_values(x, scale[:, None], seed, row_major, STOCHASTIC),
-                     mask=in_bounds)
-        if COLS:
+            random_offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :] if STOCHASTIC else 0
+            q = _quantize_values(x, scale[:, None], seed, random_offsets, STOCHASTIC)
+            q_tile = q_rows_ptr + row_start.to(tl.int64) * n_cols + col_start
+            tl.store(q_tile + r[:, None] * n_cols + c[None, :], q, mask=in_bounds)
+        if COLS:  # column-major output (the transpose happens in this store), keyed likewise
             scale = _scale_from_amax(tl.load(col_amax_ptr + cols, mask=cols < n_cols, other=0.0), MIN_AMAX, SCALE_IS_BF16)
             if tl.program_id(0) == 0:
                 tl.store(col_scale_ptr + cols, scale.to(col_scale_ptr.dtype.element_ty), mask=cols < n_cols)
             seed = tl.load(seed_ptr + COL_SEED_INDEX) if STOCHASTIC else 0
-            tl.store(q_cols_ptr + col_major, _quantize_values(x, scale[None, :], seed, col_major, STOCHASTIC),
-                     mask=in_bounds)
+            random_offsets = cols[None, :].to(tl.int64) * n_rows + rows[:, None] if STOCHASTIC else 0
+            q = _quantize_values(x, scale[None, :], seed, random_offsets, STOCHASTIC)
+            q_tile = q_cols_ptr + col_start.to(tl.int64) * n_rows + row_start
+            tl.store(q_tile + c[None, :] * n_rows + r[:, None], q, mask=in_bounds)
