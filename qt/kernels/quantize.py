@@ -4,14 +4,14 @@
 axis: ``axis=1`` gives one scale per row, ``axis=0`` one per column. The int8 result is laid out with
 the reduced axis contiguous, which is the K-contiguous layout ``scaled_int8_mm`` is fastest on.
 ``quantize_int8_rows_and_cols(x)`` gives both at once: a linear's backward needs its output gradient
-quantized per row (for grad_input) and per column (for grad_weight), and this reads it half as often.
+quantized per row (for grad_input) and per column (for grad_weight), and this shares one abs-max pass.
 
 Three Triton kernels, picked by shape:
 - whole rows: each program holds whole rows in registers (rows up to ``_MAX_WHOLE_ROW`` wide), so a
   row-wise quantize reads ``x`` once;
-- tiles, two passes: the first takes the abs-max of each tile and folds it into per-row and per-column
-  maxima with atomics, the second re-reads the tile and writes either or both outputs, the column-wise
-  one transposed in the store. Every axis and shape gets a full grid this way.
+- tiles: a first pass takes the abs-max of each tile and folds it into per-row and per-column maxima
+  with atomics, then a pass per output re-reads the tiles and writes it, the column-wise one
+  transposed in the store. Every axis and shape gets a full grid this way.
 
 Both ops are ``torch.library.triton_op``s: torch.compile sees the Triton launches themselves and calls
 them from its generated code, with no Python between kernels. CPU tensors (and ``QT_KERNEL_BACKEND=torch``)
@@ -234,7 +234,7 @@ def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None) -> tuple[Tensor,
 
 def _triton_quantize_tiles(x, q_rows, row_scale, q_cols, col_scale, seeds) -> None:
     """Writes whichever of the row-wise (``q_rows``, ``row_scale``) and column-wise (``q_cols``,
-    ``col_scale``) outputs are given, from two passes over ``x``."""
+    ``col_scale``) outputs are given: one abs-max pass over ``x``, then one quantize pass per output."""
     n_rows, n_cols = x.shape
     rows_out, cols_out = q_rows is not None, q_cols is not None
     # atomic_max needs a starting value: 0 is below every abs-max. (Re-running the pass, as autotuning
@@ -248,15 +248,17 @@ def _triton_quantize_tiles(x, q_rows, row_scale, q_cols, col_scale, seeds) -> No
     wrap_triton(_tile_amax_kernel)[grid](
         x, row_amax, col_amax, n_rows, n_cols, x.stride(0), x.stride(1), ROWS=rows_out, COLS=cols_out,
     )  # fmt: skip
-    wrap_triton(_tile_quantize_kernel)[grid](
-        x, row_amax, col_amax,
-        q_rows if rows_out else row_amax, row_scale if rows_out else row_amax,
-        q_cols if cols_out else col_amax, col_scale if cols_out else col_amax,
-        seeds,
-        n_rows, n_cols, x.stride(0), x.stride(1),
-        MIN_AMAX=_min_amax(x.dtype), ROWS=rows_out, COLS=cols_out, STOCHASTIC=seeds is not None,
-        COL_SEED_INDEX=int(rows_out), SCALE_IS_BF16=(row_scale if rows_out else col_scale).dtype == torch.bfloat16,
-    )  # fmt: skip
+    # Each output from its own pass: one pass writing both held two tiles' worth of state (and the
+    # transpose's shared memory) and ran at a quarter of the occupancy (measured with ncu on an H100).
+    for q, scale, amax, is_rows in ((q_rows, row_scale, row_amax, True), (q_cols, col_scale, col_amax, False)):
+        if q is None:
+            continue
+        wrap_triton(_tile_quantize_kernel)[grid](
+            x, amax, q, scale, seeds,
+            n_rows, n_cols, x.stride(0), x.stride(1),
+            MIN_AMAX=_min_amax(x.dtype), ROWS=is_rows, STOCHASTIC=seeds is not None,
+            SEED_INDEX=int(rows_out and not is_rows), SCALE_IS_BF16=scale.dtype == torch.bfloat16,
+        )  # fmt: skip
 
 
 if triton is not None:
@@ -361,34 +363,34 @@ if triton is not None:
         if COLS:
             tl.atomic_max(col_amax_ptr + cols, tl.max(magnitude, axis=0), mask=cols < n_cols, sem="relaxed")
 
-    @triton.autotune(configs=_tile_configs(), key=["n_rows", "n_cols", "ROWS", "COLS", "STOCHASTIC"])
+    @triton.autotune(configs=_tile_configs(), key=["n_rows", "n_cols", "ROWS", "STOCHASTIC"])
     @triton.jit
     def _tile_quantize_kernel(
-        x_ptr, row_amax_ptr, col_amax_ptr,
-        q_rows_ptr, row_scale_ptr, q_cols_ptr, col_scale_ptr, seed_ptr,
+        x_ptr, amax_ptr, q_ptr, scale_ptr, seed_ptr,
         n_rows, n_cols, stride_x_row, stride_x_col,
-        MIN_AMAX: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, STOCHASTIC: tl.constexpr,
-        COL_SEED_INDEX: tl.constexpr, SCALE_IS_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        MIN_AMAX: tl.constexpr, ROWS: tl.constexpr, STOCHASTIC: tl.constexpr, SEED_INDEX: tl.constexpr,
+        SCALE_IS_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
+        """One output: row-wise (ROWS) or column-wise, with the abs-maxima of _tile_amax_kernel. The element's
+        index in that output (row-major or column-major) keys its random number, as in the other kernel."""
         row_start, col_start, r, c, rows, cols, in_bounds = _tile_coordinates(n_rows, n_cols, BLOCK_R, BLOCK_C)
         x_tile = x_ptr + row_start.to(tl.int64) * stride_x_row + col_start.to(tl.int64) * stride_x_col
         x = tl.load(x_tile + r[:, None] * stride_x_row + c[None, :] * stride_x_col, mask=in_bounds, other=0.0)
         x = x.to(tl.float32)
-        if ROWS:  # row-major output; the element's row-major index keys its random number
-            scale = _scale_from_amax(tl.load(row_amax_ptr + rows, mask=rows < n_rows, other=0.0), MIN_AMAX, SCALE_IS_BF16)
+        seed = tl.load(seed_ptr + SEED_INDEX) if STOCHASTIC else 0
+        if ROWS:
+            scale = _scale_from_amax(tl.load(amax_ptr + rows, mask=rows < n_rows, other=0.0), MIN_AMAX, SCALE_IS_BF16)
             if tl.program_id(1) == 0:
-                tl.store(row_scale_ptr + rows, scale.to(row_scale_ptr.dtype.element_ty), mask=rows < n_rows)
-            seed = tl.load(seed_ptr) if STOCHASTIC else 0
+                tl.store(scale_ptr + rows, scale.to(scale_ptr.dtype.element_ty), mask=rows < n_rows)
             random_offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :] if STOCHASTIC else 0
             q = _quantize_values(x, scale[:, None], seed, random_offsets, STOCHASTIC)
-            q_tile = q_rows_ptr + row_start.to(tl.int64) * n_cols + col_start
+            q_tile = q_ptr + row_start.to(tl.int64) * n_cols + col_start
             tl.store(q_tile + r[:, None] * n_cols + c[None, :], q, mask=in_bounds)
-        if COLS:  # column-major output (the transpose happens in this store), keyed likewise
-            scale = _scale_from_amax(tl.load(col_amax_ptr + cols, mask=cols < n_cols, other=0.0), MIN_AMAX, SCALE_IS_BF16)
+        else:  # the transpose happens in this store
+            scale = _scale_from_amax(tl.load(amax_ptr + cols, mask=cols < n_cols, other=0.0), MIN_AMAX, SCALE_IS_BF16)
             if tl.program_id(0) == 0:
-                tl.store(col_scale_ptr + cols, scale.to(col_scale_ptr.dtype.element_ty), mask=cols < n_cols)
-            seed = tl.load(seed_ptr + COL_SEED_INDEX) if STOCHASTIC else 0
+                tl.store(scale_ptr + cols, scale.to(scale_ptr.dtype.element_ty), mask=cols < n_cols)
             random_offsets = cols[None, :].to(tl.int64) * n_rows + rows[:, None] if STOCHASTIC else 0
             q = _quantize_values(x, scale[None, :], seed, random_offsets, STOCHASTIC)
-            q_tile = q_cols_ptr + col_start.to(tl.int64) * n_rows + row_start
+            q_tile = q_ptr + col_start.to(tl.int64) * n_rows + row_start
             tl.store(q_tile + c[None, :] * n_rows + r[:, None], q, mask=in_bounds)
