@@ -187,8 +187,15 @@ def _foreach_update_(func, tensors, rest_args, kwargs):
         args = [take(stored, a, lambda t: t.float() if isinstance(t, Tensor) and t.is_floating_point() else t)
                 for a in rest_args]
         func(fp32, *args, **kwargs)
+        # A fused step told that the gradients are not finite (found_inf, as GradScaler and the training loop
+        # set it) leaves its tensors alone: so must the store, whose rounding would move the weight.
+        skip = kwargs.get("found_inf")
         for i, value in zip(stored, fp32):
+            before = [t.clone() for t in tensors[i]._inner()] if skip is not None else None
             tensors[i]._assign_(value)
+            if before is not None:
+                for inner, old in zip(tensors[i]._inner(), before):
+                    inner.copy_(torch.where(skip.bool(), old, inner))
         for arg, copies, is_written in zip(rest_args, args, written):
             if is_written and copies is not arg:
                 for i, copy in zip(stored, copies):

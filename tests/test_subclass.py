@@ -86,6 +86,18 @@ def test_grouped_step_over_mixed_weights_equals_per_tensor_steps(implementation)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("recipe", list(qt.RECIPES))
+def test_fused_step_with_found_inf_leaves_the_weight_alone(recipe):
+    """GradScaler and the training loop skip a non-finite step on the device through found_inf."""
+    linear = quantized_linear(recipe)
+    before = [t.clone() for t in linear.weight._inner()]
+    linear.weight.grad = torch.randn(48, 64)
+    optimizer = torch.optim.AdamW(linear.parameters(), lr=1e-2, fused=True)
+    optimizer.found_inf = torch.ones(())
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, linear.weight._inner()))
+
+
 def test_int8_weight_only_update_is_unbiased_with_stochastic_rounding():
     """An update of a tenth of a quantization step survives on average with stochastic rounding
     and is lost with round-to-nearest."""
