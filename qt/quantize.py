@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from typing import Callable
 
+import torch
 from torch import nn
 
 from qt.config import RecipeConfig
@@ -74,7 +76,16 @@ def quantize_(
         module.weight = nn.Parameter(config.quantize_weight(weight.detach()), requires_grad=weight.requires_grad)
         module.qt_recipe = config
         module.extra_repr = types.MethodType(_quantized_linear_repr, module)
+        module._register_load_state_dict_pre_hook(functools.partial(_quantize_loaded_weight, config))
     return model
+
+
+def _quantize_loaded_weight(config: RecipeConfig, state_dict, prefix, *args) -> None:
+    """A plain weight loaded into a quantized linear is stored the way `quantize_` stores it (rounding to
+    nearest), not through the recipe's in-place update, which for int8_weight_only rounds stochastically."""
+    key = prefix + "weight"
+    if type(state_dict.get(key)) is torch.Tensor and state_dict[key].dim() == 2:
+        state_dict[key] = config.quantize_weight(state_dict[key].detach())
 
 
 def _quantized_linear_repr(linear: nn.Linear) -> str:

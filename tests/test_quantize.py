@@ -1,5 +1,6 @@
 """The `quantize_` API: which linears it swaps, and its errors."""
 
+import copy
 import logging
 
 import pytest
@@ -101,3 +102,15 @@ def test_print_names_the_recipe_and_its_options():
     text = repr(model)
     assert "in_features=8, out_features=4" in text
     assert "recipe=Int8MixedPrecisionConfig(output=True, grad_input=True, grad_weight=False" in text
+
+
+def test_loading_plain_weights_rounds_to_nearest_like_quantize():
+    """Loading is deterministic: the INT8 codes are quantize_'s, whatever the RNG (not stochastic rounding)."""
+    plain = nn.Sequential(nn.Linear(64, 48))
+    expected = qt.quantize_(copy.deepcopy(plain), "int8_weight_only", filter_fn=lambda m, n: True)[0].weight
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = qt.quantize_(nn.Sequential(nn.Linear(64, 48)), "int8_weight_only", filter_fn=lambda m, n: True)
+        model.load_state_dict(plain.state_dict())
+        assert torch.equal(model[0].weight.int_data, expected.int_data)
+        assert torch.equal(model[0].weight.scale, expected.scale)
