@@ -27,7 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, scaled_int8_mm
+from qt.kernels import quantize_int8_rows_and_cols, scaled_int8_mm
+from qt.kernels.quantize import quantize_activation_int8
 
 FORMATS = (None, "int8")
 
@@ -89,8 +90,8 @@ def quantize_operand_pair(t: Tensor, rows: MatmulPlan | None, cols: MatmulPlan |
     if rows and cols and rows.stochastic_rounding == cols.stochastic_rounding:
         q_rows, row_scale, q_cols, col_scale = quantize_int8_rows_and_cols(t, rows.stochastic_rounding)
         return Int8Operand(q_rows, row_scale), Int8Operand(q_cols, col_scale)
-    return (Int8Operand(*quantize_int8(t, 1, rows.stochastic_rounding)) if rows else None,
-            Int8Operand(*quantize_int8(t, 0, cols.stochastic_rounding)) if cols else None)
+    return (Int8Operand(*quantize_activation_int8(t, 1, rows.stochastic_rounding)) if rows else None,
+            Int8Operand(*quantize_activation_int8(t, 0, cols.stochastic_rounding)) if cols else None)
 
 
 def _matmul(a: Tensor | Int8Operand, b: Tensor | Int8Operand, dtype: torch.dtype) -> Tensor:
@@ -106,7 +107,7 @@ class _QuantizedLinear(torch.autograd.Function):
         w_operand, w_saved = weight._forward_operands(dtype, plan)
         with torch.autocast(x.device.type, enabled=False):
             if plan.output.int8:
-                x_rows = Int8Operand(*quantize_int8(x2d, 1, plan.output.stochastic_rounding))
+                x_rows = Int8Operand(*quantize_activation_int8(x2d, 1, plan.output.stochastic_rounding))
                 out = _matmul(x_rows, w_operand, dtype)
             else:
                 out = x2d @ w_operand
@@ -138,7 +139,7 @@ class _QuantizedLinear(torch.autograd.Function):
                 grad_x = grad_x.view(*grad_output.shape[:-1], ctx.in_features)
             if need_w:
                 if plan.grad_weight.int8:
-                    x_cols = Int8Operand(*quantize_int8(x_saved[0], 0, plan.grad_weight.stochastic_rounding))
+                    x_cols = Int8Operand(*quantize_activation_int8(x_saved[0], 0, plan.grad_weight.stochastic_rounding))
                     grad_w = _matmul(dy_cols.T, x_cols, dtype)
                 elif plan.grad_weight_sees_quantized_input:
                     x_q, x_scale = x_saved

@@ -100,6 +100,21 @@ def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False) -> tu
         return _quantize_int8(x, axis, seed)
 
 
+def quantize_activation_int8(x: Tensor, axis: int, stochastic_rounding: bool = False) -> tuple[Tensor, Tensor]:
+    """``quantize_int8`` for an activation, which under torch.compile may be written in torch ops instead of
+    calling the kernel (``QT_COMPILED_ACTIVATION_QUANTIZE=inductor``): Inductor then fuses the quantization
+    into the op that produces ``x`` (an RMSNorm, the SwiGLU product), and computes it once for the linears
+    that share ``x`` (q/k/v, gate/up), where the kernel reads ``x`` again for each. The default, ``kernel``,
+    calls the kernel."""
+    choice = os.environ.get("QT_COMPILED_ACTIVATION_QUANTIZE", "kernel")
+    if choice not in ("kernel", "inductor"):
+        raise ValueError(f"QT_COMPILED_ACTIVATION_QUANTIZE={choice!r}: use kernel or inductor")
+    if choice == "inductor" and torch.compiler.is_compiling():
+        _check_input(x, "quantize_activation_int8")
+        return _torch_quantize_int8(x, axis, _draw_seeds(x, 1, stochastic_rounding))
+    return quantize_int8(x, axis, stochastic_rounding)
+
+
 def quantize_int8_rows_and_cols(x: Tensor, stochastic_rounding: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``quantize_int8(x, 1) + quantize_int8(x, 0)`` from two reads of ``x`` instead of four.
 

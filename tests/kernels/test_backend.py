@@ -66,3 +66,24 @@ def test_fake_tensors_go_through_the_custom_op():
         assert traced(fake)
         q, scale = qt.kernels.quantize_int8(fake, 0)
         assert q.stride() == (1, 4) and scale.shape == (1, 4)
+
+
+def test_activation_quantize_written_for_inductor_matches_eager(monkeypatch):
+    """QT_COMPILED_ACTIVATION_QUANTIZE=inductor: the compiled graph quantizes X and dY in torch ops."""
+    monkeypatch.setenv("QT_COMPILED_ACTIVATION_QUANTIZE", "inductor")
+    linear, x, dy = make_case((32,), bias=False, in_features=64, out_features=32)
+    qt.quantize_(linear, "int8_mixed_precision", filter_fn=lambda m, n: True, grad_input=False)
+    eager = run_linear(linear, x, dy)
+    linear.weight.grad = None
+    torch._dynamo.reset()
+    compiled = run_linear(torch.compile(linear, fullgraph=True), x, dy)
+    for from_compiled, from_eager in zip(compiled[:3], eager[:3]):
+        torch.testing.assert_close(from_compiled, from_eager, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_activation_quantize_choice_is_refused(monkeypatch):
+    from qt.kernels.quantize import quantize_activation_int8
+
+    monkeypatch.setenv("QT_COMPILED_ACTIVATION_QUANTIZE", "triton")
+    with pytest.raises(ValueError, match="use kernel or inductor"):
+        quantize_activation_int8(torch.randn(4, 4), 1)
