@@ -109,7 +109,7 @@ def quantize_activation_int8(x: Tensor, axis: int, stochastic_rounding: bool = F
     choice = os.environ.get("QT_COMPILED_ACTIVATION_QUANTIZE", "kernel")
     if choice not in ("kernel", "inductor"):
         raise ValueError(f"QT_COMPILED_ACTIVATION_QUANTIZE={choice!r}: use kernel or inductor")
-    if choice == "inductor" and torch.compiler.is_compiling():
+    if choice == "inductor" and traced(x):
         _check_input(x, "quantize_activation_int8")
         return _torch_quantize_int8(x, axis, _draw_seeds(x, 1, stochastic_rounding))
     return quantize_int8(x, axis, stochastic_rounding)

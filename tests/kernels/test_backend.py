@@ -70,13 +70,19 @@ def test_fake_tensors_go_through_the_custom_op():
 
 def test_activation_quantize_written_for_inductor_matches_eager(monkeypatch):
     """QT_COMPILED_ACTIVATION_QUANTIZE=inductor: the compiled graph quantizes X and dY in torch ops."""
+    from qt.kernels import quantize
+
     monkeypatch.setenv("QT_COMPILED_ACTIVATION_QUANTIZE", "inductor")
     linear, x, dy = make_case((32,), bias=False, in_features=64, out_features=32)
     qt.quantize_(linear, "int8_mixed_precision", filter_fn=lambda m, n: True, grad_input=False)
     eager = run_linear(linear, x, dy)
     linear.weight.grad = None
     torch._dynamo.reset()
+    kernel_calls = []
+    original = quantize.quantize_int8
+    monkeypatch.setattr(quantize, "quantize_int8", lambda *a: kernel_calls.append(a) or original(*a))
     compiled = run_linear(torch.compile(linear, fullgraph=True), x, dy)
+    assert not kernel_calls, "the activations went through the kernel's op"
     for from_compiled, from_eager in zip(compiled[:3], eager[:3]):
         torch.testing.assert_close(from_compiled, from_eager, rtol=1e-5, atol=1e-5)
 
