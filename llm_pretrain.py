@@ -14,12 +14,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from qt.training.checkpoint import resolve_run_config
 from qt.training.config import ConfigError, TrainConfig, check_train_flags, flag, one_line_errors, parse_config
 from qt.training.data import RandomWindows, TokenShards, validation_batches
 from qt.training.distributed import Dist, init_distributed, resolve_dtypes, shutdown_distributed
+from qt.training.lifecycle import seed_everything
 from qt.training.loop import train
 from qt.training.models import (build_causal_lm, decoder_blocks, flops_per_token, next_token_loss,
                                 quantize_model, resolve_recipe)
@@ -37,11 +36,9 @@ class PretrainConfig(TrainConfig):
     eval_tokens: int = flag(1_048_576, "validation tokens per evaluation")
 
 
-def name_run(cfg: PretrainConfig) -> PretrainConfig:
+def default_run_name(cfg: PretrainConfig) -> str:
     model_name = Path(cfg.init_from).name if cfg.init_from else cfg.model
-    cfg.run_name = cfg.run_name or f"{model_name}-{cfg.quantize}"
-    cfg.run_dir = cfg.run_dir or str(Path("runs") / cfg.run_name)
-    return cfg
+    return f"{model_name}-{cfg.quantize}"
 
 
 def check_flags(cfg: PretrainConfig, explicit: set[str], world_size: int) -> PretrainConfig:
@@ -69,7 +66,7 @@ def pretrain(cfg: PretrainConfig, dist_info: Dist) -> dict:
     eval_batches = validation_batches(val_shards, cfg.seq_len, cfg.eval_tokens, micro_batch_size,
                                       rank=dist_info.rank, world_size=dist_info.world_size, device=device)
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    seed_everything(cfg.seed)
     model = build_causal_lm(cfg.model, cfg.init_from, train_shards.vocab_size, cfg.seq_len, device)
     model_vocab = model.get_input_embeddings().num_embeddings
     if max(train_shards.max_token_id, val_shards.max_token_id) >= model_vocab:
@@ -97,7 +94,7 @@ def main(argv=None) -> dict:
     cfg, explicit = parse_config(PretrainConfig, argv, __doc__.split("\n")[0])
     dist_info = init_distributed()
     try:
-        cfg = check_flags(resolve_run_config(name_run(cfg), explicit), explicit, dist_info.world_size)
+        cfg = check_flags(resolve_run_config(cfg, explicit, default_run_name), explicit, dist_info.world_size)
         return pretrain(cfg, dist_info)
     finally:
         shutdown_distributed()
