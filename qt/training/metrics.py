@@ -40,7 +40,7 @@ def wandb_api_key_configured() -> bool:
 
 
 # wandb's environment variables for what qt passes to wandb.init: set, they win over the flags (wandb.init's
-# arguments would otherwise override them). Those qt does not pass (WANDB_ENTITY, ...) apply as they are.
+# arguments would otherwise override them). Those qt does not pass (WANDB_ENTITY, ...) apply as wandb reads them.
 WANDB_ENVIRONMENT = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "name": "WANDB_NAME", "dir": "WANDB_DIR",
                      "id": "WANDB_RUN_ID"}
 
@@ -82,8 +82,9 @@ class MetricsLogger:
                 id_file.write_text(uuid.uuid4().hex[:8])
             settings = {"mode": mode, "project": cfg.project, "name": cfg.run_name, "dir": str(run_dir),
                         "id": id_file.read_text()}
-            unset = {k: v for k, v in settings.items() if not os.environ.get(WANDB_ENVIRONMENT[k])}
-            self.wandb = wandb.init(**unset, config=dataclasses.asdict(cfg), resume="allow")
+            # Passed explicitly: wandb reads its environment only the first time it is set up in a process.
+            settings = {k: os.environ.get(WANDB_ENVIRONMENT[k]) or v for k, v in settings.items()}
+            self.wandb = wandb.init(**settings, config=dataclasses.asdict(cfg), resume="allow")
         self.terminal = sys.stderr.isatty()
         self.bar = tqdm(total=cfg.n_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not self.terminal)
