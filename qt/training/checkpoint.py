@@ -26,14 +26,27 @@ from qt.training.config import ConfigError, merge_for_resume, write_atomically
 from qt.training.distributed import Dist, barrier, unwrap
 
 
-def resolve_run_config(cfg, explicit: set[str]):
-    """The config to run: `cfg`, or with --resume the saved run's config (see merge_for_resume).
+def place_run(cfg, default_name):
+    """--run_name defaults to default_name(cfg) and --run_dir to runs/RUN_NAME. With --run_dir given the
+    name is left for resolve_run_config to derive from the saved config, so `--run_dir R --resume` needs no
+    other flag. Called before anything is checked: every process must agree on the run directory first."""
+    if cfg.run_dir is None:
+        cfg.run_name = cfg.run_name or default_name(cfg)
+        cfg.run_dir = str(Path("runs") / cfg.run_name)
+    return cfg
+
+
+def resolve_run_config(cfg, explicit: set[str], default_name):
+    """The config to run: `cfg`, or with --resume the saved run's config (see merge_for_resume), placed
+    (see place_run) and named: --run_name defaults to default_name of the config to run.
     Refuses to start a new run over an existing one. Writes nothing: the loop saves config.yaml."""
+    cfg = place_run(cfg, default_name)
     saved = Path(cfg.run_dir) / "config.yaml"
-    if cfg.resume and saved.is_file():
-        return merge_for_resume(cfg, explicit, yaml.safe_load(saved.read_text()))
     if saved.is_file() and not cfg.resume:
         raise ConfigError(f"{cfg.run_dir} already holds a run; continue it with --resume or pick another --run_dir")
+    if saved.is_file():
+        cfg = merge_for_resume(cfg, explicit, yaml.safe_load(saved.read_text()))
+    cfg.run_name = cfg.run_name or default_name(cfg)
     return cfg
 
 

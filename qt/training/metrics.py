@@ -39,9 +39,16 @@ def wandb_api_key_configured() -> bool:
         return False
 
 
+# wandb's environment variables for what qt passes to wandb.init: set, they win over the flags (wandb.init's
+# arguments would otherwise override them). Those qt does not pass (WANDB_ENTITY, ...) apply as wandb reads them.
+WANDB_ENVIRONMENT = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "name": "WANDB_NAME", "dir": "WANDB_DIR",
+                     "id": "WANDB_RUN_ID"}
+
+
 def resolve_wandb_mode(mode: str) -> str | None:
-    """The wandb mode to run in, or None for no wandb. `auto` never fails: offline without an account,
-    nothing without the package."""
+    """The wandb mode to run in (WANDB_MODE where set, else --wandb), or None for no wandb. `auto` never
+    fails: offline without an account, nothing without the package."""
+    mode = os.environ.get(WANDB_ENVIRONMENT["mode"]) or mode
     if mode == "disabled":
         return None
     try:
@@ -49,7 +56,8 @@ def resolve_wandb_mode(mode: str) -> str | None:
     except ImportError:
         if mode == "auto":
             return None
-        raise ConfigError(f"--wandb {mode} needs `pip install wandb` (or pass --wandb disabled)") from None
+        raise ConfigError(f"wandb mode {mode} (--wandb or WANDB_MODE) needs `pip install wandb` (or pass "
+                          f"--wandb disabled)") from None
     if mode == "auto":
         return "online" if wandb_api_key_configured() else "offline"
     return mode
@@ -72,8 +80,11 @@ class MetricsLogger:
             id_file = run_dir / "wandb_run_id"  # the same wandb run continues after --resume
             if not id_file.is_file():
                 id_file.write_text(uuid.uuid4().hex[:8])
-            self.wandb = wandb.init(project=cfg.project, name=cfg.run_name, dir=str(run_dir), mode=mode,
-                                    config=dataclasses.asdict(cfg), id=id_file.read_text(), resume="allow")
+            settings = {"mode": mode, "project": cfg.project, "name": cfg.run_name, "dir": str(run_dir),
+                        "id": id_file.read_text()}
+            # Passed explicitly: wandb reads its environment only the first time it is set up in a process.
+            settings = {k: os.environ.get(WANDB_ENVIRONMENT[k]) or v for k, v in settings.items()}
+            self.wandb = wandb.init(**settings, config=dataclasses.asdict(cfg), resume="allow")
         self.terminal = sys.stderr.isatty()
         self.bar = tqdm(total=cfg.n_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not self.terminal)
