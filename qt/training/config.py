@@ -77,7 +77,9 @@ class TrainConfig:
                                           "and the gradients in flight")
 
     # Numerics and speed
-    quantize: str = flag("none", "quantized-training recipe from qt.RECIPES; none = the BF16 baseline")
+    quantize: str = flag("none", "quantized-training recipe from qt.RECIPES, or the baseline without one, named "
+                                 "by the dtype it computes in: bf16 or fp32 (sets --dtype); none = the baseline "
+                                 "in --dtype's compute dtype")
     quantize_kwargs: dict = flag({}, "recipe arguments as JSON, e.g. '{\"grad_weight\": false}'")
     quantize_lm_head: bool = flag(False, "also quantize the output layer")
     dtype: str = flag("auto", "weights: bf16, fp32, or fp32_master (fp32 weights, bf16 compute); "
@@ -88,6 +90,10 @@ class TrainConfig:
 
 
 # Settings that may differ when a run is resumed: they change neither the model nor the loss curve.
+# --quantize names of the unquantized baseline -> the --dtype values that compute in that dtype (the first is
+# the one the name sets). Saved configs call the baseline `none`, whatever name chose it.
+BASELINES = {"bf16": ("bf16", "fp32_master"), "fp32": ("fp32",)}
+
 RESUMABLE_CHANGES = {"run_dir", "resume", "wandb", "project", "run_name", "log_interval", "eval_interval",
                      "ckpt_interval", "keep_checkpoints", "save_checkpoints", "profile"}
 
@@ -205,7 +211,30 @@ def parse_config(cls, argv: list[str] | None, description: str):
     values.update(args)
     cfg = cls(**values)
     check_choices(cfg)
-    return cfg, set(values)
+    explicit = set(values)
+    settle_baseline(cfg, explicit)
+    return cfg, explicit
+
+
+def settle_baseline(cfg, explicit: set[str]) -> None:
+    """--quantize bf16 / fp32 is the baseline computing in that dtype: it becomes --quantize none with the
+    matching --dtype (an explicit setting, so resuming checks it). Any other name must be a recipe."""
+    name = cfg.quantize
+    if name in BASELINES:
+        dtypes = BASELINES[name]
+        if cfg.dtype == "auto":
+            cfg.dtype = dtypes[0]
+            explicit.add("dtype")
+        elif cfg.dtype not in dtypes:
+            raise ConfigError(f"--quantize {name} is the baseline computing in {name}, but --dtype {cfg.dtype} "
+                              f"does not; drop --dtype or pass --dtype {dtypes[0]}")
+        cfg.quantize = "none"
+    elif name != "none":
+        import qt
+        if name not in qt.RECIPES:
+            raise ConfigError(f"--quantize: unknown recipe {name!r}; choose {' or '.join(BASELINES)} (the baseline "
+                              f"without quantization, in that dtype; none: in --dtype's) or one of: "
+                              f"{', '.join(qt.RECIPES)}")
 
 
 def check_train_flags(cfg, world_size: int, positive: tuple[str, ...] = ()) -> None:
