@@ -15,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 from qt.training.config import ConfigError
-from qt.training.distributed import Dist
+from qt.training.distributed import Dist, resolve_dtypes
+from qt.training.models import resolve_recipe
 
 # Dense BF16 tensor-core peak FLOP/s, for MFU. The first name contained in the device name wins.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
@@ -55,6 +56,23 @@ def resolve_wandb_mode(mode: str) -> str | None:
     return mode
 
 
+def recipe_label(quantize: str, dtype: str, device: torch.device) -> str:
+    """What a run is called in tables, plots and wandb: its recipe, or for the baseline (--quantize none)
+    the dtype its matmuls ran in, bf16 or fp32."""
+    if quantize != "none":
+        return quantize
+    return {torch.bfloat16: "bf16", torch.float32: "fp32"}[resolve_dtypes(dtype, device)[1]]
+
+
+def wandb_config(cfg, device: torch.device) -> dict:
+    """The run's flags, plus what the wandb UI compares runs by: `recipe` (recipe_label) and `recipe_options`
+    (every option of the recipe, defaults included). A sweep's group and tags come from wandb's own
+    WANDB_RUN_GROUP and WANDB_TAGS, which scripts/sweep_recipes.sh sets."""
+    recipe = resolve_recipe(cfg)
+    return {**dataclasses.asdict(cfg), "recipe": recipe_label(cfg.quantize, cfg.dtype, device),
+            "recipe_options": dataclasses.asdict(recipe) if recipe else {}}
+
+
 class MetricsLogger:
     """Rank 0 logs; the other ranks' loggers do nothing."""
 
@@ -73,7 +91,8 @@ class MetricsLogger:
             if not id_file.is_file():
                 id_file.write_text(uuid.uuid4().hex[:8])
             self.wandb = wandb.init(project=cfg.project, name=cfg.run_name, dir=str(run_dir), mode=mode,
-                                    config=dataclasses.asdict(cfg), id=id_file.read_text(), resume="allow")
+                                    config=wandb_config(cfg, dist_info.device), id=id_file.read_text(),
+                                    resume="allow")
         self.terminal = sys.stderr.isatty()
         self.bar = tqdm(total=cfg.n_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not self.terminal)
