@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch  # noqa: E402
 
-from qt.training.config import ConfigError, one_line_errors  # noqa: E402
+from qt.training.config import ConfigError, is_baseline, one_line_errors  # noqa: E402
 from qt.training.data import TokenShards, unigram_entropy  # noqa: E402
 from qt.training.metrics import recipe_label  # noqa: E402
 
@@ -253,7 +253,7 @@ def main(argv=None):
     p.add_argument("--note", help="a line above the table and the figure, e.g. how the runs were made")
     args = p.parse_args(argv)
     runs = [load_run(d) for d in run_folders(args.run_dirs, args.runs_in)]
-    baseline = next((r for r in runs if r["quantize"] == "none"), runs[0])
+    baseline = next((r for r in runs if is_baseline(r["quantize"])), runs[0])
     runs.remove(baseline)
     runs.insert(0, baseline)
     entropy = unigram_entropy(TokenShards(args.dataset_dir, "train")) if args.dataset_dir else None

@@ -91,8 +91,12 @@ class TrainConfig:
 
 # Settings that may differ when a run is resumed: they change neither the model nor the loss curve.
 # --quantize names of the unquantized baseline -> the --dtype values that compute in that dtype (the first is
-# the one the name sets). Saved configs call the baseline `none`, whatever name chose it.
+# the one the name sets). `none` is the baseline in whatever --dtype computes in.
 BASELINES = {"bf16": ("bf16", "fp32_master"), "fp32": ("fp32",)}
+
+
+def is_baseline(quantize: str) -> bool:
+    return quantize == "none" or quantize in BASELINES
 
 RESUMABLE_CHANGES = {"run_dir", "resume", "wandb", "project", "run_name", "log_interval", "eval_interval",
                      "ckpt_interval", "keep_checkpoints", "save_checkpoints", "profile"}
@@ -217,8 +221,8 @@ def parse_config(cls, argv: list[str] | None, description: str):
 
 
 def settle_baseline(cfg, explicit: set[str]) -> None:
-    """--quantize bf16 / fp32 is the baseline computing in that dtype: it becomes --quantize none with the
-    matching --dtype (an explicit setting, so resuming checks it). Any other name must be a recipe."""
+    """--quantize bf16 / fp32 is the baseline computing in that dtype: it sets --dtype to match (an explicit
+    setting, so resuming checks it). Any other name must be a recipe."""
     name = cfg.quantize
     if name in BASELINES:
         dtypes = BASELINES[name]
@@ -228,7 +232,6 @@ def settle_baseline(cfg, explicit: set[str]) -> None:
         elif cfg.dtype not in dtypes:
             raise ConfigError(f"--quantize {name} is the baseline computing in {name}, but --dtype {cfg.dtype} "
                               f"does not; drop --dtype or pass --dtype {dtypes[0]}")
-        cfg.quantize = "none"
     elif name != "none":
         import qt
         if name not in qt.RECIPES:
@@ -251,8 +254,9 @@ def check_train_flags(cfg, world_size: int, positive: tuple[str, ...] = ()) -> N
     if cfg.offload_optimizer and world_size > 1:
         raise ConfigError("--offload_optimizer runs on one process: drop it under torchrun (FSDP2 shards the "
                           "optimizer states over the GPUs instead)")
-    if cfg.offload_optimizer and cfg.quantize != "none":
-        raise ConfigError(f"--offload_optimizer steps plain weights: use it with --quantize none, not {cfg.quantize}")
+    if cfg.offload_optimizer and not is_baseline(cfg.quantize):
+        raise ConfigError(f"--offload_optimizer steps plain weights: use it with --quantize none (or bf16 / fp32), "
+                          f"not {cfg.quantize}")
 
 
 def check_choices(cfg) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qt.training.config import ConfigError
+from qt.training.config import ConfigError, is_baseline
 from qt.training.distributed import Dist, resolve_dtypes
 from qt.training.models import resolve_recipe
 
@@ -57,9 +57,9 @@ def resolve_wandb_mode(mode: str) -> str | None:
 
 
 def recipe_label(quantize: str, dtype: str, device: torch.device) -> str:
-    """What a run is called in tables, plots and wandb: its recipe, or for the baseline (--quantize none)
-    the dtype its matmuls ran in, bf16 or fp32."""
-    if quantize != "none":
+    """What a run is called in tables, plots and wandb: its recipe, or for the baseline the dtype its
+    matmuls ran in, bf16 or fp32 (--quantize none does not say which)."""
+    if not is_baseline(quantize):
         return quantize
     return {torch.bfloat16: "bf16", torch.float32: "fp32"}[resolve_dtypes(dtype, device)[1]]
 

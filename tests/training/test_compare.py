@@ -53,7 +53,8 @@ def test_table_and_plot(tmp_path, dataset_dir):
 
 @pytest.mark.parametrize("quantize, dtype, on_gpu, name", [
     ("none", "auto", True, "bf16"), ("none", "auto", False, "fp32"), ("none", "fp32_master", False, "bf16"),
-    ("none", "fp32", True, "fp32"), ("int8_weight_only", "fp32", False, "int8_weight_only")])
+    ("none", "fp32", True, "fp32"), ("bf16", "bf16", False, "bf16"),
+    ("int8_weight_only", "fp32", False, "int8_weight_only")])
 def test_the_baseline_is_named_by_the_dtype_it_computed_in(quantize, dtype, on_gpu, name, tmp_path):
     fake_run(tmp_path / "run", quantize, [5.0, 4.0], {1: 4.1}, 1000.0, 1.0 if on_gpu else None, dtype=dtype)
     assert compare_runs.load_run(tmp_path / "run")["recipe"] == name
@@ -133,7 +134,8 @@ def test_a_sweep_groups_its_wandb_runs_and_records_each_recipe_with_its_options(
     env = {"DATA_DIR": str(dataset_dir), "RUNS_DIR": str(tmp_path / "runs"), "EXTRA_ARGS": SHORT_RUN,
            "WANDB_API_KEY": ""}
     run_script(["scripts/sweep_recipes.sh", str(config), str(tmp_path / "out"), "fp32", "int8_weight_only"], env)
-    for recipe, options in (("fp32", {}), ("int8_weight_only", dataclasses.asdict(qt.resolve_recipe("int8_weight_only")))):
+    int8_options = dataclasses.asdict(qt.resolve_recipe("int8_weight_only"))  # every option, defaults included
+    for recipe, options in (("fp32", {}), ("int8_weight_only", int8_options)):
         (wandb_file,) = (tmp_path / "runs" / "tiny_sweep" / recipe).glob("wandb/offline-run-*/run-*.wandb")
         run = next(message for kind, message in compare_runs.read_wandb_records(wandb_file) if kind == "run")
         assert (run.run_group, list(run.tags)) == ("tiny_sweep", ["sweep", "fp32+int8_weight_only"])

@@ -60,7 +60,7 @@ def test_schedules():
     (["--quantize", "bf16", "--dtype", "fp32_master"], "fp32_master"), (["--quantize", "none"], "auto")])
 def test_the_baseline_goes_by_the_dtype_it_computes_in_and_none_stays_an_alias(flags, dtype):
     cfg, explicit = parse_config(TrainConfig, flags, "test")
-    assert (cfg.quantize, cfg.dtype) == ("none", dtype)
+    assert (cfg.quantize, cfg.dtype) == (flags[1], dtype)
     assert ("dtype" in explicit) == (dtype != "auto")  # resuming refuses a baseline of another dtype
 
 
