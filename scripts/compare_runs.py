@@ -151,9 +151,8 @@ def loss_gaps(runs: list[dict], baseline: dict) -> tuple[str, dict[str, list[tup
         base = curve(baseline, key)
         gaps = {run["name"]: [(t, loss - base[t]) for t, loss in curve(run, key).items() if t in base]
                 for run in runs if run is not baseline}
-        if all(len(points) >= 2 for points in gaps.values()):
+        if key == "loss" or all(len(points) >= 2 for points in gaps.values()):
             return key, gaps
-    return key, gaps
 
 
 def plot(runs: list[dict], baseline: dict, path: Path, entropy: float | None, note: str | None) -> None:
@@ -220,8 +219,8 @@ def bar_panel(ax, runs, colors, values, base_value, title, ylabel, value_format,
         ax.axis("off")
         ax.text(0.5, 0.5, f"{title}:\n{missing}", ha="center", va="center", transform=ax.transAxes)
         return
-    bars = ax.bar([label(run) for run, _ in shown],
-                  [value for _, value in shown], color=[colors[run["name"]] for run, _ in shown])
+    bars = ax.bar([label(run) for run, _ in shown], [value for _, value in shown],
+                  color=[colors[run["name"]] for run, _ in shown])
     ax.bar_label(bars, [value_format.format(value) + (f"\n{value / base_value:.2f}x" if base_value else "")
                         for _, value in shown], fontsize=9)
     ax.set(title=title, ylabel=ylabel)

@@ -89,7 +89,6 @@ class TrainConfig:
     ddp: bool = flag(False, "under torchrun, replicate the model with DDP instead of sharding it with FSDP2")
 
 
-# Settings that may differ when a run is resumed: they change neither the model nor the loss curve.
 # --quantize names of the unquantized baseline -> the --dtype values that compute in that dtype (the first is
 # the one the name sets). `none` is the baseline in whatever --dtype computes in.
 BASELINES = {"bf16": ("bf16", "fp32_master"), "fp32": ("fp32",)}
@@ -98,6 +97,8 @@ BASELINES = {"bf16": ("bf16", "fp32_master"), "fp32": ("fp32",)}
 def is_baseline(quantize: str) -> bool:
     return quantize == "none" or quantize in BASELINES
 
+
+# Settings that may differ when a run is resumed: they change neither the model nor the loss curve.
 RESUMABLE_CHANGES = {"run_dir", "resume", "wandb", "project", "run_name", "log_interval", "eval_interval",
                      "ckpt_interval", "keep_checkpoints", "save_checkpoints", "profile"}
 
