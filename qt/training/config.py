@@ -79,7 +79,9 @@ class TrainConfig:
                                           "and the gradients in flight")
 
     # Numerics and speed
-    quantize: str = flag("none", "quantized-training recipe from qt.RECIPES; none = the BF16 baseline")
+    quantize: str = flag("none", "quantized-training recipe from qt.RECIPES, or the baseline without one, named "
+                                 "by the dtype it computes in: bf16 or fp32 (sets --dtype); none = the baseline "
+                                 "in --dtype's compute dtype")
     quantize_kwargs: dict = flag({}, "recipe arguments as JSON, e.g. '{\"grad_weight\": false}'")
     quantize_lm_head: bool = flag(False, "also quantize the output layer")
     dtype: str = flag("auto", "weights: bf16, fp32, or fp32_master (fp32 weights, bf16 compute); "
@@ -87,6 +89,15 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile each block")
     activation_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass")
     ddp: bool = flag(False, "under torchrun, replicate the model with DDP instead of sharding it with FSDP2")
+
+
+# --quantize names of the unquantized baseline -> the --dtype values that compute in that dtype (the first is
+# the one the name sets). `none` is the baseline in whatever --dtype computes in.
+BASELINES = {"bf16": ("bf16", "fp32_master"), "fp32": ("fp32",)}
+
+
+def is_baseline(quantize: str) -> bool:
+    return quantize == "none" or quantize in BASELINES
 
 
 # Settings that may differ when a run is resumed: they change neither the model nor the loss curve.
@@ -242,7 +253,29 @@ def parse_config(cls, argv: list[str] | None, description: str):
     values.update(args)
     cfg = cls(**values)
     check_choices(cfg)
-    return cfg, set(values)
+    explicit = set(values)
+    settle_baseline(cfg, explicit)
+    return cfg, explicit
+
+
+def settle_baseline(cfg, explicit: set[str]) -> None:
+    """--quantize bf16 / fp32 is the baseline computing in that dtype: it sets --dtype to match (an explicit
+    setting, so resuming checks it). Any other name must be a recipe."""
+    name = cfg.quantize
+    if name in BASELINES:
+        dtypes = BASELINES[name]
+        if cfg.dtype == "auto":
+            cfg.dtype = dtypes[0]
+            explicit.add("dtype")
+        elif cfg.dtype not in dtypes:
+            raise ConfigError(f"--quantize {name} is the baseline computing in {name}, but --dtype {cfg.dtype} "
+                              f"does not; drop --dtype or pass --dtype {dtypes[0]}")
+    elif name != "none":
+        import qt
+        if name not in qt.RECIPES:
+            raise ConfigError(f"--quantize: unknown recipe {name!r}; choose {' or '.join(BASELINES)} (the baseline "
+                              f"without quantization, in that dtype; none: in --dtype's) or one of: "
+                              f"{', '.join(qt.RECIPES)}")
 
 
 # The largest --lr accepted: above it no optimizer we know of trains; a typo (3e4 for 3e-4) is likelier.
@@ -276,8 +309,9 @@ def check_train_flags(cfg, world_size: int, positive: tuple[str, ...] = ()) -> N
     if cfg.offload_optimizer and world_size > 1:
         raise ConfigError("--offload_optimizer runs on one process: drop it under torchrun (FSDP2 shards the "
                           "optimizer states over the GPUs instead)")
-    if cfg.offload_optimizer and cfg.quantize != "none":
-        raise ConfigError(f"--offload_optimizer steps plain weights: use it with --quantize none, not {cfg.quantize}")
+    if cfg.offload_optimizer and not is_baseline(cfg.quantize):
+        raise ConfigError(f"--offload_optimizer steps plain weights: use it with --quantize none (or bf16 / fp32), "
+                          f"not {cfg.quantize}")
     if cfg.warmup_steps != effective_warmup_steps(cfg) and os.environ.get("RANK", "0") == "0":
         print(f"warning: --warmup_steps {cfg.warmup_steps} >= --n_steps {cfg.n_steps} would never reach the peak "
               f"LR; warming up for {effective_warmup_steps(cfg)} steps (a tenth of the run) instead", file=sys.stderr)

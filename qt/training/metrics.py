@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qt.training.config import ConfigError
-from qt.training.distributed import Dist
+from qt.training.config import ConfigError, is_baseline
+from qt.training.distributed import Dist, resolve_dtypes
+from qt.training.models import resolve_recipe
 
 # Dense BF16 tensor-core peak FLOP/s, for MFU. The first name contained in the device name wins.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
@@ -63,6 +64,23 @@ def resolve_wandb_mode(mode: str) -> str | None:
     return mode
 
 
+def recipe_label(quantize: str, dtype: str, device: torch.device) -> str:
+    """What a run is called in tables, plots and wandb: its recipe, or for the baseline the dtype its
+    matmuls ran in, bf16 or fp32 (--quantize none does not say which)."""
+    if not is_baseline(quantize):
+        return quantize
+    return {torch.bfloat16: "bf16", torch.float32: "fp32"}[resolve_dtypes(dtype, device)[1]]
+
+
+def wandb_config(cfg, device: torch.device) -> dict:
+    """The run's flags, plus what the wandb UI compares runs by: `recipe` (recipe_label) and `recipe_options`
+    (every option of the recipe, defaults included). A sweep's group and tags come from wandb's own
+    WANDB_RUN_GROUP and WANDB_TAGS, which scripts/sweep_recipes.sh sets."""
+    recipe = resolve_recipe(cfg)
+    return {**dataclasses.asdict(cfg), "recipe": recipe_label(cfg.quantize, cfg.dtype, device),
+            "recipe_options": dataclasses.asdict(recipe) if recipe else {}}
+
+
 class MetricsLogger:
     """Rank 0 logs; the other ranks' loggers do nothing."""
 
@@ -84,7 +102,7 @@ class MetricsLogger:
                         "id": id_file.read_text()}
             # Passed explicitly: wandb reads its environment only the first time it is set up in a process.
             settings = {k: os.environ.get(WANDB_ENVIRONMENT[k]) or v for k, v in settings.items()}
-            self.wandb = wandb.init(**settings, config=dataclasses.asdict(cfg), resume="allow")
+            self.wandb = wandb.init(**settings, config=wandb_config(cfg, dist_info.device), resume="allow")
         self.terminal = sys.stderr.isatty()
         self.bar = tqdm(total=cfg.n_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not self.terminal)

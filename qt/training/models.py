@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qt.training.config import ConfigError
+from qt.training.config import ConfigError, is_baseline
 from qt.training.hub import hub_error, is_local_path, use_cache_if_hub_unreachable
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -120,7 +120,7 @@ def next_token_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) 
 def resolve_recipe(cfg):
     """The qt recipe config for --quantize and --quantize_kwargs (None for the baseline), so that a bad
     name or option fails in a line before any model is built."""
-    if cfg.quantize == "none":
+    if is_baseline(cfg.quantize):
         if cfg.quantize_kwargs:
             raise ConfigError("--quantize_kwargs needs a recipe: pass --quantize NAME")
         return None

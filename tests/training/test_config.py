@@ -64,3 +64,27 @@ def test_schedules():
     wsd = TrainConfig(lr=1.0, warmup_steps=10, n_steps=110, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
     assert lr_at(88, wsd) == 1.0 and math.isclose(lr_at(99, wsd), 0.5) and lr_at(110, wsd) == 0.0
     assert lr_at(100, TrainConfig(lr=1.0, warmup_steps=10, schedule="constant")) == 1.0
+
+
+@pytest.mark.parametrize("flags, dtype", [
+    (["--quantize", "fp32"], "fp32"), (["--quantize", "bf16"], "bf16"),
+    (["--quantize", "bf16", "--dtype", "fp32_master"], "fp32_master"), (["--quantize", "none"], "auto")])
+def test_the_baseline_goes_by_the_dtype_it_computes_in_and_none_stays_an_alias(flags, dtype):
+    cfg, explicit = parse_config(TrainConfig, flags, "test")
+    assert (cfg.quantize, cfg.dtype) == (flags[1], dtype)
+    assert ("dtype" in explicit) == (dtype != "auto")  # resuming refuses a baseline of another dtype
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--quantize", "fp32", "--dtype", "bf16"], "--quantize fp32 is the baseline computing in fp32, but --dtype bf16"),
+    (["--quantize", "int3"], "unknown recipe 'int3'; choose bf16 or fp32 .* or one of: int8_weight_only"),
+])
+def test_a_baseline_name_that_contradicts_dtype_or_an_unknown_recipe_is_refused(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(TrainConfig, flags, "test")
+
+
+def test_help_names_the_baseline_by_its_dtype(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--help"], "test")
+    assert "bf16 or fp32" in " ".join(capsys.readouterr().out.split())
