@@ -1,7 +1,8 @@
 """--resume never runs code planted in a run directory and never reads outside it; every checkpoint qt writes
 (each recipe, each optimizer, FSDP2 shards) still loads under those rules."""
 
-import tempfile
+import hashlib
+import json
 
 import pytest
 import torch
@@ -50,7 +51,8 @@ def test_every_recipe_and_optimizer_round_trips_through_the_safe_loader(recipe, 
         checkpointer = Checkpointer(tmp_path / name, SINGLE, sharded=False, keep=1)
         checkpointer.save(1, model, optimizer, {"note": name})
         fresh_model, fresh_optimizer = trained(recipe, optimizer_class, seed=1)
-        assert checkpointer.load(fresh_model, fresh_optimizer) == (1, {"note": name})
+        restored = checkpointer.load(fresh_model, fresh_optimizer)
+        assert (restored.step, restored.extra) == (1, {"note": name})
         assert_same_state(model.state_dict(), fresh_model.state_dict())
         assert_same_state(optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"])
 
@@ -109,19 +111,29 @@ def saved_run(tmp_path):
     return checkpointer, model, optimizer
 
 
-def plant(path, obj):
-    """What an attacker with write access to the run directory does: replace a checkpoint file."""
+def plant(path, obj, *, update_manifest=True):
+    """What an attacker with write access to the run directory does: replace a checkpoint file, and its size
+    and checksum in the manifest (else the file is merely damaged, and skipped)."""
     torch.save(obj, path)
+    if update_manifest:
+        manifest_file = path.parent / "manifest.json"
+        manifest = json.loads(manifest_file.read_text())
+        manifest["files"][path.name] = {"size": path.stat().st_size,
+                                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        manifest_file.write_text(json.dumps(manifest))
 
 
-def test_a_planted_pickle_is_refused_in_one_line_and_never_runs(saved_run, tmp_path):
+@pytest.mark.parametrize("update_manifest, error", [
+    (True, "refusing to load .*rank_0.pt: it holds io.open"),
+    (False, "no intact checkpoint in .*rank_0.pt has [0-9]+ bytes, not [0-9]+")])
+def test_a_planted_pickle_is_refused_in_one_line_and_never_runs(saved_run, tmp_path, update_manifest, error):
     checkpointer, model, optimizer = saved_run
     marker = tmp_path / "marker"
     plant(checkpointer.dir / "step_00000001" / "rank_0.pt",
-          {"step": 1, "world_size": 1, "model": WritesAMarker(marker)})
-    with pytest.raises(CheckpointError, match="refusing to load .*rank_0.pt: it holds io.open") as error:
+          {"step": 1, "world_size": 1, "model": WritesAMarker(marker)}, update_manifest=update_manifest)
+    with pytest.raises(CheckpointError, match=error) as raised:
         checkpointer.load(model, optimizer)
-    assert "\n" not in str(error.value)
+    assert "\n" not in str(raised.value)
     assert not marker.exists()
 
 
