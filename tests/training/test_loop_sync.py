@@ -8,8 +8,12 @@ import torch
 from test_loop import SINGLE, RegressionBatches, config, mse
 from torch import nn
 
+import qt
+from qt.training import optimizer as optimizer_module
 from qt.training.checkpoint import Checkpointer
+from qt.training.config import TrainConfig
 from qt.training.loop import TrainingDiverged, train
+from qt.training.optimizer import build_optimizer
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
 
@@ -126,3 +130,24 @@ def test_a_healthy_noisy_run_is_never_taken_for_blown_up(tmp_path):
     train(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.01), batches=RegressionBatches(),
           loss_fn=small_batch_loss, cfg=config(tmp_path, n_steps=2000, log_interval=100, save_checkpoints=False),
           dist_info=SINGLE, tokens_per_step=2)
+
+
+def test_the_builder_picks_fused_adamw_where_every_weight_takes_it(monkeypatch):
+    monkeypatch.setattr(optimizer_module, "FUSED_BY_DEFAULT_ON", ("cpu",))
+    cfg = TrainConfig()
+    assert build_optimizer(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), cfg).defaults["fused"] is True
+    assert build_optimizer(nn.Linear(8, 8), TrainConfig(optim_kwargs={"fused": False})).defaults["fused"] is False
+    assert build_optimizer(nn.Linear(8, 8), TrainConfig(optim_kwargs={"foreach": True})).defaults["fused"] is None
+    assert build_optimizer(nn.Linear(8, 8), TrainConfig(optim="SGD")).defaults["fused"] is None
+    for recipe in sorted(qt.RECIPES):
+        model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+        qt.quantize_(model, recipe)
+        optimizer = build_optimizer(model, cfg)
+        takes_fused = optimizer_module._fused_step_runs(model[0].weight)
+        assert optimizer.defaults["fused"] is (True if takes_fused else None), recipe
+        model(torch.randn(2, 64)).sum().backward()
+        optimizer.step()  # whatever was picked steps
+
+
+def test_the_builder_leaves_the_cpu_default_alone():
+    assert build_optimizer(nn.Linear(8, 8), TrainConfig()).defaults["fused"] is None
