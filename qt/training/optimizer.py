@@ -52,7 +52,7 @@ def fused_by_default(cls: type, params: list[torch.Tensor], kwargs: dict) -> boo
     if not all(p.device.type in FUSED_BY_DEFAULT_ON for p in local):
         return False
     by_class = {}
-    for p in sorted(local, key=torch.Tensor.numel):
+    for p in sorted((p for p in local if p.numel()), key=torch.Tensor.numel):  # an FSDP2 shard may be empty
         by_class.setdefault(type(p), p)
     return all(_fused_step_runs(p) for cls_, p in by_class.items() if cls_ not in (torch.Tensor, nn.Parameter))
 
