@@ -32,20 +32,25 @@ def optimizer_class(name: str) -> type:
 FUSED_BY_DEFAULT_ON = ("cuda",)
 
 
-def _fused_step_runs(param: torch.Tensor) -> bool:
-    """Whether torch's fused AdamW steps a copy of `param` (a recipe's weight class may not support it)."""
+def _fused_step_skips(param: torch.Tensor) -> bool:
+    """Whether torch's fused AdamW steps a copy of `param` and leaves it untouched when `found_inf` is set, as
+    the loop relies on (a recipe's weight class may not support the fused step, or not honour found_inf)."""
     trial = param.detach().clone().requires_grad_()
-    trial.grad = torch.zeros(trial.shape, dtype=trial.dtype, device=trial.device)
+    trial.grad = torch.ones(trial.shape, dtype=trial.dtype, device=trial.device)
+    before = trial.detach().clone()
+    optimizer = torch.optim.AdamW([trial], lr=1.0, fused=True)
+    optimizer.found_inf = torch.ones((), device=trial.device)
     try:
-        torch.optim.AdamW([trial], lr=0.0, fused=True).step()
+        optimizer.step()
     except Exception:  # noqa: BLE001 (whatever the weight class raises, the fused path is not for it yet)
         return False
-    return True
+    return bool(torch.equal(trial.detach(), before))
 
 
 def fused_by_default(cls: type, params: list[torch.Tensor], kwargs: dict) -> bool:
     """Pick fused=True for a torch Adam / AdamW whose flags leave the implementation open, on a GPU, when every
-    parameter takes a fused step: plain ones do, a quantized weight class is tried on a copy of its smallest."""
+    parameter takes a fused step that honours found_inf: plain ones do, a quantized weight class is tried on a
+    copy of its smallest weight."""
     if cls not in (torch.optim.Adam, torch.optim.AdamW) or {"fused", "foreach"} & kwargs.keys():
         return False
     local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
@@ -54,7 +59,7 @@ def fused_by_default(cls: type, params: list[torch.Tensor], kwargs: dict) -> boo
     by_class = {}
     for p in sorted((p for p in local if p.numel()), key=torch.Tensor.numel):  # an FSDP2 shard may be empty
         by_class.setdefault(type(p), p)
-    return all(_fused_step_runs(p) for cls_, p in by_class.items() if cls_ not in (torch.Tensor, nn.Parameter))
+    return all(_fused_step_skips(p) for cls_, p in by_class.items() if cls_ not in (torch.Tensor, nn.Parameter))
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:

@@ -143,7 +143,7 @@ def test_the_builder_picks_fused_adamw_where_every_weight_takes_it(monkeypatch):
         model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
         qt.quantize_(model, recipe)
         optimizer = build_optimizer(model, cfg)
-        takes_fused = optimizer_module._fused_step_runs(model[0].weight)
+        takes_fused = optimizer_module._fused_step_skips(model[0].weight)
         assert optimizer.defaults["fused"] is (True if takes_fused else None), recipe
         model(torch.randn(2, 64)).sum().backward()
         optimizer.step()  # whatever was picked steps
@@ -151,3 +151,11 @@ def test_the_builder_picks_fused_adamw_where_every_weight_takes_it(monkeypatch):
 
 def test_the_builder_leaves_the_cpu_default_alone():
     assert build_optimizer(nn.Linear(8, 8), TrainConfig()).defaults["fused"] is None
+
+
+def test_a_fused_step_that_ignores_found_inf_is_not_picked(monkeypatch):
+    weight = nn.Parameter(torch.zeros(4, 4))
+    assert optimizer_module._fused_step_skips(weight)
+    fused_adamw = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *args, found_inf=None, **kwargs: fused_adamw(*args, **kwargs))
+    assert not optimizer_module._fused_step_skips(weight)
