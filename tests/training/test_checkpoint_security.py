@@ -3,6 +3,7 @@
 
 import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -86,6 +87,10 @@ def fsdp_worker(rank, init_method, run_dir):
             assert_same_state(model.state_dict(), fresh_model.state_dict())
             assert_same_state(optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"])
     dist.destroy_process_group()
+    # Now and then (~1 run in 5 on a loaded machine) a process that trained these FSDP2 models on gloo aborts
+    # in C++ teardown after all of the above ("terminate called without an active exception", no Python frame),
+    # with or without the checkpoint code: skip the interpreter's teardown.
+    os._exit(0)
 
 
 def test_fsdp2_shards_of_every_recipe_round_trip_through_the_safe_loader(tmp_path):
