@@ -44,7 +44,10 @@ class TrainConfig:
     # Run directory and logging
     run_dir: str | None = flag(None, "directory for config, metrics.jsonl, checkpoints (default runs/RUN_NAME)")
     run_name: str | None = flag(None, "name of the run (default derived from the model and recipe)")
-    resume: bool = flag(False, "continue the run in --run_dir from its last checkpoint (starts fresh if it has none)")
+    resume: bool = flag(False, "continue the run in --run_dir from its last checkpoint (starts fresh if it has none); "
+                               "the flags it may change: the logging and checkpoint ones, and (e.g. after a "
+                               "divergence) --lr, --clip_grad_norm, --warmup_steps, --schedule, --decay_fraction, "
+                               "--min_lr_ratio")
     wandb: str = flag("auto", "wandb mode; auto = online if an API key is configured, else offline",
                       ("auto", "online", "offline", "disabled"))
     project: str = flag("qt", "wandb project")
@@ -103,6 +106,9 @@ def is_baseline(quantize: str) -> bool:
 # Settings that may differ when a run is resumed: they change neither the model nor the loss curve.
 RESUMABLE_CHANGES = {"run_dir", "resume", "wandb", "project", "run_name", "log_interval", "eval_interval",
                      "ckpt_interval", "keep_checkpoints", "save_checkpoints", "profile"}
+# The optimisation settings a user changes after a divergence: a resume may change them too (the loop notes it in
+# the log); the continued loss curve then differs from the original run's, on purpose.
+RETUNABLE_ON_RESUME = ("lr", "clip_grad_norm", "warmup_steps", "schedule", "decay_fraction", "min_lr_ratio")
 
 
 def _converter(name: str, type_):
@@ -331,19 +337,22 @@ def check_choices(cfg) -> None:
 
 
 def merge_for_resume(cfg, explicit: set[str], saved: dict):
-    """The saved run's config, with the explicitly given settings that may change on resume applied.
+    """The saved run's config, with the explicitly given settings that may change on resume applied: those of
+    RESUMABLE_CHANGES and RETUNABLE_ON_RESUME.
 
     Any other explicit setting that differs from the saved run is an error: the continued run would not
     be the run that was started.
     """
     current = dataclasses.asdict(cfg)
-    changed = sorted(k for k in explicit - RESUMABLE_CHANGES if k in saved and current[k] != saved[k])
+    may_change = RESUMABLE_CHANGES | set(RETUNABLE_ON_RESUME)
+    changed = sorted(k for k in explicit - may_change if k in saved and current[k] != saved[k])
     if changed:
         details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
-        raise ConfigError(f"cannot resume with a different config ({details}); drop these flags to continue "
-                          f"the run as it was, or start a new run with another --run_dir")
+        raise ConfigError(f"cannot resume with a different config ({details}); a resume may change only "
+                          f"{', '.join('--' + k for k in RETUNABLE_ON_RESUME)} and the logging and checkpoint "
+                          f"flags: drop the others to continue the run, or start a new run with another --run_dir")
     merged = {k: v for k, v in saved.items() if k in current}
-    merged.update({k: current[k] for k in explicit & RESUMABLE_CHANGES})
+    merged.update({k: current[k] for k in explicit & may_change})
     return type(cfg)(**merged)
 
 
@@ -352,9 +361,23 @@ def save_config(cfg, path: Path) -> None:
 
 
 def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` by `text` so that a crash at any point leaves the old or the new file, on disk (fsynced)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the creations, renames and deletions in directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def one_line_errors(main):

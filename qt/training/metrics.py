@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qt.training.config import ConfigError, is_baseline
+from qt.training.config import ConfigError, is_baseline, write_atomically
 from qt.training.distributed import Dist, resolve_dtypes
 from qt.training.models import resolve_recipe
 
@@ -81,6 +81,24 @@ def wandb_config(cfg, device: torch.device) -> dict:
             "recipe_options": dataclasses.asdict(recipe) if recipe else {}}
 
 
+def _lines_and_records(path: Path) -> list[tuple[str, dict]]:
+    """The lines of a metrics.jsonl that hold a record, with their records; a torn line is skipped."""
+    pairs = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            pairs.append((line, record))
+    return pairs
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, skipping a line torn by a crash or a full disk."""
+    return [record for _, record in _lines_and_records(path)] if path.is_file() else []
+
+
 class MetricsLogger:
     """Rank 0 logs; the other ranks' loggers do nothing."""
 
@@ -109,11 +127,11 @@ class MetricsLogger:
         self.n_steps = cfg.n_steps
 
     def _truncate_after(self, step: int) -> None:
-        """Drop lines logged after the checkpoint a run resumes from: that stretch is trained again."""
-        if not self.path.is_file():
-            return
-        lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in lines))
+        """Drop lines logged after the checkpoint a run resumes from: that stretch is trained again. Also drops
+        a line torn by a crash or a full disk. Atomic: a crash while rewriting leaves the old file."""
+        if self.path.is_file():
+            kept = [line for line, record in _lines_and_records(self.path) if record["step"] <= step]
+            write_atomically(self.path, "".join(line + "\n" for line in kept))
 
     def step_done(self) -> None:
         if self.enabled:

@@ -52,9 +52,20 @@ def test_resume_keeps_saved_settings_and_refuses_changed_ones():
     cfg, explicit = parse_config(TrainConfig, ["--run_dir", "runs/a", "--resume", "--log_interval", "5"], "test")
     merged = merge_for_resume(cfg, explicit, saved)
     assert (merged.lr, merged.n_steps, merged.log_interval, merged.resume) == (1e-3, 100, 5, True)
-    cfg, explicit = parse_config(TrainConfig, ["--run_dir", "runs/a", "--resume", "--lr", "0.1"], "test")
-    with pytest.raises(ConfigError, match="cannot resume with a different config .*lr"):
+    cfg, explicit = parse_config(TrainConfig, ["--run_dir", "runs/a", "--resume", "--n_steps", "200"], "test")
+    with pytest.raises(ConfigError, match="cannot resume with a different config .*n_steps.*may change only --lr, "
+                                          "--clip_grad_norm, --warmup_steps, --schedule"):
         merge_for_resume(cfg, explicit, saved)
+
+
+def test_resume_may_change_the_optimisation_settings_a_divergence_calls_for():
+    saved = TrainConfig(run_dir="runs/a", lr=1e-3, n_steps=100).__dict__
+    flags = ["--lr", "3e-4", "--clip_grad_norm", "0.5", "--warmup_steps", "300", "--schedule", "wsd",
+             "--decay_fraction", "0.3", "--min_lr_ratio", "0.05"]
+    cfg, explicit = parse_config(TrainConfig, ["--run_dir", "runs/a", "--resume", *flags], "test")
+    merged = merge_for_resume(cfg, explicit, saved)
+    assert (merged.lr, merged.clip_grad_norm, merged.warmup_steps, merged.schedule, merged.decay_fraction,
+            merged.min_lr_ratio, merged.n_steps) == (3e-4, 0.5, 300, "wsd", 0.3, 0.05, 100)
 
 
 def test_schedules():

@@ -298,6 +298,9 @@ def test_a_stopped_run_exports_nothing_exits_75_and_resumes_from_its_run_dir_alo
     llm_finetune.main(["--run_dir", str(stopped), "--resume"])
     assert without_speed(read_metrics(stopped)) == without_speed(read_metrics(whole))
     assert (stopped / "hf_model" / "model.safetensors").is_file()
+    capsys.readouterr()
+    llm_finetune.main(["--run_dir", str(stopped), "--resume"])  # a finished run is not taken for a stopped one
+    assert f"{stopped} is already complete" in capsys.readouterr().out
 
 
 def assert_config_dtype_is_the_tensors(export_dir, weights_file: str, dtype: str) -> None:
