@@ -5,8 +5,10 @@
     python llm_finetune.py --run_dir runs/SmolLM-1.7B-metamathqa-int8_mixed_precision --resume
 
 The loss covers the response tokens only. RUN_DIR holds config.yaml, metrics.jsonl, checkpoints/ (the
-quantized state, for --resume) and hf_model/: the trained model as BF16 safetensors with its tokenizer,
-loadable with transformers' from_pretrained (neither is written with --no-save_checkpoints).
+quantized state, for --resume) and, once the run completes, hf_model/: the trained model with its tokenizer,
+for qt.training.export.load_finetuned (and, but for bitnet, transformers' from_pretrained); neither is
+written with --no-save_checkpoints. A run stopped by Ctrl-C or SIGTERM saves a checkpoint and exits with
+status 75: continue it with --run_dir RUN_DIR --resume.
 """
 
 from __future__ import annotations
@@ -16,18 +18,17 @@ from pathlib import Path
 
 from torch import nn
 
-from qt.training.checkpoint import resolve_run_config
+from qt.training.checkpoint import place_run, resolve_run_config
 from qt.training.config import ConfigError, TrainConfig, check_train_flags, flag, one_line_errors, parse_config
 from qt.training.distributed import Dist, check_run_dir_shared, init_distributed, resolve_dtypes, shutdown_distributed
-from qt.training.export import export_pretrained
+from qt.training.export import EXPORT_DIR, export_finetuned
 from qt.training.instruct_data import (ALPACA_TEMPLATE, InstructBatches, load_records, preset_fields,
                                        response_loss, split_validation, tokenize_examples, validation_batches)
+from qt.training.lifecycle import exit_if_stopped, seed_everything
 from qt.training.loop import train
-from qt.training.models import (decoder_blocks, flops_per_token, load_pretrained_causal_lm, quantize_model,
-                                resolve_recipe)
+from qt.training.models import (decoder_blocks, flops_per_token, load_pretrained_causal_lm, load_pretrained_config,
+                                load_tokenizer, quantize_model, resolve_recipe)
 from qt.training.optimizer import parallelize_with_optimizer
-
-EXPORT_DIR = "hf_model"
 
 
 @dataclass
@@ -39,7 +40,8 @@ class FinetuneConfig(TrainConfig):
     prompt_field: str | None = flag(None, "field holding the prompt (default: the preset's, e.g. query)")
     response_field: str | None = flag(None, "field holding the response (default: the preset's, e.g. response)")
     prompt_template: str = flag(ALPACA_TEMPLATE, "text around the prompt; {prompt} marks where it goes")
-    max_seq_len: int = flag(512, "examples are truncated to this many tokens (prompt + response)")
+    max_seq_len: int = flag(512, "examples are truncated to this many tokens (prompt + response), at most the "
+                                 "model's positions")
     val_examples: int = flag(200, "examples held out for the validation loss")
     freeze_embedding_layer: bool = flag(False, "do not train the input embedding (nor a head tied to it)")
     # Fine-tuning defaults: a small LR, short warmup, mild decay, evaluated more often than pretraining.
@@ -52,14 +54,11 @@ class FinetuneConfig(TrainConfig):
     eval_interval: int = flag(50, "steps between validation losses (0: only at the end)")
 
 
-def name_run(cfg: FinetuneConfig) -> FinetuneConfig:
+def default_run_name(cfg: FinetuneConfig) -> str:
     if not cfg.model:
         raise ConfigError("--model is required: a Hugging Face causal LM name (e.g. HuggingFaceTB/SmolLM-1.7B) "
                           "or a local folder")
-    dataset_name = Path(cfg.dataset).stem
-    cfg.run_name = cfg.run_name or f"{Path(cfg.model).name}-{dataset_name}-{cfg.quantize}"
-    cfg.run_dir = cfg.run_dir or str(Path("runs") / cfg.run_name)
-    return cfg
+    return f"{Path(cfg.model).name}-{Path(cfg.dataset).stem}-{cfg.quantize}"
 
 
 def check_flags(cfg: FinetuneConfig, world_size: int) -> FinetuneConfig:
@@ -75,15 +74,6 @@ def check_flags(cfg: FinetuneConfig, world_size: int) -> FinetuneConfig:
         raise ConfigError("--prompt_template must contain {prompt} where the prompt goes")
     resolve_recipe(cfg)
     return cfg
-
-
-def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load the tokenizer of --model {name!r} ({str(e).splitlines()[0]}); give a "
-                          f"folder holding the model and its tokenizer") from None
 
 
 def prepare_model(model: nn.Module, cfg: FinetuneConfig) -> None:
@@ -108,10 +98,12 @@ def finetune(cfg: FinetuneConfig, dist_info: Dist) -> dict:
     device = dist_info.device
     micro_batch_size = cfg.batch_size // (cfg.grad_accum * dist_info.world_size)
     weight_dtype, compute_dtype = resolve_dtypes(cfg.dtype, device)
-    tokenizer = load_tokenizer(cfg.model)
+    seed_everything(cfg.seed)
+    max_seq_len = capped_max_seq_len(cfg, load_pretrained_config(cfg.model, "model"), dist_info)
+    tokenizer = load_tokenizer(cfg.model, "model")
     examples, dropped = tokenize_examples(load_records(cfg.dataset), tokenizer, prompt_field=cfg.prompt_field,
                                           response_field=cfg.response_field, template=cfg.prompt_template,
-                                          max_seq_len=cfg.max_seq_len)
+                                          max_seq_len=max_seq_len)
     train_examples, val_examples = split_validation(examples, cfg.val_examples, cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = InstructBatches(train_examples, cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed,
@@ -120,9 +112,6 @@ def finetune(cfg: FinetuneConfig, dist_info: Dist) -> dict:
                                       world_size=dist_info.world_size, pad_id=pad_id, device=device)
 
     model = load_pretrained_causal_lm(cfg.model, "model", device, weight_dtype)
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions and cfg.max_seq_len > max_positions:
-        raise ConfigError(f"--max_seq_len {cfg.max_seq_len} exceeds the model's {max_positions} positions")
     mean_length = sum(len(e.tokens) for e in train_examples) / len(train_examples)
     flops = flops_per_token(model, round(mean_length))  # before quantization replaces the Linear layers
     prepare_model(model, cfg)
@@ -136,15 +125,21 @@ def finetune(cfg: FinetuneConfig, dist_info: Dist) -> dict:
     record = train(model=training_model, optimizer=optimizer, batches=batches, loss_fn=response_loss, cfg=cfg,
                    dist_info=dist_info, count_tokens=lambda batch: batch["n_tokens"], eval_batches=eval_batches,
                    flops_per_token=flops, weight_dtype=weight_dtype, compute_dtype=compute_dtype)
-    if not cfg.save_checkpoints:
-        return record
-    if cfg.quantize == "bitnet":
-        if dist_info.is_main:
-            print("bitnet changes the architecture (an RMSNorm before each linear), which transformers cannot "
-                  f"load as {type(model).__name__}: no {EXPORT_DIR}/; the trained model is in checkpoints/")
-    else:
-        export_pretrained(training_model, tokenizer, Path(cfg.run_dir) / EXPORT_DIR, dist_info)
+    exit_if_stopped(batches, cfg, dist_info, unwritten=f"{EXPORT_DIR}/")  # a partly trained model is not exported
+    if cfg.save_checkpoints:
+        export_finetuned(training_model, tokenizer, Path(cfg.run_dir) / EXPORT_DIR, dist_info, recipe=cfg.quantize,
+                         include_head=cfg.quantize_lm_head, weight_dtype=weight_dtype)
     return record
+
+
+def capped_max_seq_len(cfg: FinetuneConfig, model_config, dist_info: Dist) -> int:
+    """--max_seq_len, or the model's positions where it has fewer (with a note). The saved config keeps the
+    flag as given, so the same command resumes the run."""
+    max_positions = getattr(model_config, "max_position_embeddings", None) or cfg.max_seq_len
+    if cfg.max_seq_len > max_positions and dist_info.is_main:
+        print(f"note: --max_seq_len {cfg.max_seq_len} exceeds the model's {max_positions} positions: examples "
+              f"are truncated to {max_positions} tokens", flush=True)
+    return min(cfg.max_seq_len, max_positions)
 
 
 @one_line_errors
@@ -152,9 +147,9 @@ def main(argv=None) -> dict:
     cfg, explicit = parse_config(FinetuneConfig, argv, __doc__.split("\n")[0])
     dist_info = init_distributed()
     try:
-        cfg = name_run(cfg)
+        cfg = place_run(cfg, default_run_name)
         check_run_dir_shared(cfg.run_dir, dist_info)
-        cfg = check_flags(resolve_run_config(cfg, explicit), dist_info.world_size)
+        cfg = check_flags(resolve_run_config(cfg, explicit, default_run_name), dist_info.world_size)
         return finetune(cfg, dist_info)
     finally:
         shutdown_distributed()

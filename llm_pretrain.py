@@ -14,15 +14,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from qt.training.checkpoint import resolve_run_config
+from qt.training.checkpoint import place_run, resolve_run_config
 from qt.training.config import ConfigError, TrainConfig, check_train_flags, flag, one_line_errors, parse_config
 from qt.training.data import RandomWindows, TokenShards, validation_batches
 from qt.training.distributed import Dist, check_run_dir_shared, init_distributed, resolve_dtypes, shutdown_distributed
+from qt.training.lifecycle import seed_everything
 from qt.training.loop import train
 from qt.training.models import (build_causal_lm, decoder_blocks, flops_per_token, load_model_config,
-                                next_token_loss, quantize_model, resolve_recipe)
+                                load_pretrained_config, next_token_loss, quantize_model, resolve_recipe)
 from qt.training.optimizer import parallelize_with_optimizer
 
 
@@ -37,11 +36,9 @@ class PretrainConfig(TrainConfig):
     eval_tokens: int = flag(1_048_576, "validation tokens per evaluation")
 
 
-def name_run(cfg: PretrainConfig) -> PretrainConfig:
+def default_run_name(cfg: PretrainConfig) -> str:
     model_name = Path(cfg.init_from).name if cfg.init_from else cfg.model
-    cfg.run_name = cfg.run_name or f"{model_name}-{cfg.quantize}"
-    cfg.run_dir = cfg.run_dir or str(Path("runs") / cfg.run_name)
-    return cfg
+    return f"{model_name}-{cfg.quantize}"
 
 
 def check_flags(cfg: PretrainConfig, explicit: set[str], world_size: int) -> PretrainConfig:
@@ -68,12 +65,7 @@ def pretrained_vocab_size(cfg: PretrainConfig) -> int | None:
     if not cfg.init_from:
         load_model_config(cfg.model, cfg.seq_len)
         return None
-    from transformers import AutoConfig
-    try:
-        return AutoConfig.from_pretrained(cfg.init_from).vocab_size
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load --init_from {cfg.init_from!r} ({str(e).splitlines()[0]}); give a local "
-                          f"checkpoint folder or a Hugging Face model name") from None
+    return load_pretrained_config(cfg.init_from, "init_from").vocab_size
 
 
 def load_data(cfg: PretrainConfig, dist_info: Dist, model_vocab_size: int | None) -> tuple:
@@ -93,7 +85,7 @@ def load_data(cfg: PretrainConfig, dist_info: Dist, model_vocab_size: int | None
 def pretrain(cfg: PretrainConfig, dist_info: Dist, data: tuple) -> dict:
     device = dist_info.device
     train_shards, batches, eval_batches = data
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    seed_everything(cfg.seed)
     model = build_causal_lm(cfg.model, cfg.init_from, train_shards.vocab_size, cfg.seq_len, device)
     flops = flops_per_token(model, cfg.seq_len)  # before quantization replaces the Linear layers
     weight_dtype, compute_dtype = resolve_dtypes(cfg.dtype, device)
@@ -117,15 +109,15 @@ def main(argv=None) -> dict:
     cfg, explicit = parse_config(PretrainConfig, argv, __doc__.split("\n")[0])
     dist_info = init_distributed()
     try:
-        cfg = name_run(cfg)
+        cfg = place_run(cfg, default_run_name)
         check_run_dir_shared(cfg.run_dir, dist_info)
         if cfg.resume:  # continue with the saved run's config, checked below like a new one
-            cfg = resolve_run_config(cfg, explicit)
+            cfg = resolve_run_config(cfg, explicit, default_run_name)
         # Flags, then the model, then the data; the run directory last, when the run could start.
         cfg = check_flags(cfg, explicit, dist_info.world_size)
         data = load_data(cfg, dist_info, pretrained_vocab_size(cfg))
         if not cfg.resume:  # refuses to start over an existing run
-            resolve_run_config(cfg, explicit)
+            cfg = resolve_run_config(cfg, explicit, default_run_name)
         return pretrain(cfg, dist_info, data)
     finally:
         shutdown_distributed()

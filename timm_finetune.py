@@ -6,7 +6,8 @@
 
 A new classifier head is sized to the dataset's classes. --quantize applies to the backbone's linears
 (the head too with --quantize_lm_head). RUN_DIR holds config.yaml, metrics.jsonl (loss, val_loss, val_acc,
-val_top5, images_per_second, max_memory_allocated_gb) and checkpoints/.
+val_top5, images_per_second, max_memory_allocated_gb) and checkpoints/. A run stopped by Ctrl-C or SIGTERM
+saves a checkpoint and exits with status 75: continue it with --run_dir RUN_DIR --resume.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qt.training.checkpoint import resolve_run_config
+from qt.training.checkpoint import place_run, resolve_run_config
 from qt.training.config import ConfigError, TrainConfig, check_train_flags, flag, one_line_errors, parse_config
 from qt.training.distributed import (Dist, all_reduce_sum, check_run_dir_shared, init_distributed, resolve_dtypes,
                                      shutdown_distributed)
+from qt.training.hub import NOT_CACHED_OFFLINE, hub_offline, use_cache_if_hub_unreachable
 from qt.training.image_data import ImageBatches, load_image_datasets, validation_loader
+from qt.training.lifecycle import exit_if_stopped, seed_everything
 from qt.training.loop import train
 from qt.training.models import quantize_model, resolve_recipe
 from qt.training.optimizer import parallelize_with_optimizer
@@ -51,12 +54,10 @@ class TimmFinetuneConfig(TrainConfig):
     warmup_steps: int = flag(50, "linear warmup steps")
 
 
-def name_run(cfg: TimmFinetuneConfig) -> TimmFinetuneConfig:
+def default_run_name(cfg: TimmFinetuneConfig) -> str:
     if not cfg.model:
         raise ConfigError("--model is required: a timm model name, e.g. vit_base_patch16_224.augreg_in21k")
-    cfg.run_name = cfg.run_name or f"{cfg.model}-{Path(cfg.dataset).name}-{cfg.quantize}"
-    cfg.run_dir = cfg.run_dir or str(Path("runs") / cfg.run_name)
-    return cfg
+    return f"{cfg.model}-{Path(cfg.dataset).name}-{cfg.quantize}"
 
 
 def check_flags(cfg: TimmFinetuneConfig, explicit: set[str], world_size: int) -> TimmFinetuneConfig:
@@ -87,13 +88,16 @@ def build_model(cfg: TimmFinetuneConfig, n_classes: int) -> nn.Module:
         close = timm.list_models(f"*{cfg.model.split('.')[0].split('_')[0]}*")[:5]
         raise ConfigError(f"--model {cfg.model!r} is not a timm model" + (f" (e.g. {', '.join(close)})" if close else ""))
     overlay = {"pretrained_cfg_overlay": {"file": cfg.checkpoint_path}} if cfg.checkpoint_path else {}
+    if cfg.pretrained and not cfg.checkpoint_path:
+        use_cache_if_hub_unreachable()
     try:
         return timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=n_classes, **overlay,
                                  **cfg.model_kwargs)
     except TypeError as e:
         raise ConfigError(f"--model_kwargs '{json.dumps(cfg.model_kwargs)}': {e}") from None
     except (OSError, RuntimeError) as e:  # no connection to the hub, no such weights, mismatched file
-        raise ConfigError(f"cannot create --model {cfg.model} with pretrained weights ({str(e).splitlines()[0]}); "
+        reason = NOT_CACHED_OFFLINE if hub_offline() and not cfg.checkpoint_path else str(e).splitlines()[0]
+        raise ConfigError(f"cannot create --model {cfg.model} with pretrained weights ({reason}); "
                           f"give --checkpoint_path FILE or --no-pretrained") from None
 
 
@@ -135,8 +139,8 @@ def make_evaluate(loader, n_classes: int, dist_info: Dist, dtype: torch.dtype):
 def finetune(cfg: TimmFinetuneConfig, explicit: set[str], dist_info: Dist) -> dict:
     timm = import_timm()
     device = dist_info.device
+    seed_everything(cfg.seed)
     train_set, val_set, classes = load_image_datasets(cfg.dataset, cfg.val_fraction, cfg.seed)
-    torch.manual_seed(cfg.seed)  # the same new head on every rank
     model = build_model(cfg, len(classes)).to(device)
     data_config = timm.data.resolve_data_config({}, model=model)
     # The pretrained config keeps its image size when --model_kwargs changes it: the model's own size wins.
@@ -172,9 +176,11 @@ def finetune(cfg: TimmFinetuneConfig, explicit: set[str], dist_info: Dist) -> di
         print(f"{cfg.run_name}: {n_params / 1e6:.1f}M parameters, recipe {cfg.quantize}, {len(classes)} classes, "
               f"{len(train_set)} training / {len(val_set)} validation images at {data_config['input_size'][1:]}, "
               f"{cfg.n_steps} steps of {cfg.batch_size} on {dist_info.world_size} x {device.type}", flush=True)
-    return train(model=training_model, optimizer=optimizer, batches=batches, loss_fn=classification_loss, cfg=cfg,
-                 dist_info=dist_info, tokens_per_step=cfg.batch_size, unit="images", evaluate=evaluate,
-                 weight_dtype=weight_dtype, compute_dtype=compute_dtype)
+    record = train(model=training_model, optimizer=optimizer, batches=batches, loss_fn=classification_loss,
+                   cfg=cfg, dist_info=dist_info, tokens_per_step=cfg.batch_size, unit="images", evaluate=evaluate,
+                   weight_dtype=weight_dtype, compute_dtype=compute_dtype)
+    exit_if_stopped(batches, cfg, dist_info)
+    return record
 
 
 @one_line_errors
@@ -182,9 +188,9 @@ def main(argv=None) -> dict:
     cfg, explicit = parse_config(TimmFinetuneConfig, argv, __doc__.split("\n")[0])
     dist_info = init_distributed()
     try:
-        cfg = name_run(cfg)
+        cfg = place_run(cfg, default_run_name)
         check_run_dir_shared(cfg.run_dir, dist_info)
-        cfg = check_flags(resolve_run_config(cfg, explicit), explicit, dist_info.world_size)
+        cfg = check_flags(resolve_run_config(cfg, explicit, default_run_name), explicit, dist_info.world_size)
         return finetune(cfg, explicit, dist_info)
     finally:
         shutdown_distributed()

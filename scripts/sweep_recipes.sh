@@ -2,7 +2,7 @@
 # Train one run config once per recipe (same data, same seed) and compare the runs.
 #
 #   bash scripts/sweep_recipes.sh CONFIG OUT_DIR [RECIPE ...]
-#   bash scripts/sweep_recipes.sh configs/runs/convergence_120m.yaml runs/convergence none int8_mixed_precision
+#   bash scripts/sweep_recipes.sh configs/runs/convergence_120m.yaml runs/convergence bf16 int8_mixed_precision
 #
 # Tokenizes the corpus first if DATA_DIR is not complete yet (CORPUS_DIR: a folder with docs_train.jsonl.gz and
 # docs_val.jsonl.gz, default ../shared/corpus or shared/corpus). Each run is limited to RUN_TIMEOUT_S seconds:
@@ -10,6 +10,9 @@
 # same command resumes it). A failed run is reported and the sweep goes on.
 # Run directories (with checkpoints) go to RUNS_DIR/CONFIG_NAME/RECIPE (RUNS_DIR default runs); OUT_DIR gets
 # only what is worth keeping: comparison.md, loss_curves.png, and per recipe its log, metrics.jsonl, config.yaml.
+# The comparison holds every recipe in OUT_DIR, those of earlier sweeps into it too.
+# With wandb, the runs of a config share a group (the config's name) and two tags: `sweep` and the recipe set
+# (e.g. bf16+int8_mixed_precision); WANDB_RUN_GROUP and WANDB_TAGS (comma-separated) override them.
 # Environment: NPROC (GPUs per run, default 1), RUN_TIMEOUT_S (default 300), VOCAB_SIZE (default 32000),
 # DATA_DIR, RUNS_DIR, EXTRA_ARGS (more llm_pretrain.py flags), PARALLEL=1 (train all recipes at once on the
 # same GPUs: for small models that leave the GPU idle, the sweep then takes about as long as its slowest run;
@@ -20,7 +23,7 @@ cd "$(dirname "$0")/.."
 config=${1:?usage: sweep_recipes.sh CONFIG OUT_DIR [RECIPE ...]}
 out_dir=${2:?usage: sweep_recipes.sh CONFIG OUT_DIR [RECIPE ...]}
 shift 2
-if [[ $# -gt 0 ]]; then recipes=("$@"); else recipes=(none int8_mixed_precision); fi
+if [[ $# -gt 0 ]]; then recipes=("$@"); else recipes=(bf16 int8_mixed_precision); fi
 data_dir=${DATA_DIR:-data/corpus_bpe${VOCAB_SIZE:-32000}}
 nproc=${NPROC:-1}
 if [[ $nproc -eq 1 ]]; then launcher=(python); else launcher=(torchrun --standalone --nproc_per_node "$nproc"); fi
@@ -38,7 +41,10 @@ if [[ ! -f $data_dir/metadata.json ]] || ! grep -q '"complete": true' "$data_dir
 fi
 
 mkdir -p "$out_dir"
-runs_dir=${RUNS_DIR:-runs}/$(basename "$config" .yaml)
+config_name=$(basename "$config" .yaml)
+runs_dir=${RUNS_DIR:-runs}/$config_name
+recipe_set=$(IFS=+; echo "${recipes[*]}")
+export WANDB_RUN_GROUP=${WANDB_RUN_GROUP:-$config_name} WANDB_TAGS=${WANDB_TAGS:-sweep,$recipe_set}
 exec 3>&1  # the sweep's own stdout, for status lines while a run's output goes to its log
 train() {
     local recipe=$1 run_dir=$runs_dir/$1
@@ -60,14 +66,15 @@ for recipe in "${recipes[@]}"; do
 done
 wait
 
-run_dirs=()
 for recipe in "${recipes[@]}"; do
     run_dir=$runs_dir/$recipe
     if [[ -s $run_dir/metrics.jsonl ]]; then
-        run_dirs+=("$run_dir")
         mkdir -p "$out_dir/$recipe" && cp "$run_dir/metrics.jsonl" "$run_dir/config.yaml" "$out_dir/$recipe/"
     fi
 done
 
-[[ ${#run_dirs[@]} -gt 0 ]] || { echo "error: no run logged any metrics" >&2; exit 1; }
-python scripts/compare_runs.py "${run_dirs[@]}" --output_dir "$out_dir" --dataset_dir "$data_dir"
+note=()
+if [[ ${PARALLEL:-0} == 1 ]]; then
+    note=(--note "The runs trained at the same time on shared GPUs (PARALLEL=1): their speeds are not comparable.")
+fi
+python scripts/compare_runs.py --runs_in "$out_dir" --output_dir "$out_dir" --dataset_dir "$data_dir" "${note[@]}"

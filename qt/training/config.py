@@ -44,7 +44,10 @@ class TrainConfig:
     # Run directory and logging
     run_dir: str | None = flag(None, "directory for config, metrics.jsonl, checkpoints (default runs/RUN_NAME)")
     run_name: str | None = flag(None, "name of the run (default derived from the model and recipe)")
-    resume: bool = flag(False, "continue the run in --run_dir from its last checkpoint (starts fresh if it has none)")
+    resume: bool = flag(False, "continue the run in --run_dir from its last checkpoint (starts fresh if it has none); "
+                               "the flags it may change: the logging and checkpoint ones, and (e.g. after a "
+                               "divergence) --lr, --clip_grad_norm, --warmup_steps, --schedule, --decay_fraction, "
+                               "--min_lr_ratio")
     wandb: str = flag("auto", "wandb mode; auto = online if an API key is configured, else offline",
                       ("auto", "online", "offline", "disabled"))
     project: str = flag("qt", "wandb project")
@@ -79,7 +82,9 @@ class TrainConfig:
                                           "and the gradients in flight")
 
     # Numerics and speed
-    quantize: str = flag("none", "quantized-training recipe from qt.RECIPES; none = the BF16 baseline")
+    quantize: str = flag("none", "quantized-training recipe from qt.RECIPES, or the baseline without one, named "
+                                 "by the dtype it computes in: bf16 or fp32 (sets --dtype); none = the baseline "
+                                 "in --dtype's compute dtype")
     quantize_kwargs: dict = flag({}, "recipe arguments as JSON, e.g. '{\"grad_weight\": false}'")
     quantize_lm_head: bool = flag(False, "also quantize the output layer")
     dtype: str = flag("auto", "weights: bf16, fp32, or fp32_master (fp32 weights, bf16 compute); "
@@ -89,9 +94,21 @@ class TrainConfig:
     ddp: bool = flag(False, "under torchrun, replicate the model with DDP instead of sharding it with FSDP2")
 
 
+# --quantize names of the unquantized baseline -> the --dtype values that compute in that dtype (the first is
+# the one the name sets). `none` is the baseline in whatever --dtype computes in.
+BASELINES = {"bf16": ("bf16", "fp32_master"), "fp32": ("fp32",)}
+
+
+def is_baseline(quantize: str) -> bool:
+    return quantize == "none" or quantize in BASELINES
+
+
 # Settings that may differ when a run is resumed: they change neither the model nor the loss curve.
 RESUMABLE_CHANGES = {"run_dir", "resume", "wandb", "project", "run_name", "log_interval", "eval_interval",
                      "ckpt_interval", "keep_checkpoints", "save_checkpoints", "profile"}
+# The optimisation settings a user changes after a divergence: a resume may change them too (the loop notes it in
+# the log); the continued loss curve then differs from the original run's, on purpose.
+RETUNABLE_ON_RESUME = ("lr", "clip_grad_norm", "warmup_steps", "schedule", "decay_fraction", "min_lr_ratio")
 
 
 def _converter(name: str, type_):
@@ -242,7 +259,29 @@ def parse_config(cls, argv: list[str] | None, description: str):
     values.update(args)
     cfg = cls(**values)
     check_choices(cfg)
-    return cfg, set(values)
+    explicit = set(values)
+    settle_baseline(cfg, explicit)
+    return cfg, explicit
+
+
+def settle_baseline(cfg, explicit: set[str]) -> None:
+    """--quantize bf16 / fp32 is the baseline computing in that dtype: it sets --dtype to match (an explicit
+    setting, so resuming checks it). Any other name must be a recipe."""
+    name = cfg.quantize
+    if name in BASELINES:
+        dtypes = BASELINES[name]
+        if cfg.dtype == "auto":
+            cfg.dtype = dtypes[0]
+            explicit.add("dtype")
+        elif cfg.dtype not in dtypes:
+            raise ConfigError(f"--quantize {name} is the baseline computing in {name}, but --dtype {cfg.dtype} "
+                              f"does not; drop --dtype or pass --dtype {dtypes[0]}")
+    elif name != "none":
+        import qt
+        if name not in qt.RECIPES:
+            raise ConfigError(f"--quantize: unknown recipe {name!r}; choose {' or '.join(BASELINES)} (the baseline "
+                              f"without quantization, in that dtype; none: in --dtype's) or one of: "
+                              f"{', '.join(qt.RECIPES)}")
 
 
 # The largest --lr accepted: above it no optimizer we know of trains; a typo (3e4 for 3e-4) is likelier.
@@ -276,8 +315,9 @@ def check_train_flags(cfg, world_size: int, positive: tuple[str, ...] = ()) -> N
     if cfg.offload_optimizer and world_size > 1:
         raise ConfigError("--offload_optimizer runs on one process: drop it under torchrun (FSDP2 shards the "
                           "optimizer states over the GPUs instead)")
-    if cfg.offload_optimizer and cfg.quantize != "none":
-        raise ConfigError(f"--offload_optimizer steps plain weights: use it with --quantize none, not {cfg.quantize}")
+    if cfg.offload_optimizer and not is_baseline(cfg.quantize):
+        raise ConfigError(f"--offload_optimizer steps plain weights: use it with --quantize none (or bf16 / fp32), "
+                          f"not {cfg.quantize}")
     if cfg.warmup_steps != effective_warmup_steps(cfg) and os.environ.get("RANK", "0") == "0":
         print(f"warning: --warmup_steps {cfg.warmup_steps} >= --n_steps {cfg.n_steps} would never reach the peak "
               f"LR; warming up for {effective_warmup_steps(cfg)} steps (a tenth of the run) instead", file=sys.stderr)
@@ -297,19 +337,22 @@ def check_choices(cfg) -> None:
 
 
 def merge_for_resume(cfg, explicit: set[str], saved: dict):
-    """The saved run's config, with the explicitly given settings that may change on resume applied.
+    """The saved run's config, with the explicitly given settings that may change on resume applied: those of
+    RESUMABLE_CHANGES and RETUNABLE_ON_RESUME.
 
     Any other explicit setting that differs from the saved run is an error: the continued run would not
     be the run that was started.
     """
     current = dataclasses.asdict(cfg)
-    changed = sorted(k for k in explicit - RESUMABLE_CHANGES if k in saved and current[k] != saved[k])
+    may_change = RESUMABLE_CHANGES | set(RETUNABLE_ON_RESUME)
+    changed = sorted(k for k in explicit - may_change if k in saved and current[k] != saved[k])
     if changed:
         details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
-        raise ConfigError(f"cannot resume with a different config ({details}); drop these flags to continue "
-                          f"the run as it was, or start a new run with another --run_dir")
+        raise ConfigError(f"cannot resume with a different config ({details}); a resume may change only "
+                          f"{', '.join('--' + k for k in RETUNABLE_ON_RESUME)} and the logging and checkpoint "
+                          f"flags: drop the others to continue the run, or start a new run with another --run_dir")
     merged = {k: v for k, v in saved.items() if k in current}
-    merged.update({k: current[k] for k in explicit & RESUMABLE_CHANGES})
+    merged.update({k: current[k] for k in explicit & may_change})
     return type(cfg)(**merged)
 
 
@@ -318,9 +361,23 @@ def save_config(cfg, path: Path) -> None:
 
 
 def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` by `text` so that a crash at any point leaves the old or the new file, on disk (fsynced)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the creations, renames and deletions in directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def one_line_errors(main):

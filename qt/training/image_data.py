@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from qt.training.config import ConfigError
 from qt.training.epochs import EpochSampler
+from qt.training.hub import hub_error, is_local_path, use_cache_if_hub_unreachable
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Hugging Face image datasets by short name: (dataset, train split, validation split).
@@ -85,7 +86,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 
 def load_image_datasets(dataset: str, val_fraction: float, seed: int) -> tuple[Dataset, Dataset, list[str]]:
     """(train, validation, class names) of a preset, Hugging Face dataset name or local folder."""
-    if Path(dataset).exists() or (dataset not in PRESETS and "/" not in dataset):  # hub names are OWNER/NAME
+    if dataset not in PRESETS and (is_local_path(dataset) or "/" not in dataset):  # hub names are OWNER/NAME
         samples, classes = scan_folder(dataset)
         train_ids, val_ids = stratified_split(np.array([label for _, label in samples]), val_fraction, seed)
         return (ImageFolder([samples[i] for i in train_ids], classes),
@@ -94,13 +95,15 @@ def load_image_datasets(dataset: str, val_fraction: float, seed: int) -> tuple[D
     try:
         import datasets
     except ImportError:
-        raise ConfigError(f"--dataset {dataset} comes from the Hugging Face hub and needs `pip install datasets`; "
-                          f"or give a local folder of class_name/*.jpg") from None
+        raise ConfigError(f"--dataset {dataset}: there is no such local path, and loading {name} from the "
+                          f"Hugging Face hub needs `pip install datasets`; or give a local folder of "
+                          f"class_name/*.jpg") from None
+    use_cache_if_hub_unreachable()
     try:
         splits = datasets.load_dataset(name)
     except Exception as e:  # the hub client raises many types (connection, missing repo)
-        raise ConfigError(f"cannot load --dataset {dataset} ({name}) from the Hugging Face hub: "
-                          f"{str(e).splitlines()[0]}; or give a local folder of class_name/*.jpg") from None
+        raise hub_error(f"--dataset {dataset}" + (f" ({name})" if name != dataset else ""), e,
+                        "give a local folder of class_name/*.jpg") from None
     if train_split not in splits or val_split not in splits:
         raise ConfigError(f"--dataset {dataset} needs {train_split} and {val_split} splits; it has {', '.join(splits)}")
     classes = splits[train_split].features["label"].names

@@ -13,6 +13,7 @@ import torch
 
 from qt.training.config import ConfigError
 from qt.training.epochs import EpochSampler
+from qt.training.hub import hub_error, is_local_path, use_cache_if_hub_unreachable
 
 IGNORE_INDEX = -100  # label of the prompt and padding positions: cross_entropy skips it
 PAD_MULTIPLE = 8  # micro-batches are padded to a multiple of this: fewer distinct shapes to compile
@@ -33,7 +34,7 @@ def preset_fields(dataset: str) -> tuple[str, str] | None:
 def load_records(dataset: str) -> list[dict]:
     """The records of a preset, a local file, or a Hugging Face dataset name (its train split)."""
     path = Path(dataset)
-    if path.suffix in LOCAL_SUFFIXES:
+    if path.suffix in LOCAL_SUFFIXES or (is_local_path(dataset) and not path.exists()):
         if not path.is_file():
             raise ConfigError(f"--dataset {dataset}: no such file")
         records = _read_local(path)
@@ -44,13 +45,15 @@ def load_records(dataset: str) -> list[dict]:
         try:
             import datasets
         except ImportError:
-            raise ConfigError(f"--dataset {dataset} comes from the Hugging Face hub and needs `pip install "
-                              f"datasets`; or give a local .json/.jsonl/.parquet file") from None
+            raise ConfigError(f"--dataset {dataset}: there is no such local path, and loading {name} from the "
+                              f"Hugging Face hub needs `pip install datasets`; or give a local "
+                              f".json/.jsonl/.parquet file") from None
+        use_cache_if_hub_unreachable()
         try:
             records = datasets.load_dataset(name, split=split).to_list()
         except Exception as e:  # the hub client raises many types (connection, missing repo, bad split)
-            raise ConfigError(f"cannot load --dataset {dataset} ({name}, split {split}) from the Hugging Face "
-                              f"hub: {str(e).splitlines()[0]}; or give a local .json/.jsonl/.parquet file") from None
+            raise hub_error(f"--dataset {dataset} ({name}, split {split})", e,
+                            "give a local .json/.jsonl/.parquet file") from None
     if not records:
         raise ConfigError(f"--dataset {dataset} has no records")
     return records

@@ -1,21 +1,41 @@
 """The training loop: model, optimizer, an iterator of micro-batches and a loss function in; metrics
-and checkpoints out. Nothing here is specific to language models."""
+and checkpoints out. Nothing here is specific to language models.
+
+The host waits for the device only at sync points: log steps, evaluations, checkpoints and the last step (one
+transfer of everything the loop tracks, `RunningStats`). In between, the loss and the gradient norm stay on the
+device, and whether a step may update the weights is decided there: see `RunningStats` for the rules that stop
+a run that diverged, and `StopRequest` for Ctrl-C / SIGTERM.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import math
 import signal
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
 from torch.distributed.tensor import DTensor
 
-from qt.training.checkpoint import Checkpointer
-from qt.training.config import TrainingError, save_config
+from qt.training.checkpoint import Checkpointer, RunDirLock, refuse_existing_run
+from qt.training.config import RETUNABLE_ON_RESUME, TrainingError, save_config
 from qt.training.distributed import Dist, all_reduce_sum, autocast, gradient_sync
-from qt.training.metrics import MetricsLogger, peak_flops
+from qt.training.metrics import MetricsLogger, peak_flops, read_metrics
 from qt.training.optimizer import lr_at
+
+# A run has blown up when its loss stays, for BLOWN_UP_STEPS steps in a row, above BLOWN_UP_AT of the way back from
+# its best to where it started, once it has made progress: "where it started" is the mean loss of the first
+# START_STEPS steps, "best" the lowest value of the loss's moving average (decay LOSS_EMA_DECAY, ~10 steps), and
+# progress means a best below ARMED_BELOW times the start. The averages keep one lucky or unlucky batch from
+# moving the threshold, the streak keeps a few bad batches from tripping it.
+BLOWN_UP_STEPS = 5
+BLOWN_UP_AT = 0.9
+ARMED_BELOW = 0.9
+START_STEPS = 10
+LOSS_EMA_DECAY = 0.9
 
 
 class TrainingDiverged(TrainingError):
@@ -24,10 +44,12 @@ class TrainingDiverged(TrainingError):
 
 class StopRequest:
     """SIGINT / SIGTERM ask the loop to stop after the current step, saving a checkpoint first.
-    A second Ctrl-C interrupts at once."""
+    A second Ctrl-C interrupts at once. Under torchrun the ranks agree on it after every step over a CPU (gloo)
+    group: the request is acted on at the end of the step in which it arrives, and asking never waits for a GPU."""
 
-    def __init__(self):
+    def __init__(self, world_size: int):
         self.requested = False
+        self.group = torch_dist.new_group(backend="gloo") if world_size > 1 else None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
@@ -35,9 +57,86 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
 
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop."""
+        if self.group is None:
+            return self.requested
+        flag = torch.tensor([float(self.requested)])
+        torch_dist.all_reduce(flag, group=self.group)
+        return flag.item() > 0
+
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class RunningStats:
+    """What the loop tracks between sync points, on the device: read with one transfer (`read`).
+
+    Non-finite: a step whose loss (on any rank) or gradient norm is not finite sets `found_inf`, and it stays
+    set. torch's fused optimizers (`_step_supports_amp_scaling`: fused Adam, AdamW, SGD, Adagrad) skip their
+    update, weights and states, while it is set: the mechanism GradScaler uses. For any other optimizer the loop
+    reads `found_inf` before each step (one host sync a step). Either way the first non-finite step never
+    touches the weights and the run stops at the next sync point, naming it and the last good checkpoint.
+
+    Blown up (see BLOWN_UP_STEPS): `streak` counts the consecutive steps whose loss is above `threshold`. A
+    checkpoint is written only while the streak is 0: one that falls due during a streak waits for it to end,
+    and the run stops when the streak reaches BLOWN_UP_STEPS, or when it cannot wait (last step, stop request).
+    A checkpoint keeps `loss_sum` and the `RULE_STATE` slots."""
+
+    SLOTS = ("loss_sum", "tokens", "grad_norm", "found_inf", "bad_step", "bad_loss", "bad_grad_norm", "streak",
+             "start_sum", "loss_ema", "best_ema", "threshold")
+    BAD = slice(SLOTS.index("bad_step"), SLOTS.index("bad_grad_norm") + 1)  # the first non-finite step's values
+    RULE_STATE = ("streak", "start_sum", "loss_ema", "best_ema", "threshold")
+
+    def __init__(self, device: torch.device, world_size: int, saved: dict | None = None):
+        self.values = torch.zeros(len(self.SLOTS), dtype=torch.float64, device=device)
+        self.slot = {name: self.values[i] for i, name in enumerate(self.SLOTS)}
+        for name, value in {"best_ema": math.inf, "threshold": math.inf, **(saved or {})}.items():
+            self.slot[name].fill_(value)
+        self.found_inf = torch.zeros((), device=device)  # float32, as fused optimizers read it
+        self.world_size = world_size
+
+    def observe(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int) -> None:
+        """Fold in one step (device work only): `loss` this rank's, `grad_norm` global, `tokens` this rank's."""
+        s = self.slot
+        local = torch.stack([loss.double() / self.world_size, (~torch.isfinite(loss)).double(),
+                             torch.full_like(s["tokens"], tokens)])
+        step_loss, loss_nonfinite, step_tokens = all_reduce_sum(local)
+        grad_norm = grad_norm.to(self.values.device, torch.float64)  # CPU offload clips on the CPU
+        nonfinite = (loss_nonfinite > 0) | ~torch.isfinite(grad_norm)
+        first_bad = nonfinite & (self.found_inf == 0)
+        bad = torch.stack([torch.full_like(step_loss, step), step_loss, grad_norm])
+        self.values[self.BAD].copy_(torch.where(first_bad, bad, self.values[self.BAD]))
+        self.found_inf.copy_(torch.maximum(self.found_inf, nonfinite.float()))
+        s["loss_sum"].add_(step_loss)
+        s["tokens"].add_(step_tokens)
+        s["grad_norm"].copy_(grad_norm)
+        self._blown_up_rule(step, step_loss)
+
+    def _blown_up_rule(self, step: int, step_loss: torch.Tensor) -> None:
+        s = self.slot
+        if step <= START_STEPS:
+            s["start_sum"].add_(step_loss)
+        s["loss_ema"].copy_(step_loss if step == 1 else torch.lerp(step_loss, s["loss_ema"], LOSS_EMA_DECAY))
+        if step >= START_STEPS:
+            s["best_ema"].copy_(torch.minimum(s["best_ema"], s["loss_ema"]))
+            start, best = s["start_sum"] / START_STEPS, s["best_ema"]
+            armed = (start > 0) & (best <= ARMED_BELOW * start)
+            s["threshold"].copy_(torch.where(armed, torch.lerp(best, start, BLOWN_UP_AT), math.inf))
+        s["streak"].copy_(torch.where(step_loss > s["threshold"], s["streak"] + 1, 0))
+
+    def read(self) -> dict:
+        """Every slot on the host: the one sync of a sync point."""
+        self.slot["found_inf"].copy_(self.found_inf)
+        return dict(zip(self.SLOTS, self.values.tolist()))
+
+    def found_nonfinite(self) -> bool:
+        """The host check of optimizers that cannot skip a step on the device (one sync)."""
+        return bool(self.found_inf.item())
+
+    def start_log_interval(self) -> None:
+        self.slot["loss_sum"].zero_()
 
 
 @torch.no_grad()
@@ -70,29 +169,68 @@ def train(*, model, optimizer, batches, loss_fn, cfg, dist_info: Dist, tokens_pe
     Evaluation logs val_loss over `eval_batches`, or the metrics dict that evaluate(model) returns."""
     if (tokens_per_step is None) == (count_tokens is None):
         raise ValueError("train() takes tokens_per_step or count_tokens, not both")
-    device = dist_info.device
-    if dist_info.is_main:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
-    checkpointer = Checkpointer(Path(cfg.run_dir), dist_info, sharded=dist_info.world_size > 1 and not cfg.ddp,
-                                keep=cfg.keep_checkpoints)
-    step, tokens_seen, interval_losses = 0, 0, []
-    if cfg.resume and checkpointer.latest():
-        step, extra = checkpointer.load(model, optimizer)
+    run_dir = Path(cfg.run_dir)
+    with RunDirLock(run_dir, dist_info):
+        checkpointer = Checkpointer(run_dir, dist_info, sharded=dist_info.world_size > 1 and not cfg.ddp,
+                                    keep=cfg.keep_checkpoints)
+        try:
+            return _train(checkpointer, model=model, optimizer=optimizer, batches=batches, loss_fn=loss_fn, cfg=cfg,
+                          dist_info=dist_info, tokens_per_step=tokens_per_step, count_tokens=count_tokens, unit=unit,
+                          eval_batches=eval_batches, evaluate=evaluate, flops_per_token=flops_per_token,
+                          weight_dtype=weight_dtype, compute_dtype=compute_dtype)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise TrainingError(f"no space left on device writing {e.filename or run_dir}; the last checkpoint is "
+                                f"{checkpointer.last_good or 'none'}: free space and continue with --resume") from None
+
+
+def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cfg, dist_info, tokens_per_step,
+           count_tokens, unit, eval_batches, evaluate, flops_per_token, weight_dtype, compute_dtype) -> dict:
+    device, run_dir = dist_info.device, Path(cfg.run_dir)
+    if not cfg.resume:
+        refuse_existing_run(run_dir)
+    continuing = (run_dir / "config.yaml").is_file()
+    restored = checkpointer.load(model, optimizer) if cfg.resume else None
+    step, extra = (restored.step, restored.extra) if restored else (0, {})
+    if restored:  # also for a finished run: the scripts tell it from a stopped one by the batches drawn
         batches.load_state_dict(extra["batches"])
-        tokens_seen, interval_losses = extra["tokens_seen"], extra["interval_losses"]
-    saved_step = step  # the last step with a checkpoint
+    if step >= cfg.n_steps:
+        if dist_info.is_main:
+            print(f"{run_dir} is already complete: its checkpoint {restored.path.name} is at step {step} of "
+                  f"{cfg.n_steps}; nothing to train", flush=True)
+        records = read_metrics(run_dir / "metrics.jsonl")
+        return records[-1] if records else {}
+    if dist_info.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    tokens_seen, interval_steps = extra.get("tokens_seen", 0), extra.get("interval_steps", 0)
+    stats = RunningStats(device, dist_info.world_size, saved=extra.get("running_stats"))
+    skips_on_device = getattr(optimizer, "_step_supports_amp_scaling", False)
+    if skips_on_device:
+        optimizer.found_inf = stats.found_inf
     logger = MetricsLogger(cfg, dist_info, start_step=step)
-    if step:
-        logger.message(f"resumed from {checkpointer.latest()}")
-    elif cfg.resume:
-        logger.message(f"--resume: {cfg.run_dir} has no checkpoint yet; starting at step 0")
+    if restored:
+        logger.message(f"resumed from {restored.path} at step {step}" + _retuned(cfg, restored.config))
+    elif continuing:
+        logger.message(f"{run_dir} has no checkpoint yet (its earlier run stopped before saving one); "
+                       f"starting at step 0")
     peak = peak_flops(device)
-    stop = StopRequest()
-    profiler = _profiler(Path(cfg.run_dir), dist_info, device) if cfg.profile else None
-    record = {}
+    stop = StopRequest(dist_info.world_size)
+    profiler = _profiler(run_dir, dist_info, device) if cfg.profile else None
+    record, save_waiting, tokens_read = {}, False, 0.0
     model.train()
     interval_start, interval_tokens = time.perf_counter(), 0
+
+    def diverged(what: str) -> TrainingDiverged:
+        latest = checkpointer.last_good or checkpointer.latest()
+        return TrainingDiverged(f"{what}. Last good checkpoint: {latest or 'none'}; try a lower --lr (or "
+                                f"--clip_grad_norm, more --warmup_steps) or another recipe"
+                                + (", and --resume to continue from it" if latest else ""))
+
+    def nonfinite_error(host: dict) -> TrainingDiverged:
+        return diverged(f"loss {host['bad_loss']} (gradient norm {host['bad_grad_norm']}) at step "
+                        f"{int(host['bad_step'])}; stopped before updating the weights")
+
     try:
         while step < cfg.n_steps:
             step += 1
@@ -112,59 +250,72 @@ def train(*, model, optimizer, batches, loss_fn, cfg, dist_info: Dist, tokens_pe
             grad_norm = clip_gradients(model, optimizer, cfg.clip_grad_norm or math.inf)
             if isinstance(grad_norm, DTensor):
                 grad_norm = grad_norm.full_tensor()
-            # One collective and one host sync a step: the loss (all ranks), whether any rank must stop, and
-            # the tokens counted on every rank (float64: exact integers far beyond any batch).
-            reduced = all_reduce_sum(torch.cat([loss.double().view(1) / dist_info.world_size,
-                                                torch.tensor([float(stop.requested), step_tokens],
-                                                             dtype=torch.float64, device=device)]))
-            loss_value, stop_requested, grad_norm = reduced[0].item(), reduced[1].item() > 0, grad_norm.item()
-            step_tokens = int(reduced[2].item()) if count_tokens else tokens_per_step
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                latest = checkpointer.latest()
-                raise TrainingDiverged(
-                    f"loss {loss_value} (gradient norm {grad_norm}) at step {step}; stopped before updating the "
-                    f"weights. Last good checkpoint: {latest or 'none'}; try a lower --lr or another recipe"
-                    + (", and --resume to continue from it" if latest else ""))
+            # Counted tokens are summed over ranks; a fixed count is the global one, given by rank 0.
+            stats.observe(step, loss, grad_norm, step_tokens if count_tokens else
+                          tokens_per_step if dist_info.is_main else 0)
+            if not skips_on_device and stats.found_nonfinite():
+                raise nonfinite_error(stats.read())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens_seen += step_tokens
-            interval_losses.append(loss_value)
-            interval_tokens += step_tokens
+            interval_steps += 1
             logger.step_done()
             if profiler:
                 profiler.step()
 
-            last = step == cfg.n_steps
+            stop_requested, last = stop.agreed(), step == cfg.n_steps
+            log_due = step % cfg.log_interval == 0 or last or stop_requested
+            eval_due = bool(eval_batches or evaluate) and ((cfg.eval_interval and step % cfg.eval_interval == 0)
+                                                           or last)
+            save_due = cfg.save_checkpoints and ((cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or last
+                                                 or stop_requested or save_waiting)
             record = {}
-            if step % cfg.log_interval == 0 or last or stop_requested:
+            if not (log_due or eval_due or save_due):
+                continue
+            host = stats.read()
+            if host["found_inf"]:
+                raise nonfinite_error(host)
+            if host["streak"] >= BLOWN_UP_STEPS or (host["streak"] and save_due and (last or stop_requested)):
+                raise diverged(f"the loss has stayed above {host['threshold']:.4g} for the last "
+                               f"{int(host['streak'])} steps (step {step}): back near where it started (mean of the "
+                               f"first {START_STEPS} steps {host['start_sum'] / START_STEPS:.4g}) after reaching "
+                               f"{host['best_ema']:.4g} (moving average), the run has blown up")
+            new_tokens = host["tokens"] - tokens_read
+            tokens_read = host["tokens"]
+            tokens_seen += int(new_tokens)
+            interval_tokens += int(new_tokens)
+            if log_due:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 tokens_per_second = interval_tokens / (time.perf_counter() - interval_start)
-                record.update(loss=sum(interval_losses) / len(interval_losses), lr=lr, grad_norm=grad_norm,
+                record.update(loss=host["loss_sum"] / interval_steps, lr=lr, grad_norm=host["grad_norm"],
                               **{f"{unit}_per_second": tokens_per_second},
                               mfu=(flops_per_token * tokens_per_second / (peak * dist_info.world_size)
                                    if peak and flops_per_token else None),
                               max_memory_allocated_gb=(torch.cuda.max_memory_allocated(device) / 1e9
                                                        if device.type == "cuda" else None))
-                interval_losses = []
-            if (eval_batches or evaluate) and ((cfg.eval_interval and step % cfg.eval_interval == 0) or last):
+                stats.start_log_interval()
+                interval_steps = 0
+            if eval_due:
                 model.eval()
                 with autocast(device, weight_dtype, compute_dtype):
                     record.update(evaluate(model) if evaluate else
                                   {"val_loss": mean_loss(model, eval_batches, loss_fn, device)})
                 model.train()
             if record:
-                logger.log({"step": step, f"{unit}_seen": tokens_seen, **record})
-            if cfg.save_checkpoints and ((cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or last
-                                         or stop_requested):
-                saved_step = step
-                checkpointer.save(step, model, optimizer, {"batches": batches.state_dict(), "tokens_seen": tokens_seen,
-                                                           "interval_losses": interval_losses})
+                record = {"step": step, f"{unit}_seen": tokens_seen, **record}
+                logger.log(record)
+            save_waiting = save_due and host["streak"] > 0
+            if save_due and not save_waiting:
+                checkpointer.save(step, model, optimizer, {
+                    "batches": batches.state_dict(), "tokens_seen": tokens_seen, "interval_steps": interval_steps,
+                    "running_stats": {"loss_sum": 0.0 if log_due else host["loss_sum"],
+                                      **{k: host[k] for k in RunningStats.RULE_STATE}}},
+                    config=dataclasses.asdict(cfg))
             if stop_requested:
                 logger.message(f"stopped at step {step}" + (f"; continue with --resume --run_dir {cfg.run_dir}"
                                                             if cfg.save_checkpoints else ""))
                 break
-            if record or saved_step == step:  # time spent logging, evaluating, saving is not training time
+            if record or (save_due and not save_waiting):  # time spent logging, evaluating, saving is not training
                 interval_start, interval_tokens = time.perf_counter(), 0
     finally:
         stop.restore()
@@ -172,6 +323,13 @@ def train(*, model, optimizer, batches, loss_fn, cfg, dist_info: Dist, tokens_pe
             profiler.stop()
         logger.close()
     return record
+
+
+def _retuned(cfg, trained_with: dict | None) -> str:
+    """A note of the optimisation settings this resume changes (RETUNABLE_ON_RESUME), if any."""
+    changes = [f"{k} {trained_with[k]!r} -> {getattr(cfg, k)!r}" for k in RETUNABLE_ON_RESUME
+               if trained_with and k in trained_with and trained_with[k] != getattr(cfg, k)]
+    return f"; with changed settings: {', '.join(changes)} (the run goes on differently from here)" if changes else ""
 
 
 def _profiler(run_dir: Path, dist_info: Dist, device: torch.device):

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qt.training.config import ConfigError
-from qt.training.distributed import Dist
+from qt.training.config import ConfigError, is_baseline, write_atomically
+from qt.training.distributed import Dist, resolve_dtypes
+from qt.training.models import resolve_recipe
 
 # Dense BF16 tensor-core peak FLOP/s, for MFU. The first name contained in the device name wins.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
@@ -39,9 +40,16 @@ def wandb_api_key_configured() -> bool:
         return False
 
 
+# wandb's environment variables for what qt passes to wandb.init: set, they win over the flags (wandb.init's
+# arguments would otherwise override them). Those qt does not pass (WANDB_ENTITY, ...) apply as wandb reads them.
+WANDB_ENVIRONMENT = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "name": "WANDB_NAME", "dir": "WANDB_DIR",
+                     "id": "WANDB_RUN_ID"}
+
+
 def resolve_wandb_mode(mode: str) -> str | None:
-    """The wandb mode to run in, or None for no wandb. `auto` never fails: offline without an account,
-    nothing without the package."""
+    """The wandb mode to run in (WANDB_MODE where set, else --wandb), or None for no wandb. `auto` never
+    fails: offline without an account, nothing without the package."""
+    mode = os.environ.get(WANDB_ENVIRONMENT["mode"]) or mode
     if mode == "disabled":
         return None
     try:
@@ -49,10 +57,46 @@ def resolve_wandb_mode(mode: str) -> str | None:
     except ImportError:
         if mode == "auto":
             return None
-        raise ConfigError(f"--wandb {mode} needs `pip install wandb` (or pass --wandb disabled)") from None
+        raise ConfigError(f"wandb mode {mode} (--wandb or WANDB_MODE) needs `pip install wandb` (or pass "
+                          f"--wandb disabled)") from None
     if mode == "auto":
         return "online" if wandb_api_key_configured() else "offline"
     return mode
+
+
+def recipe_label(quantize: str, dtype: str, device: torch.device) -> str:
+    """What a run is called in tables, plots and wandb: its recipe, or for the baseline the dtype its
+    matmuls ran in, bf16 or fp32 (--quantize none does not say which)."""
+    if not is_baseline(quantize):
+        return quantize
+    return {torch.bfloat16: "bf16", torch.float32: "fp32"}[resolve_dtypes(dtype, device)[1]]
+
+
+def wandb_config(cfg, device: torch.device) -> dict:
+    """The run's flags, plus what the wandb UI compares runs by: `recipe` (recipe_label) and `recipe_options`
+    (every option of the recipe, defaults included). A sweep's group and tags come from wandb's own
+    WANDB_RUN_GROUP and WANDB_TAGS, which scripts/sweep_recipes.sh sets."""
+    recipe = resolve_recipe(cfg)
+    return {**dataclasses.asdict(cfg), "recipe": recipe_label(cfg.quantize, cfg.dtype, device),
+            "recipe_options": dataclasses.asdict(recipe) if recipe else {}}
+
+
+def _lines_and_records(path: Path) -> list[tuple[str, dict]]:
+    """The lines of a metrics.jsonl that hold a record, with their records; a torn line is skipped."""
+    pairs = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            pairs.append((line, record))
+    return pairs
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, skipping a line torn by a crash or a full disk."""
+    return [record for _, record in _lines_and_records(path)] if path.is_file() else []
 
 
 class MetricsLogger:
@@ -72,19 +116,22 @@ class MetricsLogger:
             id_file = run_dir / "wandb_run_id"  # the same wandb run continues after --resume
             if not id_file.is_file():
                 id_file.write_text(uuid.uuid4().hex[:8])
-            self.wandb = wandb.init(project=cfg.project, name=cfg.run_name, dir=str(run_dir), mode=mode,
-                                    config=dataclasses.asdict(cfg), id=id_file.read_text(), resume="allow")
+            settings = {"mode": mode, "project": cfg.project, "name": cfg.run_name, "dir": str(run_dir),
+                        "id": id_file.read_text()}
+            # Passed explicitly: wandb reads its environment only the first time it is set up in a process.
+            settings = {k: os.environ.get(WANDB_ENVIRONMENT[k]) or v for k, v in settings.items()}
+            self.wandb = wandb.init(**settings, config=wandb_config(cfg, dist_info.device), resume="allow")
         self.terminal = sys.stderr.isatty()
         self.bar = tqdm(total=cfg.n_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not self.terminal)
         self.n_steps = cfg.n_steps
 
     def _truncate_after(self, step: int) -> None:
-        """Drop lines logged after the checkpoint a run resumes from: that stretch is trained again."""
-        if not self.path.is_file():
-            return
-        lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in lines))
+        """Drop lines logged after the checkpoint a run resumes from: that stretch is trained again. Also drops
+        a line torn by a crash or a full disk. Atomic: a crash while rewriting leaves the old file."""
+        if self.path.is_file():
+            kept = [line for line, record in _lines_and_records(self.path) if record["step"] <= step]
+            write_atomically(self.path, "".join(line + "\n" for line in kept))
 
     def step_done(self) -> None:
         if self.enabled:

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qt.training.config import ConfigError
+from qt.training.config import ConfigError, is_baseline
+from qt.training.hub import hub_error, is_local_path, use_cache_if_hub_unreachable
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 VOCAB_MULTIPLE = 64  # embedding and output rows padded to a multiple of this: friendlier matmul shapes
@@ -52,12 +53,45 @@ def load_pretrained_causal_lm(name: str, flag_name: str, device, dtype: torch.dt
     """A pretrained Hugging Face causal LM (local folder or hub name, given as --flag_name), loaded
     directly in `dtype`: a 1.7B model in BF16 never exists in FP32 in memory."""
     from transformers import AutoModelForCausalLM
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", dtype=dtype)
-    except OSError as e:
-        raise ConfigError(f"cannot load --{flag_name} {name!r} ({str(e).splitlines()[0]}); "
-                          f"give a local checkpoint folder") from None
+    lm = from_pretrained(lambda: AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", dtype=dtype),
+                         name, flag_name, "the weights")
     return lm.to(device, dtype)
+
+
+def load_pretrained_config(name: str, flag_name: str):
+    """The transformers config of a pretrained model (local folder or hub name, given as --flag_name)."""
+    from transformers import AutoConfig
+    return from_pretrained(lambda: AutoConfig.from_pretrained(name), name, flag_name, "the config")
+
+
+def load_tokenizer(name: str, flag_name: str):
+    """The tokenizer of a pretrained model (local folder or hub name, given as --flag_name)."""
+    from transformers import AutoTokenizer
+    return from_pretrained(lambda: AutoTokenizer.from_pretrained(name), name, flag_name, "the tokenizer")
+
+
+def from_pretrained(load, name: str, flag_name: str, part: str):
+    """load() of `part` of the model --flag_name NAME, a local folder or a hub name, with a one-line error
+    that says what to do: a missing folder or one without a model's config.json fails before load(), a
+    hub name fails in seconds where the hub cannot be reached (see qt.training.hub)."""
+    local = Path(name).is_dir()
+    if local and not (Path(name) / "config.json").is_file():
+        only_tokenizer = " (only a tokenizer)" if (Path(name) / "tokenizer_config.json").is_file() else ""
+        raise ConfigError(f"--{flag_name} {name} holds no config.json{only_tokenizer}: give the folder of a "
+                          f"Hugging Face model, with its config.json, weights and tokenizer")
+    if not local and is_local_path(name):
+        raise ConfigError(f"--{flag_name} {name}: " + ("is a file: give the folder that holds the model"
+                                                         if Path(name).exists() else "no such folder"))
+    if not local:
+        use_cache_if_hub_unreachable()
+    try:
+        return load()
+    except (OSError, ValueError) as e:
+        if local:
+            raise ConfigError(f"cannot load {part} of --{flag_name} {name} ({str(e).splitlines()[0]}); give the "
+                              f"folder of a Hugging Face model, with its config.json, weights and tokenizer") from None
+        raise hub_error(f"{part} of --{flag_name} {name!r}", e,
+                        "give a local folder, or check the name and the network") from None
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -86,7 +120,7 @@ def next_token_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) 
 def resolve_recipe(cfg):
     """The qt recipe config for --quantize and --quantize_kwargs (None for the baseline), so that a bad
     name or option fails in a line before any model is built."""
-    if cfg.quantize == "none":
+    if is_baseline(cfg.quantize):
         if cfg.quantize_kwargs:
             raise ConfigError("--quantize_kwargs needs a recipe: pass --quantize NAME")
         return None

@@ -8,6 +8,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from qt.training.config import ConfigError, effective_warmup_steps
 
@@ -26,6 +27,41 @@ def optimizer_class(name: str) -> type:
                       f"{', AdamW8bit' if qt_optim else ''})")
 
 
+# Where torch's fused Adam(W) is picked by default: one kernel for all parameters, and it skips a step on the
+# device when the loop finds a non-finite loss or gradient (see loop.RunningStats), so the loop need not sync.
+FUSED_BY_DEFAULT_ON = ("cuda",)
+
+
+def _fused_step_skips(param: torch.Tensor) -> bool:
+    """Whether torch's fused AdamW steps a copy of `param` and leaves it untouched when `found_inf` is set, as
+    the loop relies on (a recipe's weight class may not support the fused step, or not honour found_inf)."""
+    trial = param.detach().clone().requires_grad_()
+    trial.grad = torch.ones(trial.shape, dtype=trial.dtype, device=trial.device)
+    before = trial.detach().clone()
+    optimizer = torch.optim.AdamW([trial], lr=1.0, fused=True)
+    optimizer.found_inf = torch.ones((), device=trial.device)
+    try:
+        optimizer.step()
+    except Exception:  # noqa: BLE001 (whatever the weight class raises, the fused path is not for it yet)
+        return False
+    return bool(torch.equal(trial.detach(), before))
+
+
+def fused_by_default(cls: type, params: list[torch.Tensor], kwargs: dict) -> bool:
+    """Pick fused=True for a torch Adam / AdamW whose flags leave the implementation open, on a GPU, when every
+    parameter takes a fused step that honours found_inf: plain ones do, a quantized weight class is tried on a
+    copy of its smallest weight."""
+    if cls not in (torch.optim.Adam, torch.optim.AdamW) or {"fused", "foreach"} & kwargs.keys():
+        return False
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+    if not all(p.device.type in FUSED_BY_DEFAULT_ON for p in local):
+        return False
+    by_class = {}
+    for p in sorted((p for p in local if p.numel()), key=torch.Tensor.numel):  # an FSDP2 shard may be empty
+        by_class.setdefault(type(p), p)
+    return all(_fused_step_skips(p) for cls_, p in by_class.items() if cls_ not in (torch.Tensor, nn.Parameter))
+
+
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     """Weight decay applies to matrices only: decaying norm gains and biases toward zero only hurts."""
     cls = optimizer_class(cfg.optim)
@@ -36,6 +72,8 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     if "betas" in inspect.signature(cls).parameters:
         kwargs["betas"] = tuple(cfg.betas)
     kwargs.update(cfg.optim_kwargs)
+    if not cfg.offload_optimizer and fused_by_default(cls, params, kwargs):
+        kwargs["fused"] = True
     groups = [g for g in groups if g["params"]]
     try:
         if cfg.offload_optimizer:

@@ -52,9 +52,20 @@ def test_resume_keeps_saved_settings_and_refuses_changed_ones():
     cfg, explicit = parse_config(TrainConfig, ["--run_dir", "runs/a", "--resume", "--log_interval", "5"], "test")
     merged = merge_for_resume(cfg, explicit, saved)
     assert (merged.lr, merged.n_steps, merged.log_interval, merged.resume) == (1e-3, 100, 5, True)
-    cfg, explicit = parse_config(TrainConfig, ["--run_dir", "runs/a", "--resume", "--lr", "0.1"], "test")
-    with pytest.raises(ConfigError, match="cannot resume with a different config .*lr"):
+    cfg, explicit = parse_config(TrainConfig, ["--run_dir", "runs/a", "--resume", "--n_steps", "200"], "test")
+    with pytest.raises(ConfigError, match="cannot resume with a different config .*n_steps.*may change only --lr, "
+                                          "--clip_grad_norm, --warmup_steps, --schedule"):
         merge_for_resume(cfg, explicit, saved)
+
+
+def test_resume_may_change_the_optimisation_settings_a_divergence_calls_for():
+    saved = TrainConfig(run_dir="runs/a", lr=1e-3, n_steps=100).__dict__
+    flags = ["--lr", "3e-4", "--clip_grad_norm", "0.5", "--warmup_steps", "300", "--schedule", "wsd",
+             "--decay_fraction", "0.3", "--min_lr_ratio", "0.05"]
+    cfg, explicit = parse_config(TrainConfig, ["--run_dir", "runs/a", "--resume", *flags], "test")
+    merged = merge_for_resume(cfg, explicit, saved)
+    assert (merged.lr, merged.clip_grad_norm, merged.warmup_steps, merged.schedule, merged.decay_fraction,
+            merged.min_lr_ratio, merged.n_steps) == (3e-4, 0.5, 300, "wsd", 0.3, 0.05, 100)
 
 
 def test_schedules():
@@ -64,3 +75,27 @@ def test_schedules():
     wsd = TrainConfig(lr=1.0, warmup_steps=10, n_steps=110, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
     assert lr_at(88, wsd) == 1.0 and math.isclose(lr_at(99, wsd), 0.5) and lr_at(110, wsd) == 0.0
     assert lr_at(100, TrainConfig(lr=1.0, warmup_steps=10, schedule="constant")) == 1.0
+
+
+@pytest.mark.parametrize("flags, dtype", [
+    (["--quantize", "fp32"], "fp32"), (["--quantize", "bf16"], "bf16"),
+    (["--quantize", "bf16", "--dtype", "fp32_master"], "fp32_master"), (["--quantize", "none"], "auto")])
+def test_the_baseline_goes_by_the_dtype_it_computes_in_and_none_stays_an_alias(flags, dtype):
+    cfg, explicit = parse_config(TrainConfig, flags, "test")
+    assert (cfg.quantize, cfg.dtype) == (flags[1], dtype)
+    assert ("dtype" in explicit) == (dtype != "auto")  # resuming refuses a baseline of another dtype
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--quantize", "fp32", "--dtype", "bf16"], "--quantize fp32 is the baseline computing in fp32, but --dtype bf16"),
+    (["--quantize", "int3"], "unknown recipe 'int3'; choose bf16 or fp32 .* or one of: int8_weight_only"),
+])
+def test_a_baseline_name_that_contradicts_dtype_or_an_unknown_recipe_is_refused(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(TrainConfig, flags, "test")
+
+
+def test_help_names_the_baseline_by_its_dtype(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--help"], "test")
+    assert "bf16 or fp32" in " ".join(capsys.readouterr().out.split())

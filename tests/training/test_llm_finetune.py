@@ -1,5 +1,7 @@
 import json
+import os
 import random
+import time
 
 import pytest
 import torch
@@ -7,7 +9,10 @@ import torch
 import llm_finetune
 from conftest import read_metrics
 from qt.training.checkpoint import Checkpointer
+from qt.training.export import load_finetuned
 from qt.training.instruct_data import IGNORE_INDEX, InstructBatches, collate, split_validation, tokenize_examples
+from qt.training.lifecycle import STOPPED_EXIT_STATUS
+from stopping import sigterm_during_step
 
 WORDS = "apple river stone cloud green seven orange tiger music paper silver window garden yellow".split()
 TEMPLATE = "Q: {prompt}\nA:"
@@ -139,7 +144,8 @@ def test_each_recipe_finetunes_and_the_loss_falls(recipe, model_dirs, data_file,
     assert len(val_losses) == 2 and val_losses[-1] < metrics[0]["loss"] - 1.0
     for key in ("tokens_seen", "tokens_per_second", "lr", "grad_norm", "max_memory_allocated_gb"):
         assert key in metrics[-1]
-    assert (run_dir / "hf_model" / "model.safetensors").is_file() == (recipe != "bitnet")
+    weights = "bitnet.safetensors" if recipe == "bitnet" else "model.safetensors"
+    assert (run_dir / "hf_model" / weights).is_file()
 
 
 def test_tokens_seen_counts_only_real_tokens(model_dirs, data_file, tmp_path):
@@ -175,6 +181,7 @@ def test_exported_checkpoint_loads_in_transformers_with_the_trained_dequantized_
     if "--freeze_embedding_layer" in flags:
         assert torch.equal(trained["model.embed_tokens.weight"], original.model.embed_tokens.weight)
 
+    assert_config_dtype_is_the_tensors(run_dir / "hf_model", "model.safetensors", "bfloat16")
     exported = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model", dtype=torch.bfloat16)
     config = AutoConfig.from_pretrained(run_dir / "hf_model")
     assert config.tie_word_embeddings == (model_type == "qwen2" and not head_quantized)
@@ -184,11 +191,15 @@ def test_exported_checkpoint_loads_in_transformers_with_the_trained_dequantized_
     tokens = torch.randint(0, 384, (2, 16))
     with torch.no_grad():
         assert torch.equal(exported(tokens).logits, expected(tokens).logits)
+        assert torch.equal(load_finetuned(run_dir)[0](tokens).logits, expected(tokens).logits)
         assert not torch.equal(exported(tokens).logits, original.to(torch.bfloat16)(tokens).logits)
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--model", "no-such-org/no-such-model"], "cannot load the tokenizer of --model 'no-such-org/no-such-model'"),
+    (["--model", "no-such-org/no-such-model"], "cannot load the config of --model 'no-such-org/no-such-model': "
+                                               "there is no such local path, and it is not in the Hugging Face cache"),
+    (["--model", "./no/such/model"], "--model ./no/such/model: no such folder"),
+    (["--dataset", "./no/such/data"], "--dataset ./no/such/data: no such file"),
     (["--prompt_field", "query"], "the data have no field 'query'; their fields are 'question', 'answer'"),
     (["--prompt_template", "no placeholder"], "--prompt_template must contain {prompt}"),
     (["--dataset", "missing.jsonl"], "--dataset missing.jsonl: no such file"),
@@ -215,3 +226,110 @@ def test_a_non_preset_dataset_needs_its_fields(tmp_path, capsys):
         llm_finetune.main(["--model", "m", "--dataset", "data.jsonl", "--run_dir", str(tmp_path / "run")])
     assert_one_line_error(capsys.readouterr().err,
                           "--dataset data.jsonl is not a preset: pass --prompt_field and --response_field")
+
+
+def test_a_folder_holding_only_a_tokenizer_gets_a_one_line_error(model_dirs, data_file, tmp_path, capsys):
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(model_dirs["llama"]).save_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(SystemExit):
+        llm_finetune.main(finetune_args(tmp_path / "tokenizer", data_file, tmp_path / "run"))
+    assert_one_line_error(capsys.readouterr().err, f"--model {tmp_path / 'tokenizer'} holds no config.json "
+                                                   f"(only a tokenizer): give the folder of a Hugging Face model")
+
+
+def test_a_hub_name_fails_in_seconds_when_the_hub_cannot_be_reached(model_dirs, data_file, tmp_path, capsys,
+                                                                    monkeypatch):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing answers there
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # so that the offline mode the failed probe turns on is undone
+    start = time.perf_counter()
+    with pytest.raises(SystemExit):
+        llm_finetune.main(finetune_args("no-such-org/no-such-model", data_file, tmp_path / "run"))
+    assert time.perf_counter() - start < 15  # the hub client alone retries for ~50 s
+    assert_one_line_error(capsys.readouterr().err, "it is not in the Hugging Face cache and the hub cannot be reached")
+    assert huggingface_hub.constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_max_seq_len_beyond_the_models_positions_is_capped_with_a_note(model_dirs, tmp_path, capsys):
+    data = tmp_path / "long.jsonl"
+    records = make_records(100)
+    records[0]["answer"] = " ".join(WORDS * 40)  # longer than the model's 256 positions
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_dir = tmp_path / "run"
+    llm_finetune.main(finetune_args(model_dirs["llama"], data, run_dir, "--max_seq_len", "1000", "--n_steps", "2",
+                                    "--val_examples", "8"))
+    assert "note: --max_seq_len 1000 exceeds the model's 256 positions: examples are truncated to 256 tokens" in (
+        capsys.readouterr().out)
+    assert read_metrics(run_dir)[-1]["step"] == 2
+    assert "max_seq_len: 1000" in (run_dir / "config.yaml").read_text()  # as given: the same command resumes
+
+
+def test_the_same_seed_repeats_a_stochastically_rounded_run(model_dirs, data_file, tmp_path):
+    def val_losses(name):
+        run_dir = tmp_path / name
+        llm_finetune.main(finetune_args(model_dirs["llama"], data_file, run_dir, "--quantize", "int8_weight_only",
+                                        "--n_steps", "10", "--eval_interval", "5", "--seed", "3"))
+        return [m["val_loss"] for m in read_metrics(run_dir) if "val_loss" in m]
+    first = val_losses("first")
+    assert len(first) == 2 and val_losses("second") == first
+
+
+def without_speed(metrics: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k != "tokens_per_second"} for m in metrics]
+
+
+def test_a_stopped_run_exports_nothing_exits_75_and_resumes_from_its_run_dir_alone(model_dirs, data_file, tmp_path,
+                                                                                    monkeypatch, capsys):
+    flags = ["--quantize", "int8_weight_only", "--n_steps", "10", "--log_interval", "1", "--eval_interval", "5"]
+    whole = tmp_path / "whole"
+    llm_finetune.main(finetune_args(model_dirs["llama"], data_file, whole, *flags))
+    stopped = tmp_path / "stopped"
+    sigterm_during_step(monkeypatch, InstructBatches, 4)
+    with pytest.raises(SystemExit) as exit_info:
+        llm_finetune.main(finetune_args(model_dirs["llama"], data_file, stopped, *flags))
+    output = capsys.readouterr().out
+    assert exit_info.value.code == STOPPED_EXIT_STATUS == 75
+    assert f"stopped at step 4; continue with --resume --run_dir {stopped}" in output, output
+    assert "exit status 75: the run is not complete; hf_model/ is written when it is" in output
+    assert read_metrics(stopped)[-1]["step"] == 4 and not (stopped / "hf_model").exists()
+    monkeypatch.undo()
+
+    llm_finetune.main(["--run_dir", str(stopped), "--resume"])
+    assert without_speed(read_metrics(stopped)) == without_speed(read_metrics(whole))
+    assert (stopped / "hf_model" / "model.safetensors").is_file()
+    capsys.readouterr()
+    llm_finetune.main(["--run_dir", str(stopped), "--resume"])  # a finished run is not taken for a stopped one
+    assert f"{stopped} is already complete" in capsys.readouterr().out
+
+
+def assert_config_dtype_is_the_tensors(export_dir, weights_file: str, dtype: str) -> None:
+    from safetensors import safe_open
+    with safe_open(export_dir / weights_file, "pt") as f:
+        dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+    assert dtypes == {{"bfloat16": "BF16", "float32": "F32"}[dtype]}
+    assert json.loads((export_dir / "config.json").read_text())["dtype"] == dtype
+
+
+def test_a_bitnet_finetune_loads_for_evaluation_and_generation_with_the_trained_logits(model_dirs, data_file,
+                                                                                       tmp_path):
+    from transformers import AutoModelForCausalLM
+    run_dir = tmp_path / "bitnet"
+    llm_finetune.main(finetune_args(model_dirs["llama"], data_file, run_dir, "--quantize", "bitnet",
+                                    "--n_steps", "10"))
+    # The FP32 latent weights of a CPU run: each forward ternarizes them.
+    assert_config_dtype_is_the_tensors(run_dir / "hf_model", "bitnet.safetensors", "float32")
+    with pytest.raises(OSError):  # transformers alone does not take it for a plain Llama
+        AutoModelForCausalLM.from_pretrained(run_dir / "hf_model")
+
+    trained = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
+    llm_finetune.prepare_model(trained, llm_finetune.FinetuneConfig(model=str(model_dirs["llama"]), quantize="bitnet"))
+    trained.load_state_dict(torch.load(Checkpointer(run_dir, None, sharded=False, keep=1).latest() / "rank_0.pt",
+                                       weights_only=False)["model"])
+    model, tokenizer = load_finetuned(run_dir)
+    tokens = tokenizer([TEMPLATE.replace("{prompt}", "reverse apple river stone")], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, trained.eval()(tokens).logits)
+    generate = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    generated = model.generate(tokens, **generate)
+    assert generated.shape == (1, tokens.shape[1] + 4) and torch.equal(generated, trained.generate(tokens, **generate))

@@ -40,8 +40,8 @@ def mse(model, batch):
 
 
 def config(tmp_path, **overrides):
-    return TrainConfig(run_dir=str(tmp_path), wandb="disabled", log_interval=1, warmup_steps=1, lr=0.05,
-                       **overrides)
+    return TrainConfig(**{"run_dir": str(tmp_path), "wandb": "disabled", "log_interval": 1, "warmup_steps": 1,
+                          "lr": 0.05, **overrides})
 
 
 def test_a_non_language_model_trains(tmp_path):
@@ -68,32 +68,5 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     checkpointer = Checkpointer(tmp_path, SINGLE, sharded=False, keep=1)
     assert checkpointer.latest().name == "step_00000006"
     restored = nn.Linear(4, 1)
-    step, _ = checkpointer.load(restored, torch.optim.SGD(restored.parameters(), lr=0.01))
-    assert step == 6 and all(torch.isfinite(p).all() for p in restored.parameters())
-
-
-def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    model = nn.Linear(4, 1)
-    optimizer = torch.optim.AdamW(model.parameters())
-    checkpointer = Checkpointer(tmp_path, SINGLE, sharded=False, keep=1)
-    checkpointer.save(1, model, optimizer, {"note": "first"})
-    saved_weight = model.weight.detach().clone()
-
-    real_save = torch.save
-    def save_half_then_crash(obj, path):
-        real_save(obj, path)
-        with open(path, "r+b") as f:
-            f.truncate(100)
-        raise KeyboardInterrupt
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    monkeypatch.setattr(torch, "save", save_half_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        checkpointer.save(2, model, optimizer, {"note": "second"})
-    monkeypatch.setattr(torch, "save", real_save)
-
-    assert checkpointer.latest().name == "step_00000001"
-    step, extra = checkpointer.load(model, optimizer)
-    assert (step, extra) == (1, {"note": "first"}) and torch.equal(model.weight, saved_weight)
-    checkpointer.save(3, model, optimizer, {})  # the next save clears the debris
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000003"]
+    assert checkpointer.load(restored, torch.optim.SGD(restored.parameters(), lr=0.01)).step == 6
+    assert all(torch.isfinite(p).all() for p in restored.parameters())

@@ -111,10 +111,10 @@ def test_two_nodes_train_like_one_process_and_resume_exactly(dataset_dir, tmp_pa
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, N_STEPS + 1))
     assert len(list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "wandb",
-                                                         "wandb_run_id"]
-    assert sorted(p.name for p in (run_dir / "checkpoints" / f"step_{N_STEPS:08d}").iterdir()) == ["rank_0.pt",
-                                                                                                 "rank_1.pt"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl",
+                                                         "wandb", "wandb_run_id"]
+    assert sorted(p.name for p in (run_dir / "checkpoints" / f"step_{N_STEPS:08d}").iterdir()) == [
+        "manifest.json", "rank_0.pt", "rank_1.pt"]
 
     # The same data as one process: each rank takes its half of every global batch.
     single = tmp_path / "single"

@@ -46,7 +46,7 @@ def test_a_pretrained_model_is_checked_before_the_run_directory(dataset_dir, exi
     tokenizer_only.mkdir()
     argv = pretrain_args(dataset_dir, existing_run, "--init_from", str(tokenizer_only))
     del argv[argv.index("--model"):argv.index("--model") + 2]
-    assert f"cannot load --init_from '{tokenizer_only}'" in first_error(argv, capsys)
+    assert f"--init_from {tokenizer_only} holds no config.json" in first_error(argv, capsys)
 
 
 def test_a_dataset_naming_a_file_outside_it_stops_the_run(dataset_dir, tmp_path, capsys):

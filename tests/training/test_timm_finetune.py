@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from conftest import read_metrics
+from stopping import sigterm_during_step
 
 timm = pytest.importorskip("timm", reason="timm (with torchvision) is not installed")
 sklearn_datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn (bundled digits images) is not installed")
@@ -92,3 +93,16 @@ def test_bad_input_gets_a_one_line_error(layout, flags, message, tmp_path, capsy
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in stderr, stderr
+
+
+def test_a_stopped_run_exits_75_and_resumes_from_its_run_dir_alone(digits_dir, tmp_path, monkeypatch):
+    from qt.training.image_data import ImageBatches
+    run_dir = tmp_path / "run"
+    sigterm_during_step(monkeypatch, ImageBatches, 3)
+    with pytest.raises(SystemExit) as exit_info:
+        timm_finetune.main(args(digits_dir, run_dir, "--n_steps", "6", "--eval_interval", "6", "--log_interval", "1"))
+    assert exit_info.value.code == 75 and read_metrics(run_dir)[-1]["step"] == 3
+    monkeypatch.undo()
+    timm_finetune.main(["--run_dir", str(run_dir), "--resume"])
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, 7)) and "val_acc" in metrics[-1]
