@@ -7,6 +7,7 @@ import dataclasses
 import json
 import netrc
 import os
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -44,6 +45,19 @@ def wandb_api_key_configured() -> bool:
 # arguments would otherwise override them). Those qt does not pass (WANDB_ENTITY, ...) apply as wandb reads them.
 WANDB_ENVIRONMENT = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "name": "WANDB_NAME", "dir": "WANDB_DIR",
                      "id": "WANDB_RUN_ID"}
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run's wandb id, kept in RUN_DIR/wandb_run_id so that the same wandb run continues after --resume.
+    What is read back must be an id written here: a planted file (or a link out of the run directory) must
+    not become data sent to wandb."""
+    id_file = run_dir / "wandb_run_id"
+    if not id_file.exists() and not id_file.is_symlink():
+        id_file.write_text(uuid.uuid4().hex[:8])
+    text = id_file.read_text().strip() if id_file.resolve().is_relative_to(run_dir.resolve()) else None
+    if text is None or not re.fullmatch(r"[0-9a-z]{1,64}", text):
+        raise ConfigError(f"{id_file} is not a wandb run id written by this run; delete it to start a new wandb run")
+    return text
 
 
 def resolve_wandb_mode(mode: str) -> str | None:
@@ -113,11 +127,8 @@ class MetricsLogger:
         mode = resolve_wandb_mode(cfg.wandb)
         if mode:
             import wandb
-            id_file = run_dir / "wandb_run_id"  # the same wandb run continues after --resume
-            if not id_file.is_file():
-                id_file.write_text(uuid.uuid4().hex[:8])
             settings = {"mode": mode, "project": cfg.project, "name": cfg.run_name, "dir": str(run_dir),
-                        "id": id_file.read_text()}
+                        "id": wandb_run_id(run_dir)}
             # Passed explicitly: wandb reads its environment only the first time it is set up in a process.
             settings = {k: os.environ.get(WANDB_ENVIRONMENT[k]) or v for k, v in settings.items()}
             self.wandb = wandb.init(**settings, config=wandb_config(cfg, dist_info.device), resume="allow")

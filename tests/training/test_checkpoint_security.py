@@ -164,3 +164,23 @@ def test_a_symlink_out_of_the_run_directory_is_refused(saved_run, tmp_path):
     planted.symlink_to(other.dir / "step_00000001" / "rank_0.pt")
     with pytest.raises(CheckpointError, match="leads outside the run directory"):
         checkpointer.load(model, optimizer)
+
+
+@pytest.mark.parametrize("planted", ["link", "not an id"])
+def test_a_planted_wandb_run_id_is_refused(tmp_path, planted):
+    """RUN_DIR/wandb_run_id is sent to wandb: a link out of the run directory or a file that is no id is refused."""
+    from qt.training.config import ConfigError
+    from qt.training.metrics import wandb_run_id
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert wandb_run_id(run_dir) == wandb_run_id(run_dir)  # written once, then read back
+    (run_dir / "wandb_run_id").unlink()
+    secret = tmp_path / "secret"
+    secret.write_text("abc123")
+    if planted == "link":
+        (run_dir / "wandb_run_id").symlink_to(secret)
+    else:
+        (run_dir / "wandb_run_id").write_text("a b/../c")
+    with pytest.raises(ConfigError, match="not a wandb run id written by this run"):
+        wandb_run_id(run_dir)
