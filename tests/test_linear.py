@@ -1,0 +1,84 @@
+"""qt/linear.py: the plan-driven core gives, bit for bit, what each recipe's matmuls computed when each
+recipe had its own autograd function (written out here from the kernels), and refuses plans it cannot run."""
+
+import pytest
+import torch
+
+import qt
+from qt.kernels import quantize_int8, scaled_int8_mm
+from qt.linear import HIGH_PRECISION, LinearPlan, MatmulPlan
+from tests.kernels.backends import through
+from tests.recipes.linear_harness import make_case, run_linear
+
+
+def int8_matmul(a, b):
+    """`a @ b` as the recipes wrote it: a scaled per row, b per column."""
+    a_q, a_scale = quantize_int8(a, 1)
+    b_q, b_scale = quantize_int8(b, 0)
+    return scaled_int8_mm(a_q, b_q, a_scale, b_scale)
+
+
+def separate_mixed_precision(w, x, dy, output, grad_input, grad_weight):
+    out = int8_matmul(x, w.T) if output else x @ w.T
+    grad_x = int8_matmul(dy, w) if grad_input else dy @ w
+    grad_w = int8_matmul(dy.T, x) if grad_weight else dy.T @ x
+    return out, grad_x, grad_w
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("flags", [(True, True, True), (True, False, True), (False, True, False), (True, True, False)])
+def test_int8_mixed_precision_is_bit_exact_with_its_matmuls_written_separately(backend, flags):
+    linear, x, dy = make_case((33,), bias=False, in_features=48, out_features=40)
+    w = linear.weight.detach().clone()
+    expected = through(backend, separate_mixed_precision)(w, x, dy, *flags)
+    output, grad_input, grad_weight = flags
+    qt.quantize_(linear, "int8_mixed_precision", output=output, grad_input=grad_input, grad_weight=grad_weight,
+                 filter_fn=lambda m, n: True)
+    got = through(backend, run_linear)(linear, x, dy)[:3]
+    for name, a, b in zip(("output", "grad_input", "grad_weight"), got, expected):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bitnet_forward_and_grad_weight_are_bit_exact_with_the_written_out_math(backend):
+    from qt.recipes.bitnet import ternarize
+
+    linear, x, dy = make_case((33,), bias=False, in_features=48, out_features=40)
+    ternary, w_scale = ternarize(linear.weight.detach())
+
+    def written_out():
+        x_q, x_scale = quantize_int8(x, 1)
+        return scaled_int8_mm(x_q, ternary.T, x_scale, w_scale), dy.T @ (x_q.float() * x_scale)
+
+    out, grad_w = through(backend, written_out)()
+    qt.quantize_(linear, "bitnet", filter_fn=lambda m, n: True)
+    got_out, got_gx, got_gw, _ = through(backend, run_linear)(linear, x, dy)
+    assert torch.equal(got_out, out) and torch.equal(got_gw, grad_w)
+    torch.testing.assert_close(got_gx, dy @ (ternary.float() * w_scale))  # the scale now multiplies W first
+
+
+@pytest.mark.parametrize("int8_activations", [False, True])
+def test_int8_weight_only_is_bit_exact_with_the_written_out_math(int8_activations):
+    linear, x, dy = make_case((33,), bias=False, in_features=48, out_features=40)
+    qt.quantize_(linear, "int8_weight_only", int8_activations=int8_activations, filter_fn=lambda m, n: True)
+    weight = linear.weight
+    w = weight.dequantize()
+    if int8_activations:
+        x_q, x_scale = quantize_int8(x, 1)
+        out = scaled_int8_mm(x_q, weight.int_data.T, x_scale, weight.scale.T)
+    else:
+        out = x @ w.T
+    got_out, got_gx, got_gw, _ = run_linear(linear, x, dy)
+    assert torch.equal(got_out, out) and torch.equal(got_gx, dy @ w) and torch.equal(got_gw, dy.T @ x)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: MatmulPlan("fp4"), "format 'fp4'"),
+    (lambda: MatmulPlan(None, stochastic_rounding=True), "needs a quantized format"),
+    (lambda: LinearPlan(grad_weight_sees_quantized_input=True), "needs an INT8 output"),
+    (lambda: LinearPlan(MatmulPlan("int8"), HIGH_PRECISION, MatmulPlan("int8"), grad_weight_sees_quantized_input=True),
+     "high-precision grad_weight"),
+])
+def test_plans_that_cannot_run_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
