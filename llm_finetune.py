@@ -76,7 +76,7 @@ def check_flags(cfg: FinetuneConfig, world_size: int) -> FinetuneConfig:
     return cfg
 
 
-def prepare_model(model: nn.Module, cfg: FinetuneConfig) -> None:
+def prepare_model(model: nn.Module, cfg: FinetuneConfig, announce: bool = False) -> None:
     """Untie a tied LM head that is to be quantized (the embedding stays in high precision and the head is
     quantized once), freeze the embedding if asked, and apply the recipe."""
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -91,7 +91,7 @@ def prepare_model(model: nn.Module, cfg: FinetuneConfig) -> None:
             qt.convert_llama_to_bitnet(model)
         except ValueError as e:
             raise ConfigError(f"--quantize bitnet: {e}") from None
-    quantize_model(model, cfg)
+    quantize_model(model, cfg, announce=announce)
 
 
 def finetune(cfg: FinetuneConfig, dist_info: Dist) -> dict:
@@ -114,7 +114,7 @@ def finetune(cfg: FinetuneConfig, dist_info: Dist) -> dict:
     model = load_pretrained_causal_lm(cfg.model, "model", device, weight_dtype)
     mean_length = sum(len(e.tokens) for e in train_examples) / len(train_examples)
     flops = flops_per_token(model, round(mean_length))  # before quantization replaces the Linear layers
-    prepare_model(model, cfg)
+    prepare_model(model, cfg, announce=dist_info.is_main)
     training_model, optimizer = parallelize_with_optimizer(model, decoder_blocks(model), cfg, dist_info, compute_dtype)
     if dist_info.is_main:
         n_params = sum(p.numel() for p in model.parameters())

@@ -93,7 +93,7 @@ def pretrain(cfg: PretrainConfig, dist_info: Dist, data: tuple) -> dict:
         import qt
         qt.convert_llama_to_bitnet(model)
     model.to(weight_dtype)
-    quantize_model(model, cfg)
+    quantize_model(model, cfg, announce=dist_info.is_main)
     training_model, optimizer = parallelize_with_optimizer(model, decoder_blocks(model), cfg, dist_info, compute_dtype)
     if dist_info.is_main:
         n_params = sum(p.numel() for p in model.parameters())

@@ -169,7 +169,7 @@ def finetune(cfg: TimmFinetuneConfig, explicit: set[str], dist_info: Dist) -> di
                              len(classes), dist_info, compute_dtype)
 
     model.to(weight_dtype)
-    quantize_model(model, cfg)
+    quantize_model(model, cfg, announce=dist_info.is_main)
     training_model, optimizer = parallelize_with_optimizer(model, repeated_blocks(model), cfg, dist_info, compute_dtype)
     if dist_info.is_main:
         n_params = sum(p.numel() for p in model.parameters())

@@ -6,7 +6,7 @@
 
 from qt import optim
 from qt.config import RecipeConfig
-from qt.quantize import quantize_, resolve_recipe
+from qt.quantize import quantization_summary, quantize_, resolve_recipe
 from qt.recipes import (
     RECIPES,
     BitNetConfig,
@@ -24,6 +24,7 @@ __all__ = [
     "QuantizedWeight",
     "RecipeConfig",
     "convert_llama_to_bitnet",
+    "quantization_summary",
     "quantize_",
     "optim",
     "resolve_recipe",

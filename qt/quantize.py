@@ -88,6 +88,25 @@ def _quantize_loaded_weight(config: RecipeConfig, state_dict, prefix, *args) -> 
         state_dict[key] = config.quantize_weight(state_dict[key].detach())
 
 
+def quantization_summary(model: nn.Module, max_listed: int = 6) -> str:
+    """One line: how many of the model's linears run which recipe, and which stay in high precision."""
+    heads = _head_modules(model)
+    recipes: dict[str, int] = {}
+    left = []
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name, module in linears:
+        if isinstance(module.weight, QuantizedWeight):
+            recipe = getattr(module, "qt_recipe", None)
+            key = recipe.name if recipe is not None else type(module.weight).__name__
+            recipes[key] = recipes.get(key, 0) + 1
+        else:
+            left.append(f"{name} (output head)" if module in heads else name)
+    quantized = ", ".join(f"{recipe} on {count}" for recipe, count in recipes.items()) or "no recipe"
+    listed = ", ".join(left[:max_listed]) + (f" and {len(left) - max_listed} more" if len(left) > max_listed else "")
+    return (f"{quantized} of {len(linears)} linears"
+            + (f"; left in high precision: {listed}" if left else ""))
+
+
 def _quantized_linear_repr(linear: nn.Linear) -> str:
     """`print(model)` names each quantized linear's recipe and options."""
     return f"{nn.Linear.extra_repr(linear)}, recipe={linear.qt_recipe!r}"

@@ -114,3 +114,12 @@ def test_loading_plain_weights_rounds_to_nearest_like_quantize():
         model.load_state_dict(plain.state_dict())
         assert torch.equal(model[0].weight.int_data, expected.int_data)
         assert torch.equal(model[0].weight.scale, expected.scale)
+
+
+def test_summary_names_the_recipe_and_what_stayed_in_high_precision():
+    model = tiny_llama()
+    qt.quantize_(model, "int8_mixed_precision")
+    summary = qt.quantization_summary(model)
+    n_linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert summary == (f"int8_mixed_precision on {n_linears - 1} of {n_linears} linears; "
+                       "left in high precision: lm_head (output head)")

@@ -129,8 +129,9 @@ def resolve_recipe(cfg):
         return qt.resolve_recipe(cfg.quantize, **cfg.quantize_kwargs)
 
 
-def quantize_model(model: nn.Module, cfg) -> None:
-    """Apply the recipe --quantize in place (nothing for none)."""
+def quantize_model(model: nn.Module, cfg, announce: bool = False) -> None:
+    """Apply the recipe --quantize in place (nothing for the baseline); `announce` prints which linears
+    were quantized and which were left in high precision."""
     recipe = resolve_recipe(cfg)
     if recipe is not None and cfg.quantize_lm_head and getattr(model.config, "tie_word_embeddings", False):
         raise ConfigError(
@@ -142,6 +143,8 @@ def quantize_model(model: nn.Module, cfg) -> None:
         import qt
         with _recipe_errors(cfg):
             qt.quantize_(model, recipe, include_head=cfg.quantize_lm_head)
+        if announce:
+            print(f"{cfg.run_name}: {qt.quantization_summary(model)}", flush=True)
 
 
 @contextmanager
