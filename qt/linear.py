@@ -14,7 +14,7 @@ which stores the weight its own way (a high-precision master, INT8 rows, a laten
 hands out the operands a plan asks for. So a recipe is a plan plus a weight class.
 
 The output gradient dY, which both backward matmuls need quantized (along different axes), is
-quantized both ways from one kernel. X and W are saved as they are, not as quantized copies: the
+quantized both ways by one op that shares the abs-max pass. X and W are saved as they are, not as quantized copies: the
 linears that share an input (q/k/v, gate/up) then share its saved copy, and the peak memory stays
 below BF16's; each is quantized where its matmul runs.
 """
@@ -86,7 +86,7 @@ class Int8Operand(NamedTuple):
 
 def quantize_operand_pair(t: Tensor, rows: MatmulPlan | None, cols: MatmulPlan | None):
     """`t` [R, C] quantized per row for the `rows` matmul and per column for the `cols` matmul (either
-    may be None: not needed). One pass when both are needed and round alike."""
+    may be None: not needed). One op when both are needed and round alike."""
     if rows and cols and rows.stochastic_rounding == cols.stochastic_rounding:
         q_rows, row_scale, q_cols, col_scale = quantize_int8_rows_and_cols(t, rows.stochastic_rounding)
         return Int8Operand(q_rows, row_scale), Int8Operand(q_cols, col_scale)
@@ -129,7 +129,7 @@ class _QuantizedLinear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
         with torch.autocast(dy.device.type, enabled=False):
-            # dY is quantized along both axes from one read when both of its matmuls run in INT8.
+            # dY is quantized along both axes by one op when both of its matmuls run in INT8.
             dy_rows, dy_cols = quantize_operand_pair(
                 dy, plan.grad_input if need_x and plan.grad_input.int8 else None,
                 plan.grad_weight if need_w and plan.grad_weight.int8 else None)

@@ -6,7 +6,7 @@ the reduced axis contiguous, which is the K-contiguous layout ``scaled_int8_mm``
 ``quantize_int8_rows_and_cols(x)`` gives both at once: a linear's backward needs its output gradient
 quantized per row (for grad_input) and per column (for grad_weight), and this shares one abs-max pass.
 
-Three Triton kernels, picked by shape:
+Two ways, picked by shape (three Triton kernels):
 - whole rows: each program holds whole rows in registers (rows up to ``_MAX_WHOLE_ROW`` wide), so a
   row-wise quantize reads ``x`` once;
 - tiles: a first pass takes the abs-max of each tile and folds it into per-row and per-column maxima
@@ -37,14 +37,15 @@ except ImportError:  # qt must still import, and fall back to torch, where Trito
 
 QUANT_MAX = 127
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Whole rows in registers up to this width (8192 fp32 values over 8 warps: 32 registers a thread a row).
+# Whole rows in registers up to this width (8192 fp32 values over 8 warps: 32 registers a thread a row;
+# the autotuner also tries 4 and 16 warps).
 _MAX_WHOLE_ROW = 8192
 
 
 def _tile_configs() -> list:
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter runs every config, slowly: one small tile
         return [triton.Config({"BLOCK_R": 32, "BLOCK_C": 32})]
-    # The columns-wise output is stored transposed: taller tiles give it longer contiguous runs.
+    # The column-wise output is stored transposed: taller tiles give it longer contiguous runs.
     return [triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w)
             for r, c, w in ((64, 64, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8), (32, 256, 8), (256, 32, 8))]
 
@@ -116,7 +117,8 @@ def quantize_activation_int8(x: Tensor, axis: int, stochastic_rounding: bool = F
 
 
 def quantize_int8_rows_and_cols(x: Tensor, stochastic_rounding: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``quantize_int8(x, 1) + quantize_int8(x, 0)`` from two reads of ``x`` instead of four.
+    """``quantize_int8(x, 1) + quantize_int8(x, 0)`` sharing one abs-max pass (three reads of ``x``, as the two
+    calls make on a GPU, in three launches instead of four).
 
     Returns ``(q_rows, row_scale, q_cols, col_scale)``, laid out as ``quantize_int8`` lays out each.
     With stochastic rounding the two results round independently.
