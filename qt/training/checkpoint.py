@@ -6,7 +6,7 @@
     RUN_DIR/checkpoints/step_00000500/manifest.json    each file's size and SHA-256, the step, the run's config
     RUN_DIR/checkpoints/latest                         the name of the newest complete checkpoint
 
-One process trains in a run directory at a time: rank 0 locks RUN_DIR/.lock (flock) before writing anything,
+One process trains in a run directory at a time: rank 0 locks RUN_DIR/.lock (lockf) before writing anything,
 and a second run on the directory stops with an error naming the first.
 
 Saving survives a crash, kill -9 or full disk at any point: the files are written into `step_N.tmp/` and
@@ -236,7 +236,7 @@ def _gather(value) -> list:
 
 
 class RunDirLock:
-    """Held (by rank 0) while a run trains in RUN_DIR: an exclusive flock on RUN_DIR/.lock, which names the
+    """Held (by rank 0) while a run trains in RUN_DIR: an exclusive lock on RUN_DIR/.lock, which names the
     holder. The kernel releases it when the process ends, however it ends."""
 
     def __init__(self, run_dir, dist_info: Dist):
@@ -262,8 +262,13 @@ class RunDirLock:
         except OSError as e:
             raise CheckpointError(f"cannot lock {self.path}: {e.strerror}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # A POSIX record lock, not flock: processes forked while training (DataLoader workers) would share an
+            # flock with the file descriptor they inherit and hold it after the run released it.
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise CheckpointError(f"cannot lock {self.path}: {e.strerror}") from None
             holder = os.read(fd, 200).decode(errors="replace").strip() or "a process that has not named itself yet"
             os.close(fd)
             raise CheckpointError(f"{self.path.parent} is in use by another run ({holder}); wait for it to end or "

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -282,3 +283,23 @@ def test_a_first_run_started_with_resume_says_nothing_about_checkpoints(tmp_path
     captured = capsys.readouterr()
     assert "checkpoint" not in captured.out + captured.err
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == 20
+
+
+def test_a_process_forked_during_a_run_does_not_keep_its_lock(tmp_path):
+    """DataLoader workers are forked while the run holds its lock and may outlive it; the same process must
+    then be able to lock the run directory again (a stopped run resumed in-process: timm_finetune's tests)."""
+    from qt.training.checkpoint import RunDirLock
+    from qt.training.distributed import Dist
+
+    dist_info = Dist(0, 1, torch.device("cpu"))
+    with RunDirLock(tmp_path, dist_info):
+        child = os.fork()
+        if child == 0:  # a worker that inherited the lock file's descriptor and is still alive afterwards
+            time.sleep(30)
+            os._exit(0)
+    try:
+        with RunDirLock(tmp_path, dist_info):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
