@@ -84,7 +84,7 @@ class Int8Operand(NamedTuple):
         return Int8Operand(self.q.T, self.scale.T)
 
 
-def quantize_operand_pair(t: Tensor, rows: MatmulPlan | None, cols: MatmulPlan | None):
+def _quantize_operand_pair(t: Tensor, rows: MatmulPlan | None, cols: MatmulPlan | None):
     """`t` [R, C] quantized per row for the `rows` matmul and per column for the `cols` matmul (either
     may be None: not needed). One op when both are needed and round alike."""
     if rows and cols and rows.stochastic_rounding == cols.stochastic_rounding:
@@ -130,7 +130,7 @@ class _QuantizedLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         with torch.autocast(dy.device.type, enabled=False):
             # dY is quantized along both axes by one op when both of its matmuls run in INT8.
-            dy_rows, dy_cols = quantize_operand_pair(
+            dy_rows, dy_cols = _quantize_operand_pair(
                 dy, plan.grad_input if need_x and plan.grad_input.int8 else None,
                 plan.grad_weight if need_w and plan.grad_weight.int8 else None)
             if need_x:
