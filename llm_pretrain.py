@@ -18,7 +18,7 @@ from qt.training.checkpoint import place_run, resolve_run_config
 from qt.training.config import ConfigError, TrainConfig, check_train_flags, flag, one_line_errors, parse_config
 from qt.training.data import RandomWindows, TokenShards, validation_batches
 from qt.training.distributed import Dist, check_run_dir_shared, init_distributed, resolve_dtypes, shutdown_distributed
-from qt.training.lifecycle import seed_everything
+from qt.training.lifecycle import exit_if_stopped, seed_everything
 from qt.training.loop import train
 from qt.training.models import (build_causal_lm, decoder_blocks, flops_per_token, load_model_config,
                                 load_pretrained_config, next_token_loss, quantize_model, resolve_recipe)
@@ -99,9 +99,11 @@ def pretrain(cfg: PretrainConfig, dist_info: Dist, data: tuple) -> dict:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{cfg.run_name}: {n_params / 1e6:.1f}M parameters, recipe {cfg.quantize}, {cfg.n_steps} steps of "
               f"{cfg.batch_size} x {cfg.seq_len} tokens on {dist_info.world_size} x {device.type}", flush=True)
-    return train(model=training_model, optimizer=optimizer, batches=batches, loss_fn=next_token_loss, cfg=cfg,
-                 dist_info=dist_info, tokens_per_step=cfg.batch_size * cfg.seq_len, eval_batches=eval_batches,
-                 flops_per_token=flops, weight_dtype=weight_dtype, compute_dtype=compute_dtype)
+    record = train(model=training_model, optimizer=optimizer, batches=batches, loss_fn=next_token_loss, cfg=cfg,
+                   dist_info=dist_info, tokens_per_step=cfg.batch_size * cfg.seq_len, eval_batches=eval_batches,
+                   flops_per_token=flops, weight_dtype=weight_dtype, compute_dtype=compute_dtype)
+    exit_if_stopped(batches, cfg, dist_info)  # as the fine-tuning scripts: a job script tells a stopped run
+    return record
 
 
 @one_line_errors

@@ -71,7 +71,7 @@ def test_grad_accum_and_activation_checkpointing_do_not_change_the_losses(base_r
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(dataset_dir, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_75(dataset_dir, tmp_path):
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "llm_pretrain.py", *pretrain_args(dataset_dir, run_dir, "--n_steps",
                              "100000", "--ckpt_interval", "0")], cwd=REPO, stdout=subprocess.PIPE,
@@ -82,7 +82,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(dataset_dir, tmp_path):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, output
+    assert proc.returncode == 75, output  # EX_TEMPFAIL: stopped, not finished (0) nor refused (2)
     last_step = read_metrics(run_dir)[-1]["step"]
     assert f"stopped at step {last_step}" in output
     assert Checkpointer(run_dir, None, sharded=False, keep=1).latest().name == f"step_{last_step:08d}"
