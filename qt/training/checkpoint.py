@@ -83,6 +83,9 @@ def resolve_run_config(cfg, explicit: set[str], default_name):
     elif (saved := saved_config(cfg.run_dir)) is not None:
         cfg = merge_for_resume(cfg, explicit, saved)
     cfg.run_name = cfg.run_name or default_name(cfg)
+    # Every process has read the run directory before rank 0 writes to it (config.yaml, the lock): a rank
+    # that looked later would take the new run for an existing one.
+    barrier()
     return cfg
 
 
