@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import qt
-from tests.rendezvous import rendezvous_file
+from tests.rendezvous import end_worker, rendezvous_file
 from tests.test_training_parity import markov_batches
 from tests.tiny_models import tiny_llama
 
@@ -82,7 +82,7 @@ def worker(rank, world_size, init_method, out_dir):
         )
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
-    dist.destroy_process_group()
+    end_worker()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import qt.optim
-from tests.rendezvous import rendezvous_file
+from tests.rendezvous import end_worker, rendezvous_file
 
 WORLD_SIZE = 2
 OPTIMIZERS = ["AdamW", "AdamW8bit", "AdamW4bit", "AdamWFp8"]
@@ -67,27 +67,25 @@ def _fsdp_model_and_optimizer(optimizer_name: str):
 def _worker(rank: int, init_method: str, checkpoint_root: str, results):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE)
-    try:
-        batches = _batches(STEPS_BEFORE_SAVE + STEPS_AFTER_SAVE)
-        for name in OPTIMIZERS:
-            model, optimizer = _fsdp_model_and_optimizer(name)
-            losses = _train(model, optimizer, batches[:STEPS_BEFORE_SAVE], rank, WORLD_SIZE)
-            checkpoint = os.path.join(checkpoint_root, name)
-            dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=checkpoint)
-            losses += _train(model, optimizer, batches[STEPS_BEFORE_SAVE:], rank, WORLD_SIZE)
+    batches = _batches(STEPS_BEFORE_SAVE + STEPS_AFTER_SAVE)
+    for name in OPTIMIZERS:
+        model, optimizer = _fsdp_model_and_optimizer(name)
+        losses = _train(model, optimizer, batches[:STEPS_BEFORE_SAVE], rank, WORLD_SIZE)
+        checkpoint = os.path.join(checkpoint_root, name)
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=checkpoint)
+        losses += _train(model, optimizer, batches[STEPS_BEFORE_SAVE:], rank, WORLD_SIZE)
 
-            resumed_model, resumed_optimizer = _fsdp_model_and_optimizer(name)
-            state = {"model": get_model_state_dict(resumed_model), "optim": get_optimizer_state_dict(resumed_model, resumed_optimizer)}
-            dcp.load(state, checkpoint_id=checkpoint)
-            set_model_state_dict(resumed_model, state["model"])
-            set_optimizer_state_dict(resumed_model, resumed_optimizer, state["optim"])
-            resumed_losses = _train(resumed_model, resumed_optimizer, batches[STEPS_BEFORE_SAVE:], rank, WORLD_SIZE)
-            if rank == 0:
-                exp_avg = optimizer.state[model[0].weight]["exp_avg"]
-                layout = (type(exp_avg).__name__, exp_avg.to_local().dtype, tuple(exp_avg.to_local().shape))
-                results[name] = (losses, resumed_losses, layout)
-    finally:
-        dist.destroy_process_group()
+        resumed_model, resumed_optimizer = _fsdp_model_and_optimizer(name)
+        state = {"model": get_model_state_dict(resumed_model), "optim": get_optimizer_state_dict(resumed_model, resumed_optimizer)}
+        dcp.load(state, checkpoint_id=checkpoint)
+        set_model_state_dict(resumed_model, state["model"])
+        set_optimizer_state_dict(resumed_model, resumed_optimizer, state["optim"])
+        resumed_losses = _train(resumed_model, resumed_optimizer, batches[STEPS_BEFORE_SAVE:], rank, WORLD_SIZE)
+        if rank == 0:
+            exp_avg = optimizer.state[model[0].weight]["exp_avg"]
+            layout = (type(exp_avg).__name__, exp_avg.to_local().dtype, tuple(exp_avg.to_local().shape))
+            results[name] = (losses, resumed_losses, layout)
+    end_worker()
 
 
 @pytest.fixture(scope="module")
