@@ -1,17 +1,21 @@
 """Checks and times qt's INT8 kernels on a CUDA GPU (written for an H100).
 
-    PYTHONPATH=. python scripts/bench_kernels.py [--quick] [--m 16384]
+    PYTHONPATH=. python scripts/bench_kernels.py [--quick] [--m 16384] [--quantize_only] [--baseline FILE]
 
 scaled_int8_mm on Llama-1B linear shapes (M tokens x N outputs x K inputs) in three operand layouts,
 against torch._int_mm (the int32 product alone) and a bf16 torch.mm of the same shape; then
 quantize_int8 on a [16384, 2048] bf16 activation, both axes, with and without stochastic rounding,
 against the same math in eager torch. Each case is first checked against its torch counterpart.
+--baseline FILE times another version of qt/kernels/quantize.py beside the current one (e.g.
+`git show REV:qt/kernels/quantize.py > FILE`), in the same process, for before/after figures.
 Prints a markdown table last; with $OUT set, also writes it and a JSON of every number there.
 """
 
 import argparse
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -79,7 +83,7 @@ def bench_matmul(m: int, n: int, k: int, layout: str) -> dict:
     }  # fmt: skip
 
 
-QUANTIZE_SHAPES = [(2048, "nearest"), (2048, "stochastic"), (5632, "nearest"), (768, "nearest")]  # (width, rounding)
+QUANTIZE_SHAPES = [(2048, "nearest"), (2048, "stochastic"), (5632, "nearest"), (768, "nearest"), (256, "nearest")]  # (width, rounding)
 QUANTIZE_MODES = {  # name -> (qt function, the same math in torch ops) on x
     "rows": (lambda x, sr: quantize_int8(x, 1, sr), lambda x: _torch_quantize_int8(x, 1, None)),
     "columns": (lambda x, sr: quantize_int8(x, 0, sr), lambda x: _torch_quantize_int8(x, 0, None)),
@@ -88,9 +92,20 @@ QUANTIZE_MODES = {  # name -> (qt function, the same math in torch ops) on x
 }
 
 
-def bench_quantize(x: torch.Tensor, mode: str, stochastic: bool) -> dict:
+def load_baseline(path: str):
+    """Another version of qt/kernels/quantize.py as a module of its own: its torch.library ops get the
+    namespace qt_baseline, so they do not collide with qt's."""
+    source = Path(path).read_text().replace('"qt::', '"qt_baseline::').replace("torch.ops.qt.", "torch.ops.qt_baseline.")
+    spec = importlib.util.spec_from_loader("qt_baseline_quantize", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    exec(compile(source, path, "exec"), module.__dict__)
+    return module
+
+
+def bench_quantize(x: torch.Tensor, mode: str, stochastic: bool, baseline=None) -> dict:
     """qt's kernel against the same math in torch ops, eager and compiled by Inductor (the alternative of
-    letting torch.compile generate the quantize kernels)."""
+    letting torch.compile generate the quantize kernels), and against a baseline version of the kernels."""
     qt_fn, torch_fn = QUANTIZE_MODES[mode]
     outputs, expected = qt_fn(x, stochastic), torch_fn(x)
     compiled = torch.compile(torch_fn, fullgraph=True, dynamic=False)
@@ -107,11 +122,17 @@ def bench_quantize(x: torch.Tensor, mode: str, stochastic: bool) -> dict:
     bytes_moved = x.numel() * x.element_size() + sum(t.numel() * t.element_size() for t in outputs)
     qt_ms = time_ms(lambda: qt_fn(x, stochastic))
     compiled_ms = time_ms(lambda: compiled(x)) if not stochastic else float("nan")
+    baseline_ms = float("nan")
+    if baseline is not None:
+        baseline_fn = {"rows": lambda: baseline.quantize_int8(x, 1, stochastic),
+                       "columns": lambda: baseline.quantize_int8(x, 0, stochastic),
+                       "both": lambda: baseline.quantize_int8_rows_and_cols(x, stochastic)}[mode]
+        baseline_ms = time_ms(baseline_fn)
     return {
         "shape": list(x.shape), "mode": mode, "stochastic": stochastic, "ok": bool(ok),
         "qt_us": qt_ms * 1e3, "qt_gbps": bytes_moved / qt_ms / 1e6,
         "inductor_us": compiled_ms * 1e3, "inductor_gbps": bytes_moved / compiled_ms / 1e6,
-        "inductor_ok": compiled_ok,
+        "inductor_ok": compiled_ok, "baseline_us": baseline_ms * 1e3,
     }  # fmt: skip
 
 
@@ -138,14 +159,15 @@ def markdown(device: str, matmuls: list[dict], quantizes: list[dict]) -> str:
         "quantize_int8 by rows / by columns, and quantize_int8_rows_and_cols (both), against the same math in "
         "torch ops compiled by Inductor (GB/s counts x read once and every output written once).",
         "",
-        "| x | mode | rounding | qt us | qt GB/s | Inductor us | Inductor GB/s | qt matches torch | Inductor matches |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
+        "| x | mode | rounding | qt us | qt GB/s | baseline us | Inductor us | Inductor GB/s | qt matches torch "
+        "| Inductor matches |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for r in quantizes:
         rounding = "stochastic" if r["stochastic"] else "nearest"
         lines.append(
             f"| {r['shape'][0]} x {r['shape'][1]} bf16 | {r['mode']} | {rounding} | {r['qt_us']:.1f} "
-            f"| {r['qt_gbps']:.0f} | {r['inductor_us']:.1f} | {r['inductor_gbps']:.0f} | {'yes' if r['ok'] else 'NO'} "
+            f"| {r['qt_gbps']:.0f} | {r['baseline_us']:.1f} | {r['inductor_us']:.1f} | {r['inductor_gbps']:.0f} | {'yes' if r['ok'] else 'NO'} "
             f"| {'yes' if r['inductor_ok'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
@@ -156,6 +178,7 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=16384, help="tokens per matmul (rows of a and of x)")
     parser.add_argument("--quick", action="store_true", help="only the first (N, K) shape and no stochastic rounding")
     parser.add_argument("--quantize_only", action="store_true", help="skip the matmuls")
+    parser.add_argument("--baseline", help="another version of qt/kernels/quantize.py to time beside this one")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
@@ -167,11 +190,12 @@ def main() -> None:
         for layout in LAYOUTS:  # the K-contiguous layout first: it is the one the autotuner's pick is for
             matmuls.append(bench_matmul(args.m, n, k, layout))
             print(json.dumps(matmuls[-1]), flush=True)
+    baseline = load_baseline(args.baseline) if args.baseline else None
     quantizes = []
     for width, rounding in QUANTIZE_SHAPES[:1] if args.quick else QUANTIZE_SHAPES:
         x = torch.randn(args.m, width, device=DEVICE, dtype=torch.bfloat16)
         for mode in QUANTIZE_MODES:
-            quantizes.append(bench_quantize(x, mode, rounding == "stochastic"))
+            quantizes.append(bench_quantize(x, mode, rounding == "stochastic", baseline))
             print(json.dumps(quantizes[-1]), flush=True)
 
     table = markdown(device, matmuls, quantizes)

@@ -10,3 +10,18 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     import tempfile
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="qt-tests-inductor-")
+
+
+import pytest  # noqa: E402
+
+# Left out of the README's quick check (`python -m pytest -q -m "not slow"`, about a minute): the tests that
+# train through the command-line scripts end to end or spawn several processes. CI runs every test.
+_SLOW_MODULES = {"test_pretrain.py", "test_compare.py", "test_multinode.py", "test_distributed.py",
+                 "test_llm_finetune.py", "test_timm_finetune.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in _SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
