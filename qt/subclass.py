@@ -145,6 +145,12 @@ class QuantizedWeight(torch.Tensor):
         or None when the weight is stored quantized and an update must go through `_update_`."""
         return None
 
+    def _fused_adam_step_(self, grad, exp_avg, exp_avg_sq, step, **hyperparameters) -> bool:
+        """Takes a step of torch's fused Adam / AdamW (`hyperparameters`: its keyword arguments and
+        `decoupled_weight_decay`) in one kernel and returns True, or returns False where the class has no
+        such kernel for this weight (then the step goes through FP32 copies)."""
+        return False
+
     def _assign_(self, value: Tensor) -> None:
         """Stores `value` (shaped like the weight) the recipe's way."""
         self._update_(lambda hp: hp.copy_(value))
@@ -162,17 +168,28 @@ class QuantizedWeight(torch.Tensor):
         return type(self)(*pieces, *self._metadata())
 
 
+# torch's fused Adam steps -> whether the weight decay is decoupled (AdamW). Their list arguments: the
+# weights, then grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps.
+_FUSED_ADAM_STEPS = {aten._fused_adam_.default: False, aten._fused_adam_.tensor_lr: False,
+                     aten._fused_adamw_.default: True, aten._fused_adamw_.tensor_lr: True}
+
+
 def _foreach_update_(func, tensors, rest_args, kwargs):
     """Applies an in-place foreach op (a foreach or fused optimizer step: `_foreach_addcdiv_`,
     `_fused_adamw_`, ...) to a list holding quantized weights, in at most two calls.
 
     Weights that keep a high-precision tensor updated in place (a master or latent weight) join the
-    plain tensors in one call. Weights stored quantized go through a second call on FP32 copies, of
+    plain tensors in one call. Weights stored quantized take a fused Adam step in their own kernel where
+    the class has one (`_fused_adam_step_`); the others go through a second call on FP32 copies, of
     every list argument for those entries (a fused kernel reads one dtype per entry), and are stored
     back the recipe's way; the op's other written arguments (optimizer states) are copied back."""
     targets = [t._in_place_target() if isinstance(t, QuantizedWeight) else t for t in tensors]
     direct = [i for i, target in enumerate(targets) if target is not None]
     stored = [i for i, target in enumerate(targets) if target is None]
+    if func in _FUSED_ADAM_STEPS:
+        grads, exp_avgs, exp_avg_sqs, _, steps = rest_args
+        stored = [i for i in stored if not tensors[i]._fused_adam_step_(
+            grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], decoupled_weight_decay=_FUSED_ADAM_STEPS[func], **kwargs)]
     written = [arg.alias_info is not None and arg.alias_info.is_write for arg in func._schema.arguments[1:]]
 
     def take(indices, arg, convert=lambda t: t):

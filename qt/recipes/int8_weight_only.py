@@ -4,7 +4,8 @@ There is no high-precision copy. The forward and backward upcast the INT8 weight
 activation dtype (or, with `int8_activations`, quantize the activations and run the forward as an
 INT8 matmul). An optimizer's in-place update dequantizes, applies the update in FP32 and
 re-quantizes; with stochastic rounding (the default) an update smaller than half a quantization
-step still moves the weight with the right probability, so it survives on average.
+step still moves the weight with the right probability, so it survives on average. torch's fused
+Adam / AdamW does all of that in one kernel on a GPU (qt/kernels/int8_adam.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from qt.config import RecipeConfig
 from qt.kernels import quantize_int8
+from qt.kernels.int8_adam import fused_step_supported, int8_rows_adam_step_
 from qt.linear import HIGH_PRECISION, Int8Operand, LinearPlan, MatmulPlan
 from qt.subclass import QuantizedWeight
 
@@ -82,6 +84,13 @@ class Int8WeightOnlyWeight(QuantizedWeight):
         weight = self.dequantize(torch.float32)
         fn(weight)
         self._assign_(weight)
+
+    def _fused_adam_step_(self, grad, exp_avg, exp_avg_sq, step, *, amsgrad, **hyperparameters) -> bool:
+        if not fused_step_supported(self.int_data, amsgrad, exp_avg, exp_avg_sq):
+            return False
+        int8_rows_adam_step_(self.int_data, self.scale, grad, exp_avg, exp_avg_sq, step,
+                             stochastic_rounding=self.config.stochastic_rounding, **hyperparameters)
+        return True
 
     def _assign_(self, value: Tensor) -> None:
         int_data, scale = quantize_int8(value.to(torch.float32), 1, self.config.stochastic_rounding)
