@@ -14,6 +14,8 @@ call. The new weight is quantized as `quantize_int8(w, 1, stochastic_rounding)` 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -49,8 +51,9 @@ def int8_rows_adam_step_(int_data: Tensor, scale: Tensor, grad: Tensor, exp_avg:
     _int8_rows_adam_kernel[(n_rows,)](
         int_data, scale, grad, exp_avg, exp_avg_sq, step, lr if lr_is_tensor else None,
         grad_scale, found_inf, seed, n_cols, grad.stride(0), grad.stride(1),
-        # 1 - beta in float64, as torch computes it, then rounded once (1 - float32(0.999) is 1.3e-5 off).
-        0.0 if lr_is_tensor else float(lr), beta1, beta2, 1 - beta1, 1 - beta2, weight_decay, eps,
+        # 1 - beta and log(beta) in float64, then rounded once (1 - float32(0.999) is 1.3e-5 off).
+        0.0 if lr_is_tensor else float(lr), beta1, beta2, 1 - beta1, 1 - beta2, math.log(beta1), math.log(beta2),
+        weight_decay, eps,
         MIN_AMAX=_min_amax(torch.float32), MAXIMIZE=maximize, ADAMW=decoupled_weight_decay,
         STOCHASTIC=stochastic_rounding, BLOCK_COLS=block_cols, num_warps=4 if block_cols <= 2048 else 8 if block_cols <= 4096 else 16,
     )  # fmt: skip
@@ -63,7 +66,7 @@ if triton is not None:
     def _int8_rows_adam_kernel(
         q_ptr, scale_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, lr_ptr,
         grad_scale_ptr, found_inf_ptr, seed_ptr, n_cols, stride_grad_row, stride_grad_col,
-        lr_value, beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay, eps,
+        lr_value, beta1, beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, weight_decay, eps,
         MIN_AMAX: tl.constexpr, MAXIMIZE: tl.constexpr, ADAMW: tl.constexpr, STOCHASTIC: tl.constexpr,
         BLOCK_COLS: tl.constexpr,
     ):  # fmt: skip
@@ -88,7 +91,7 @@ if triton is not None:
                     w = w - lr * weight_decay * w
                 else:
                     grad = grad + w * weight_decay
-            step = tl.load(step_ptr).to(tl.float32)
+            step = tl.load(step_ptr)
             exp_avg = tl.load(exp_avg_ptr + offsets, mask=in_row, other=0.0).to(tl.float32)
             exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=in_row, other=0.0).to(tl.float32)
             exp_avg = beta1 * exp_avg + one_minus_beta1 * grad
@@ -97,8 +100,11 @@ if triton is not None:
             # FP32 values, as torch's fused step does.
             tl.store(exp_avg_ptr + offsets, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=in_row)
             tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=in_row)
-            bias_correction1 = 1 - tl.exp(step * tl.log(beta1))
-            bias_correction2_sqrt = tl.sqrt(1 - tl.exp(step * tl.log(beta2)))
+            # beta ** step in float64: the GPU's fast float32 exp and log are off by ulps that 1 - beta ** step
+            # (~1e-3 early on) magnifies a thousandfold.
+            step = step.to(tl.float64)
+            bias_correction1 = (1 - tl.exp(step * log_beta1)).to(tl.float32)
+            bias_correction2_sqrt = tl.sqrt((1 - tl.exp(step * log_beta2)).to(tl.float32))
             denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
             w = w - (lr / bias_correction1) * exp_avg / denom
             # Re-quantize the row: quantize_int8's math (NaN/inf give an infinite scale).

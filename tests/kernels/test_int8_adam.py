@@ -130,8 +130,11 @@ def test_cuda_kernel_step_equals_the_step_through_fp32_copies(dtype):
         results[backend] = (weight, state)
     (kernel_weight, kernel_state), (copies_weight, copies_state) = results["triton"], results["torch"]
     for key in ("exp_avg", "exp_avg_sq"):
-        torch.testing.assert_close(kernel_state[key], copies_state[key], rtol=1e-5,
-                                   atol=1e-5 * copies_state[key].abs().max().item())
-    torch.testing.assert_close(kernel_weight.scale, copies_weight.scale, rtol=1e-6, atol=0)
+        ulp = 2**-7 if dtype == torch.bfloat16 else 1e-5  # one bf16 rounding flipped by an FMA upstream
+        torch.testing.assert_close(kernel_state[key], copies_state[key], rtol=ulp,
+                                   atol=ulp * copies_state[key].abs().max().item())
+    # A bf16 moment rounded the other way moves its weight's update by a bf16 ulp: a row's abs-max by ~1e-4.
+    torch.testing.assert_close(kernel_weight.scale, copies_weight.scale, rtol=1e-6 if dtype == torch.float32 else 1e-3,
+                               atol=0)
     differ = (kernel_weight.int_data.int() - copies_weight.int_data.int()).abs()
     assert differ.max() <= 1 and differ.float().mean() < 0.01
