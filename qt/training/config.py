@@ -103,9 +103,10 @@ def is_baseline(quantize: str) -> bool:
     return quantize == "none" or quantize in BASELINES
 
 
-# Settings that may differ when a run is resumed: they change neither the model nor the loss curve.
+# Settings that may differ when a run is resumed: they change neither the model nor the loss curve (grad_accum
+# splits the same global batch into other micro-steps, e.g. to continue on fewer GPUs).
 RESUMABLE_CHANGES = {"run_dir", "resume", "wandb", "project", "run_name", "log_interval", "eval_interval",
-                     "ckpt_interval", "keep_checkpoints", "save_checkpoints", "profile"}
+                     "ckpt_interval", "keep_checkpoints", "save_checkpoints", "profile", "grad_accum"}
 # The optimisation settings a user changes after a divergence: a resume may change them too (the loop notes it in
 # the log); the continued loss curve then differs from the original run's, on purpose.
 RETUNABLE_ON_RESUME = ("lr", "clip_grad_norm", "warmup_steps", "schedule", "decay_fraction", "min_lr_ratio")

@@ -1,0 +1,235 @@
+"""Multi-GPU scaling of llm_pretrain.py, and resuming a run on another GPU count.
+
+    PYTHONPATH=. python scripts/bench_scaling.py --dataset_dir DATA --output docs/scaling.md \
+        [--config configs/runs/throughput_tinyllama.yaml] [--gpus 1 2 4] [--recipes bf16 int8_mixed_precision ...] \
+        [--resume_config configs/runs/convergence_120m.yaml --resume_recipes bf16 int8_mixed_precision]
+
+Scaling: each recipe trains the config on 1, 2, 4... GPUs at the same per-GPU batch (the config's batch_size
+on one GPU), each run in a fresh process (torchrun with FSDP2 on several GPUs). Per run: tok/s (the median of
+the logged intervals after the first, which holds compilation), tok/s per GPU, scaling efficiency
+(tok/s on N GPUs / (N x tok/s on one)) and peak memory per GPU. Runs on fewer GPUs than the machine has go
+side by side on disjoint GPUs (CUDA_VISIBLE_DEVICES); that shares the host's CPUs, not the GPUs.
+
+Resume (--resume_recipes): the resume config trains RESUME_STEPS steps uninterrupted on the most GPUs with a
+checkpoint halfway; copies of its run directory cut back to that checkpoint then continue on each smaller GPU
+count (the same global batch: --grad_accum makes up for the missing GPUs). The losses logged after the
+checkpoint are compared with the uninterrupted run's.
+
+Writes a markdown table (and a JSON of every run) to --output; the runs' directories go to --runs_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from scripts.compare_runs import load_run, summarize  # noqa: E402
+
+RESUME_STEPS = 40
+
+
+@dataclass
+class Job:
+    name: str
+    gpus: int
+    args: list[str]
+    run_dir: Path
+    after: list["Job"] = field(default_factory=list)
+    prepare: object = None  # called just before the launch
+    process: subprocess.Popen | None = None
+    devices: list[int] = field(default_factory=list)
+    status: int | None = None
+
+
+def command(job: Job) -> list[str]:
+    if job.gpus == 1:
+        return [sys.executable, "llm_pretrain.py", *job.args]
+    return ["torchrun", "--standalone", "--nproc_per_node", str(job.gpus), "llm_pretrain.py", *job.args]
+
+
+def run_jobs(jobs: list[Job], n_gpus: int, timeout_s: int) -> None:
+    """Runs the jobs, each on as many free GPUs as it needs, in the given order as far as GPUs and
+    dependencies allow."""
+    free, pending, running = list(range(n_gpus)), list(jobs), []
+    while pending or running:
+        for job in list(pending):
+            if job.gpus <= len(free) and all(dep.status is not None for dep in job.after):
+                if any(dep.status != 0 for dep in job.after):
+                    job.status = -1
+                    pending.remove(job)
+                    print(f"-- {job.name}: skipped (a run it continues failed)", flush=True)
+                    continue
+                if job.prepare:
+                    job.prepare()
+                job.devices, free = free[: job.gpus], free[job.gpus:]
+                env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, job.devices)))
+                log = open(job.run_dir.parent / f"{job.run_dir.name}.log", "w")
+                print(f"== {job.name} on GPUs {job.devices} ({time.strftime('%T')})", flush=True)
+                job.process = subprocess.Popen(["timeout", "--signal=TERM", "--kill-after=30", str(timeout_s),
+                                                *command(job)], cwd=REPO, env=env, stdout=log, stderr=log)
+                job.started = time.time()
+                pending.remove(job)
+                running.append(job)
+        for job in list(running):
+            if job.process.poll() is not None:
+                job.status = job.process.returncode
+                free = sorted(free + job.devices)
+                running.remove(job)
+                print(f"-- {job.name}: exit {job.status} after {time.time() - job.started:.0f} s", flush=True)
+        time.sleep(1)
+
+
+def scaling_jobs(args, per_gpu_batch: int) -> list[Job]:
+    jobs = []
+    for recipe in args.recipes:
+        for gpus in args.gpus:
+            run_dir = args.runs_dir / "scaling" / f"{recipe}-{gpus}gpu"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            jobs.append(Job(f"{recipe} on {gpus} GPU(s)", gpus, [
+                "--config", str(args.config), "--dataset_dir", str(args.dataset_dir), "--quantize", recipe,
+                "--batch_size", str(per_gpu_batch * gpus), "--run_dir", str(run_dir), "--no-save_checkpoints",
+                *args.extra_args], run_dir))
+    # Fewest GPUs first: the one-GPU runs pack side by side.
+    return sorted(jobs, key=lambda job: job.gpus)
+
+
+def resume_jobs(args, global_batch: int) -> list[Job]:
+    most, jobs = max(args.gpus), []
+    half = RESUME_STEPS // 2
+    common = ["--config", str(args.resume_config), "--dataset_dir", str(args.dataset_dir), "--n_steps",
+              str(RESUME_STEPS), "--batch_size", str(global_batch), "--log_interval", "5", "--eval_interval", "0",
+              "--ckpt_interval", str(half), "--keep_checkpoints", "2", "--save_checkpoints", *args.extra_args]
+    for recipe in args.resume_recipes:
+        whole_dir = args.runs_dir / "resume" / f"{recipe}-{most}gpu"
+        shutil.rmtree(whole_dir.parent / whole_dir.name, ignore_errors=True)
+        whole_dir.parent.mkdir(parents=True, exist_ok=True)
+        whole = Job(f"{recipe}: {RESUME_STEPS} steps on {most} GPUs", most,
+                    [*common, "--quantize", recipe, "--run_dir", str(whole_dir)], whole_dir)
+        jobs.append(whole)
+        for gpus in sorted(set(args.gpus) - {most}, reverse=True):
+            run_dir = whole_dir.parent / f"{recipe}-{most}to{gpus}gpu"
+            jobs.append(Job(f"{recipe}: resumed at step {half} on {gpus} GPU(s)", gpus,
+                            ["--run_dir", str(run_dir), "--resume", "--grad_accum", str(most // gpus)], run_dir,
+                            after=[whole], prepare=lambda src=whole_dir, dst=run_dir: cut_back(src, dst, half)))
+    return jobs
+
+
+def cut_back(source: Path, target: Path, step: int) -> None:
+    """A copy of the run directory `source` as it was after its checkpoint at `step`."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".lock"))
+    checkpoints = target / "checkpoints"
+    keep = f"step_{step:08d}"
+    for checkpoint in checkpoints.iterdir():
+        if checkpoint.is_dir() and checkpoint.name != keep:
+            shutil.rmtree(checkpoint)
+    (checkpoints / "latest").write_text(keep)
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r and "step" in r}
+
+
+def scaling_table(jobs: list[Job]) -> tuple[list[str], list[dict]]:
+    rows, one_gpu = [], {}
+    for job in jobs:
+        recipe = job.args[job.args.index("--quantize") + 1]
+        row = {"recipe": recipe, "gpus": job.gpus, "status": job.status}
+        if job.status == 0:
+            summary = summarize(load_run(job.run_dir))
+            row.update(tok_s=summary["tokens_per_second"], peak_memory_gb=summary["memory_gb"])
+        rows.append(row)
+        if job.gpus == 1 and row.get("tok_s"):
+            one_gpu[recipe] = row["tok_s"]
+    baseline = {row["gpus"]: row.get("tok_s") for row in rows if row["recipe"] in ("bf16", "none")}
+    lines = ["| recipe | GPUs | tok/s | tok/s per GPU | scaling efficiency | vs BF16 on as many GPUs "
+             "| peak memory per GPU (GB) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        if not row.get("tok_s"):
+            lines.append(f"| {row['recipe']} | {row['gpus']} | failed (exit {row['status']}) | | | | |")
+            continue
+        tok_s, gpus = row["tok_s"], row["gpus"]
+        row["efficiency"] = tok_s / (gpus * one_gpu[row["recipe"]]) if row["recipe"] in one_gpu else None
+        row["vs_bf16"] = tok_s / baseline[gpus] if baseline.get(gpus) else None
+        fmt = lambda value, spec: "" if value is None else format(value, spec)  # noqa: E731
+        lines.append(f"| {row['recipe']} | {gpus} | {tok_s:,.0f} | {tok_s / gpus:,.0f} | {fmt(row['efficiency'], '.1%')} "
+                     f"| {fmt(row['vs_bf16'], '.2f')}x | {fmt(row.get('peak_memory_gb'), '.2f')} |")
+    return lines, rows
+
+
+def resume_table(jobs: list[Job]) -> tuple[list[str], list[dict]]:
+    lines = ["| recipe | continued on | steps compared | max abs loss difference vs the uninterrupted run "
+             "| losses (resumed / uninterrupted) |", "| --- | ---: | --- | ---: | --- |"]
+    rows = []
+    for job in jobs:
+        if not job.after:
+            continue
+        whole = job.after[0]
+        recipe = whole.args[whole.args.index("--quantize") + 1]
+        if job.status != 0:
+            lines.append(f"| {recipe} | {job.gpus} GPU(s) | failed (exit {job.status}) | | |")
+            continue
+        reference, resumed = logged_losses(whole.run_dir), logged_losses(job.run_dir)
+        steps = sorted(s for s in resumed if s > RESUME_STEPS // 2 and s in reference)
+        diff = max(abs(resumed[s] - reference[s]) for s in steps)
+        pairs = ", ".join(f"{resumed[s]:.4f}/{reference[s]:.4f}" for s in steps)
+        rows.append({"recipe": recipe, "gpus": job.gpus, "steps": steps, "max_abs_diff": diff})
+        lines.append(f"| {recipe} | {job.gpus} GPU(s) | {steps[0]}-{steps[-1]} | {diff:.2e} | {pairs} |")
+    return lines, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=REPO / "configs/runs/throughput_tinyllama.yaml")
+    parser.add_argument("--dataset_dir", type=Path, required=True)
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--recipes", nargs="*", default=["bf16", "int8_mixed_precision"])
+    parser.add_argument("--resume_config", type=Path, default=REPO / "configs/runs/convergence_120m.yaml")
+    parser.add_argument("--resume_recipes", nargs="*", default=[])
+    parser.add_argument("--runs_dir", type=Path, default=Path("runs/bench_scaling"))
+    parser.add_argument("--output", type=Path, default=REPO / "docs/scaling.md")
+    parser.add_argument("--timeout_s", type=int, default=300, help="limit of each run")
+    parser.add_argument("--extra_args", nargs=argparse.REMAINDER, default=[], help="more llm_pretrain.py flags")
+    args = parser.parse_args()
+    import torch
+
+    n_gpus = torch.cuda.device_count()
+    if max(args.gpus) > n_gpus:
+        raise SystemExit(f"error: --gpus {max(args.gpus)} but this machine has {n_gpus} GPU(s)")
+    per_gpu_batch = yaml.safe_load(args.config.read_text())["batch_size"]
+    scaling = scaling_jobs(args, per_gpu_batch) if args.recipes else []
+    resume = resume_jobs(args, yaml.safe_load(args.resume_config.read_text())["batch_size"]) if args.resume_recipes else []
+    run_jobs(scaling + resume, n_gpus, args.timeout_s)
+
+    device = f"{n_gpus} x {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    lines = [f"Command: `{' '.join(sys.argv)}`", "", f"Machine: {device}.", ""]
+    results = {"device": device, "argv": sys.argv}
+    if scaling:
+        table, results["scaling"] = scaling_table(scaling)
+        lines += [f"Scaling: {args.config.name}, {per_gpu_batch} sequences per GPU.", "", *table, ""]
+    if resume:
+        table, results["resume"] = resume_table(resume)
+        lines += [f"Resume on fewer GPUs: {args.resume_config.name}, {RESUME_STEPS} steps, checkpoint at step "
+                  f"{RESUME_STEPS // 2}, same global batch.", "", *table, ""]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("\n".join(lines))
+    args.output.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
