@@ -142,7 +142,8 @@ def _quantize_operand_pair(t: Tensor, rows: MatmulPlan | None, cols: MatmulPlan 
             quantize_operand(t, 0, cols, "gradient") if cols else None)
 
 
-def _matmul(a: Tensor | QuantizedOperand, b: Tensor | QuantizedOperand, dtype: torch.dtype, matmul: MatmulPlan) -> Tensor:
+def _matmul(a: Tensor | QuantizedOperand, b: Tensor | QuantizedOperand, dtype: torch.dtype,
+            matmul: MatmulPlan) -> Tensor:
     if matmul.int8:
         return scaled_int8_mm(a.q, b.q, a.scale, b.scale, dtype)
     if matmul.fp8:

@@ -54,7 +54,8 @@ def fp32_losses():
 
 
 @pytest.mark.parametrize(("recipe", "kwargs"), [("int8_weight_only", {}), ("int8_mixed_precision", {}),
-                                                ("fp8_mixed_precision", {}), ("fp8_mixed_precision", {"scaling": "rowwise"})])
+                                                ("fp8_mixed_precision", {}),
+                                                ("fp8_mixed_precision", {"scaling": "rowwise"})])
 def test_int8_and_fp8_recipes_match_fp32_loss(recipe, kwargs, fp32_losses):
     losses = train(recipe, **kwargs)
     assert final(fp32_losses) < 1.6  # the twin learned (from 4.85)

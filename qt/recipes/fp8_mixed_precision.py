@@ -60,7 +60,9 @@ class Fp8MixedPrecisionConfig(RecipeConfig):
 
     @property
     def plan(self) -> LinearPlan:
-        grad_dtype = self.grad_dtype if self.grad_dtype != "auto" else "e5m2" if self.scaling == "tensorwise" else "e4m3"
+        grad_dtype = self.grad_dtype
+        if grad_dtype == "auto":
+            grad_dtype = "e5m2" if self.scaling == "tensorwise" else "e4m3"
         backward = MatmulPlan("fp8", scaling=self.scaling, grad_dtype=GRAD_DTYPES[grad_dtype],
                               power_of_two_scales=self.power_of_two_scales)
         # The forward accumulates in the kernel's fast mode, the gradients in full precision (as torchao does).
