@@ -10,6 +10,7 @@ from qt.quantize import quantization_summary, quantize_, resolve_recipe
 from qt.recipes import (
     RECIPES,
     BitNetConfig,
+    Fp8MixedPrecisionConfig,
     Int8MixedPrecisionConfig,
     Int8WeightOnlyConfig,
     convert_llama_to_bitnet,
@@ -19,6 +20,7 @@ from qt.subclass import QuantizedWeight
 __all__ = [
     "RECIPES",
     "BitNetConfig",
+    "Fp8MixedPrecisionConfig",
     "Int8MixedPrecisionConfig",
     "Int8WeightOnlyConfig",
     "QuantizedWeight",

@@ -6,17 +6,18 @@ A linear's three matmuls, with the dimension each reduces:
     grad_input  = dY @ W      reduces over out_features
     grad_weight = dY.T @ X    reduces over tokens
 
-A `LinearPlan` says, for each, whether it runs in the compute dtype or as a dynamically quantized INT8
-matmul (each operand scaled along the dimension the matmul keeps, so the scales factor out of the sum
-into the kernel's epilogue, and laid out with the reduced dimension contiguous), and how it rounds.
-The activation side (X, dY) is quantized here; the weight side comes from the recipe's weight class,
-which stores the weight its own way (a high-precision master, INT8 rows, a latent ternary weight) and
-hands out the operands a plan asks for. So a recipe is a plan plus a weight class.
+A `LinearPlan` says, for each, whether it runs in the compute dtype or as a dynamically quantized INT8 or
+FP8 matmul, and how: each operand is scaled along the dimension the matmul keeps (row-wise; FP8 also offers
+one scale per operand, tensor-wise), so the scales factor out of the sum into the kernel's epilogue, and is
+laid out with the reduced dimension contiguous. The activation side (X, dY) is quantized here; the weight side
+comes from the recipe's weight class, which stores the weight its own way (a high-precision master, INT8 rows,
+a latent ternary weight) and hands out the operands a plan asks for (`quantize_operand` quantizes a master
+for any plan). So a recipe is a plan plus a weight class.
 
-The output gradient dY, which both backward matmuls need quantized (along different axes), is
-quantized both ways by one op that shares the abs-max pass. X and W are saved as they are, not as quantized copies: the
-linears that share an input (q/k/v, gate/up) then share its saved copy, and the peak memory stays
-below BF16's; each is quantized where its matmul runs.
+The output gradient dY, which both backward matmuls need quantized (along different axes), is quantized both
+ways by one INT8 op that shares the abs-max pass (FP8 casts are torch ops, which torch.compile fuses itself).
+X and W are saved as they are, not as quantized copies: the linears that share an input (q/k/v, gate/up) then
+share its saved copy, and the peak memory stays below BF16's; each is quantized where its matmul runs.
 """
 
 from __future__ import annotations
@@ -27,30 +28,59 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from qt.kernels import quantize_int8_rows_and_cols, scaled_int8_mm
+from qt.kernels import quantize_fp8, quantize_int8, quantize_int8_rows_and_cols, scaled_fp8_mm, scaled_int8_mm
+from qt.kernels.fp8 import E4M3, FP8_DTYPES, SCALINGS
 from qt.kernels.quantize import quantize_activation_int8
 
-FORMATS = (None, "int8")
+FORMATS = (None, "int8", "fp8")
 
 
 @dataclasses.dataclass(frozen=True)
 class MatmulPlan:
-    """How one matmul runs. `format`: None for the compute dtype, "int8" for a dynamically quantized
-    INT8 matmul (row-/column-wise abs-max scales). `stochastic_rounding`: round its quantized operands
-    stochastically (unbiased, noisier)."""
+    """How one matmul runs.
+
+    `format`: None for the compute dtype, "int8" or "fp8" for a dynamically quantized matmul (abs-max scales).
+    `stochastic_rounding` (INT8): round its quantized operands stochastically (unbiased, noisier).
+    `scaling`: "rowwise" (a scale per row of the left operand and per column of the right one) or, FP8 only,
+    "tensorwise" (one scale per operand).
+    `grad_dtype` (FP8): the FP8 dtype of the output gradient dY, the left operand of grad_input and grad_weight
+    (the output matmul has none); X and W are always E4M3, the format with more precision.
+    `power_of_two_scales` (FP8): round each scale up to a power of two (scaling then loses no precision).
+    `fast_accumulation` (FP8): let the FP8 kernel accumulate in its faster, less precise mode.
+    """
 
     format: str | None = None
     stochastic_rounding: bool = False
+    scaling: str = "rowwise"
+    grad_dtype: torch.dtype = E4M3
+    power_of_two_scales: bool = False
+    fast_accumulation: bool = False
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"MatmulPlan format {self.format!r}: use one of {FORMATS}")
-        if self.stochastic_rounding and self.format is None:
-            raise ValueError("MatmulPlan: stochastic_rounding needs a quantized format")
+        if self.stochastic_rounding and not self.int8:
+            raise ValueError("MatmulPlan: stochastic_rounding needs a quantized format, and is implemented for INT8")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"MatmulPlan scaling {self.scaling!r}: use one of {SCALINGS}")
+        if self.grad_dtype not in FP8_DTYPES:
+            raise ValueError(f"MatmulPlan grad_dtype {self.grad_dtype}: use one of {FP8_DTYPES}")
+        fp8_options = {"scaling": self.scaling != "rowwise", "grad_dtype": self.grad_dtype != E4M3,
+                       "power_of_two_scales": self.power_of_two_scales, "fast_accumulation": self.fast_accumulation}
+        if not self.fp8 and any(fp8_options.values()):
+            raise ValueError(f"MatmulPlan: {', '.join(k for k, v in fp8_options.items() if v)} needs format 'fp8'")
+
+    @property
+    def quantized(self) -> bool:
+        return self.format is not None
 
     @property
     def int8(self) -> bool:
         return self.format == "int8"
+
+    @property
+    def fp8(self) -> bool:
+        return self.format == "fp8"
 
 
 HIGH_PRECISION = MatmulPlan()
@@ -70,33 +100,54 @@ class LinearPlan:
         if self.grad_weight_sees_quantized_input and not (self.output.int8 and not self.grad_weight.int8):
             raise ValueError("LinearPlan: grad_weight_sees_quantized_input needs an INT8 output and a "
                              "high-precision grad_weight")
+        if self.output.grad_dtype != E4M3:
+            raise ValueError("LinearPlan: the output matmul has no gradient operand; give grad_dtype to the "
+                             "grad_input and grad_weight plans")
 
 
-class Int8Operand(NamedTuple):
-    """An INT8 matmul operand with the reduced dimension contiguous, and its scales along the kept
-    dimension ([M, 1] for a left operand, [1, N] or one element for a right one)."""
+class QuantizedOperand(NamedTuple):
+    """A quantized matmul operand: INT8 or FP8 values `q` with the reduced dimension contiguous, and their
+    scales along the kept dimension ([M, 1] for a left operand, [1, N] for a right one, or one element for the
+    whole operand), such that `q * scale` approximates the operand."""
 
     q: Tensor
     scale: Tensor
 
     @property
-    def T(self) -> "Int8Operand":
-        return Int8Operand(self.q.T, self.scale.T)
+    def T(self) -> "QuantizedOperand":
+        return QuantizedOperand(self.q.T, self.scale.T)
+
+
+Int8Operand = QuantizedOperand  # the name the INT8 recipes use
+
+
+def quantize_operand(t: Tensor, axis: int, matmul: MatmulPlan, kind: str) -> QuantizedOperand:
+    """`t` [R, C] quantized for the (quantized) `matmul`, reducing `axis` (1: a left operand, 0: a right one).
+    `kind` is the operand's role, "activation", "weight" or "gradient": it picks the FP8 dtype, and INT8
+    activations may be quantized in torch ops under torch.compile (`quantize_activation_int8`)."""
+    if matmul.int8:
+        quantize = quantize_int8 if kind == "weight" else quantize_activation_int8
+        return QuantizedOperand(*quantize(t, axis, matmul.stochastic_rounding))
+    dtype = matmul.grad_dtype if kind == "gradient" else E4M3
+    return QuantizedOperand(*quantize_fp8(t, axis, dtype, matmul.scaling, matmul.power_of_two_scales))
 
 
 def _quantize_operand_pair(t: Tensor, rows: MatmulPlan | None, cols: MatmulPlan | None):
-    """`t` [R, C] quantized per row for the `rows` matmul and per column for the `cols` matmul (either
-    may be None: not needed). One op when both are needed and round alike."""
-    if rows and cols and rows.stochastic_rounding == cols.stochastic_rounding:
+    """The gradient `t` [R, C] quantized per row for the `rows` matmul and per column for the `cols` matmul
+    (either may be None: not needed). One op when both are INT8 and round alike."""
+    if rows and cols and rows.int8 and cols.int8 and rows.stochastic_rounding == cols.stochastic_rounding:
         q_rows, row_scale, q_cols, col_scale = quantize_int8_rows_and_cols(t, rows.stochastic_rounding)
-        return Int8Operand(q_rows, row_scale), Int8Operand(q_cols, col_scale)
-    return (Int8Operand(*quantize_activation_int8(t, 1, rows.stochastic_rounding)) if rows else None,
-            Int8Operand(*quantize_activation_int8(t, 0, cols.stochastic_rounding)) if cols else None)
+        return QuantizedOperand(q_rows, row_scale), QuantizedOperand(q_cols, col_scale)
+    return (quantize_operand(t, 1, rows, "gradient") if rows else None,
+            quantize_operand(t, 0, cols, "gradient") if cols else None)
 
 
-def _matmul(a: Tensor | Int8Operand, b: Tensor | Int8Operand, dtype: torch.dtype) -> Tensor:
-    if isinstance(a, Int8Operand):
+def _matmul(a: Tensor | QuantizedOperand, b: Tensor | QuantizedOperand, dtype: torch.dtype,
+            matmul: MatmulPlan) -> Tensor:
+    if matmul.int8:
         return scaled_int8_mm(a.q, b.q, a.scale, b.scale, dtype)
+    if matmul.fp8:
+        return scaled_fp8_mm(a.q, b.q, a.scale, b.scale, dtype, matmul.fast_accumulation)
     return a @ b
 
 
@@ -106,11 +157,8 @@ class _QuantizedLinear(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
         w_operand, w_saved = weight._forward_operands(dtype, plan)
         with torch.autocast(x.device.type, enabled=False):
-            if plan.output.int8:
-                x_rows = Int8Operand(*quantize_activation_int8(x2d, 1, plan.output.stochastic_rounding))
-                out = _matmul(x_rows, w_operand, dtype)
-            else:
-                out = x2d @ w_operand
+            x_rows = quantize_operand(x2d, 1, plan.output, "activation") if plan.output.quantized else x2d
+            out = _matmul(x_rows, w_operand, dtype, plan.output)
         if bias is not None:
             out = out + bias.to(dtype)
         # X itself is saved, not a quantized copy: the linears that share an input (q/k/v, gate/up) share it.
@@ -129,18 +177,17 @@ class _QuantizedLinear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
         with torch.autocast(dy.device.type, enabled=False):
-            # dY is quantized along both axes by one op when both of its matmuls run in INT8.
             dy_rows, dy_cols = _quantize_operand_pair(
-                dy, plan.grad_input if need_x and plan.grad_input.int8 else None,
-                plan.grad_weight if need_w and plan.grad_weight.int8 else None)
+                dy, plan.grad_input if need_x and plan.grad_input.quantized else None,
+                plan.grad_weight if need_w and plan.grad_weight.quantized else None)
             if need_x:
                 w_operand = ctx.weight_type._grad_input_operand(w_saved, dtype, plan)
-                grad_x = _matmul(dy_rows if plan.grad_input.int8 else dy, w_operand, dtype)
+                grad_x = _matmul(dy_rows if plan.grad_input.quantized else dy, w_operand, dtype, plan.grad_input)
                 grad_x = grad_x.view(*grad_output.shape[:-1], ctx.in_features)
             if need_w:
-                if plan.grad_weight.int8:
-                    x_cols = Int8Operand(*quantize_activation_int8(x_saved[0], 0, plan.grad_weight.stochastic_rounding))
-                    grad_w = _matmul(dy_cols.T, x_cols, dtype)
+                if plan.grad_weight.quantized:
+                    x_cols = quantize_operand(x_saved[0], 0, plan.grad_weight, "activation")
+                    grad_w = _matmul(dy_cols.T, x_cols, dtype, plan.grad_weight)
                 elif plan.grad_weight_sees_quantized_input:
                     x_q, x_scale = x_saved
                     grad_w = dy.T @ (x_q.to(dtype) * x_scale)

@@ -26,7 +26,8 @@ def grads(recipe, checkpointing, **recipe_kwargs):
 
 @pytest.mark.parametrize(
     "recipe, kwargs",
-    [("int8_weight_only", {}), ("int8_mixed_precision", {"stochastic_rounding": True}), ("bitnet", {})],
+    [("int8_weight_only", {}), ("int8_mixed_precision", {"stochastic_rounding": True}), ("bitnet", {}),
+     ("fp8_mixed_precision", {})],
 )
 def test_checkpointed_gradients_equal_plain_ones(recipe, kwargs):
     # The recomputed forward must re-draw the same stochastic-rounding numbers (checkpoint restores

@@ -62,3 +62,56 @@ def test_compiled_graph_launches_the_kernels_directly(recipe, kwargs):
         assert "_scaled_int8_mm_kernel" in code
     for got, want in zip(result, eager):
         assert rel_err(got, want) < 1e-2
+
+
+# FP8: torch._scaled_mm against the emulation, and compiled graphs that call it. 1000 tokens pad grad_weight's K
+# to a multiple of 16; 100 output features pad N.
+needs_fp8 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                               reason="needs FP8 tensor cores (compute capability 8.9 or newer)")
+FP8_CASES = [{"scaling": "tensorwise"}, {"scaling": "rowwise"},
+             {"scaling": "tensorwise", "grad_dtype": "e4m3", "power_of_two_scales": True},
+             {"scaling": "rowwise", "grad_weight": False}]
+
+
+@needs_fp8
+@pytest.mark.parametrize("kwargs", FP8_CASES)
+@pytest.mark.parametrize("features", [(768, 640), (200, 100)])
+def test_fp8_kernel_path_matches_the_emulation(kwargs, features, monkeypatch):
+    linear, x, dy = linear_case("fp8_mixed_precision", kwargs, 1000, *features)
+    monkeypatch.setenv("QT_FP8_MATMUL", "scaled_mm")
+    kernel = forward_backward(linear, x, dy)
+    monkeypatch.setenv("QT_FP8_MATMUL", "emulated")
+    emulated = forward_backward(linear, x, dy)
+    # The same FP8 operands (the casts are the same torch ops either way). The gradients differ only by the
+    # order of float32 sums (then a rare last-bit flip of the bf16 result); the output also by the forward's
+    # fast accumulation (fewer accumulator bits on Hopper).
+    tolerances = {"output": 1e-2, "grad_input": 1e-3, "grad_weight": 1e-3}
+    for (name, tolerance), got, want in zip(tolerances.items(), kernel, emulated):
+        assert rel_err(got, want) < tolerance, name
+
+
+@needs_fp8
+@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
+def test_fp8_kernel_path_keeps_non_finite_values_visible(scaling, monkeypatch):
+    monkeypatch.setenv("QT_FP8_MATMUL", "scaled_mm")
+    linear, x, _ = linear_case("fp8_mixed_precision", {"scaling": scaling})
+    x[2, 5] = float("nan")
+    out = linear(x)
+    assert not torch.isfinite(out[2]).all()
+    assert torch.isfinite(out[3]).all() == (scaling == "rowwise")  # one tensor-wise scale covers every row
+
+
+@needs_fp8
+@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
+def test_compiled_fp8_graphs_call_scaled_mm_without_a_graph_break(scaling):
+    from torch._inductor.utils import run_and_get_code
+
+    linear, x, dy = linear_case("fp8_mixed_precision", {"scaling": scaling})
+    eager = forward_backward(linear, x, dy)
+    torch._dynamo.reset()
+    compiled = torch.compile(linear, fullgraph=True)  # fullgraph: a graph break is an error
+    result, sources = run_and_get_code(forward_backward, compiled, x, dy)
+    assert len(sources) >= 2 and all("_scaled_mm" in source for source in sources)  # forward and backward
+    # Fusion keeps some bf16 intermediates in float32 (the output before its bias): FP8 codes may flip downstream.
+    for got, want in zip(result, eager):
+        assert rel_err(got, want) < 2e-2

@@ -61,6 +61,8 @@ def worker(rank, world_size, init_method, out_dir):
     for recipe in RECIPES:
         model = shard(build(recipe))
         weight = linear_of(model).weight
+        unsharded_types = set()
+        linear_of(model).register_forward_pre_hook(lambda m, args: unsharded_types.add(type(m.weight).__name__))
         all_gather_inputs, _ = weight.to_local().fsdp_pre_all_gather(
             weight.device_mesh, weight.shape, weight.stride(), None, MixedPrecisionPolicy()
         )
@@ -78,6 +80,7 @@ def worker(rank, world_size, init_method, out_dir):
             losses=losses,
             round_trip_equal=torch.equal(logits, restored_logits),
             local_weight_type=type(weight.to_local()).__name__,
+            unsharded_weight_types=unsharded_types,
             all_gather_inputs=[(t.dtype, tuple(t.shape)) for t in all_gather_inputs],
         )
     if rank == 0:
@@ -112,10 +115,15 @@ def test_fsdp_state_dict_round_trip(recipe, fsdp_results):
 
 def test_fsdp_shards_keep_the_subclass_and_all_gather_compactly(fsdp_results):
     """Each rank holds 64 of up_proj's 128 rows of 64 inputs."""
-    int8, mixed, bitnet = (fsdp_results[r] for r in ("int8_weight_only", "int8_mixed_precision", "bitnet"))
+    int8, mixed, fp8, bitnet = (fsdp_results[r] for r in ("int8_weight_only", "int8_mixed_precision",
+                                                          "fp8_mixed_precision", "bitnet"))
     assert int8["local_weight_type"] == "Int8WeightOnlyWeight"
     assert int8["all_gather_inputs"] == [(torch.int8, (64, 64)), (torch.float32, (64, 1))]
     assert mixed["local_weight_type"] == "Int8MixedPrecisionWeight"
     assert mixed["all_gather_inputs"] == [(torch.float32, (64, 64))]
     assert bitnet["local_weight_type"] == "BitNetWeight"
     assert bitnet["all_gather_inputs"] == [(torch.uint8, (64, 16))]  # 2 bits a weight
+    # FP8 with tensor-wise scales (the default): one byte a weight, and the forward runs on the gathered FP8 weight.
+    assert fp8["local_weight_type"] == "Fp8MixedPrecisionWeight"
+    assert fp8["all_gather_inputs"] == [(torch.uint8, (64, 64))]
+    assert fp8["unsharded_weight_types"] == {"Fp8GatheredWeight"}

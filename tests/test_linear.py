@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import qt
-from qt.kernels import quantize_int8, scaled_int8_mm
+from qt.kernels import quantize_fp8, quantize_int8, scaled_fp8_mm, scaled_int8_mm
+from qt.kernels.fp8 import E4M3, E5M2
 from qt.linear import HIGH_PRECISION, LinearPlan, MatmulPlan
 from tests.kernels.backends import through
 from tests.recipes.linear_harness import make_case, run_linear
@@ -72,9 +73,34 @@ def test_int8_weight_only_is_bit_exact_with_the_written_out_math(int8_activation
     assert torch.equal(got_out, out) and torch.equal(got_gx, dy @ w) and torch.equal(got_gw, dy.T @ x)
 
 
+@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
+def test_fp8_mixed_precision_is_bit_exact_with_its_matmuls_written_out(scaling):
+    """X, W in E4M3, dY in E5M2 (tensorwise's default) or E4M3 (rowwise's), each scaled along the kept dimension."""
+    linear, x, dy = make_case((33,), bias=False, in_features=48, out_features=40)
+    w = linear.weight.detach().clone()
+    dy_dtype = E5M2 if scaling == "tensorwise" else E4M3
+
+    def fp8_matmul(a, b, a_dtype=E4M3):
+        a_q, a_scale = quantize_fp8(a, 1, a_dtype, scaling)
+        b_q, b_scale = quantize_fp8(b, 0, E4M3, scaling)
+        return scaled_fp8_mm(a_q, b_q, a_scale, b_scale, torch.float32)
+
+    expected = fp8_matmul(x, w.T), fp8_matmul(dy, w, dy_dtype), fp8_matmul(dy.T.contiguous(), x, dy_dtype)
+    qt.quantize_(linear, "fp8_mixed_precision", scaling=scaling, filter_fn=lambda m, n: True)
+    got = run_linear(linear, x, dy)[:3]
+    for name, a, b in zip(("output", "grad_input", "grad_weight"), got, expected):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize(("make", "message"), [
     (lambda: MatmulPlan("fp4"), "format 'fp4'"),
     (lambda: MatmulPlan(None, stochastic_rounding=True), "needs a quantized format"),
+    (lambda: MatmulPlan("fp8", stochastic_rounding=True), "is implemented for INT8"),
+    (lambda: MatmulPlan("int8", scaling="tensorwise", power_of_two_scales=True),
+     "scaling, power_of_two_scales needs format 'fp8'"),
+    (lambda: MatmulPlan("fp8", scaling="blockwise"), "scaling 'blockwise'"),
+    (lambda: MatmulPlan("fp8", grad_dtype=torch.bfloat16), "grad_dtype torch.bfloat16"),
+    (lambda: LinearPlan(output=MatmulPlan("fp8", grad_dtype=E5M2)), "output matmul has no gradient operand"),
     (lambda: LinearPlan(grad_weight_sees_quantized_input=True), "needs an INT8 output"),
     (lambda: LinearPlan(MatmulPlan("int8"), HIGH_PRECISION, MatmulPlan("int8"), grad_weight_sees_quantized_input=True),
      "high-precision grad_weight"),

@@ -19,9 +19,10 @@ def all_linears(model):
     return {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def test_recipes_registry_lists_the_three_recipes():
-    assert set(qt.RECIPES) == {"int8_weight_only", "int8_mixed_precision", "bitnet"}
+def test_recipes_registry_lists_the_recipes():
+    assert set(qt.RECIPES) == {"int8_weight_only", "int8_mixed_precision", "fp8_mixed_precision", "bitnet"}
     assert qt.RECIPES["int8_mixed_precision"] is qt.Int8MixedPrecisionConfig
+    assert qt.RECIPES["fp8_mixed_precision"] is qt.Fp8MixedPrecisionConfig
 
 
 @pytest.mark.parametrize("recipe", list(qt.RECIPES))

@@ -53,13 +53,15 @@ def fp32_losses():
     return train()
 
 
-@pytest.mark.parametrize("recipe", ["int8_weight_only", "int8_mixed_precision"])
-def test_int8_recipes_match_fp32_loss(recipe, fp32_losses):
-    losses = train(recipe)
+@pytest.mark.parametrize(("recipe", "kwargs"), [("int8_weight_only", {}), ("int8_mixed_precision", {}),
+                                                ("fp8_mixed_precision", {}),
+                                                ("fp8_mixed_precision", {"scaling": "rowwise"})])
+def test_int8_and_fp8_recipes_match_fp32_loss(recipe, kwargs, fp32_losses):
+    losses = train(recipe, **kwargs)
     assert final(fp32_losses) < 1.6  # the twin learned (from 4.85)
-    # INT8 noise (~40 dB SQNR per matmul operand) perturbs each update by about 1%; over 40 steps that
-    # moves this loss by ~0.001 (measured); 0.05 is a margin that still catches any real defect,
-    # which shows up as a stall at ~4 or a divergence.
+    # INT8 noise (~40 dB SQNR per matmul operand) perturbs each update by about 1%, FP8's (~29 dB for E4M3)
+    # by about 4%; over 40 steps either moves this loss by ~0.001-0.002 (measured); 0.05 is a margin that
+    # still catches any real defect, which shows up as a stall at ~4 or a divergence.
     assert abs(final(losses) - final(fp32_losses)) < 0.05
 
 

@@ -1,6 +1,8 @@
-"""INT8 kernels: fused abs-max quantization and scaled INT8 matmul (Triton on CUDA, torch on CPU)."""
+"""Quantization kernels: fused abs-max INT8 quantization and scaled INT8 matmul (Triton on CUDA, torch on CPU);
+FP8 casts in torch ops and the scaled FP8 matmul (torch._scaled_mm on FP8 GPUs, emulated elsewhere)."""
 
+from qt.kernels.fp8 import quantize_fp8, scaled_fp8_mm
 from qt.kernels.int8_mm import scaled_int8_mm
 from qt.kernels.quantize import quantize_int8, quantize_int8_rows_and_cols
 
-__all__ = ["quantize_int8", "quantize_int8_rows_and_cols", "scaled_int8_mm"]
+__all__ = ["quantize_fp8", "quantize_int8", "quantize_int8_rows_and_cols", "scaled_fp8_mm", "scaled_int8_mm"]

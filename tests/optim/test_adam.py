@@ -151,14 +151,14 @@ def test_compiled_step_matches_eager_without_recompiling():
     torch.testing.assert_close(models[1].bias, models[0].bias, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("recipe", ["int8_weight_only", "int8_mixed_precision"])
+@pytest.mark.parametrize("recipe", ["int8_weight_only", "int8_mixed_precision", "fp8_mixed_precision"])
 def test_recipe_weights_train_like_plain_weights(recipe):
     plain, quantized = _mlp(), qt.quantize_(_mlp(), recipe)
     quantized_type = type(quantized[0].weight)
     plain_losses = _train(plain, qt.optim.AdamW8bit(plain.parameters(), lr=1e-3), steps=40)
     losses = _train(quantized, qt.optim.AdamW8bit(quantized.parameters(), lr=1e-3), steps=40)
     assert type(quantized[0].weight) is quantized_type  # updated in place, still the recipe's weight
-    # INT8 weights (rounding noise ~0.4% of a row's max) and INT8 matmuls follow the same curve
+    # INT8 weights (rounding noise ~0.4% of a row's max) and INT8 or FP8 matmuls follow the same curve
     # within a few percent; a lost update (e.g. written into a temporary) stalls the loss instead.
     assert losses[-10:].mean() < 0.5 * losses[:5].mean()
     torch.testing.assert_close(losses[-10:].mean(), plain_losses[-10:].mean(), rtol=0.05, atol=0)

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from tests.reference import rel_err
+
 # fp32 compute of the same math: only the fp32 epilogue and accumulation order differ from float64.
 SAME_MATH_TOL = 1e-5
 
@@ -32,6 +34,16 @@ def reference(w, b, x, dy, forward_x, forward_w, grad_input_dy, grad_input_w, gr
     grad_x = grad_input_dy(dy2) @ grad_input_w(w)
     grad_w = grad_weight_dy(dy2).T @ grad_weight_x(x2)
     return out.view(*x.shape[:-1], -1), grad_x.view(x.shape), grad_w
+
+
+def assert_same_math(got, expected, dy):
+    """`got` (a `run_linear` result) equals the float64 reference `expected` (output, grad_input, grad_weight)
+    up to float32 computation, and the bias gradient, where there is one, is dY summed over tokens."""
+    out, grad_x, grad_w, grad_b = got
+    for name, actual, reference_value in zip(("output", "grad_input", "grad_weight"), (out, grad_x, grad_w), expected):
+        assert rel_err(actual, reference_value) < SAME_MATH_TOL, name
+    if grad_b is not None:
+        assert rel_err(grad_b, dy.reshape(-1, dy.shape[-1]).sum(0)) < SAME_MATH_TOL
 
 
 def identity(t):
