@@ -30,7 +30,6 @@ from torch import Tensor
 
 from qt.kernels import quantize_fp8, quantize_int8, quantize_int8_rows_and_cols, scaled_fp8_mm, scaled_int8_mm
 from qt.kernels.fp8 import E4M3, FP8_DTYPES, SCALINGS
-from qt.kernels.quantize import quantize_activation_int8
 
 FORMATS = (None, "int8", "fp8")
 
@@ -123,11 +122,9 @@ Int8Operand = QuantizedOperand  # the name the INT8 recipes use
 
 def quantize_operand(t: Tensor, axis: int, matmul: MatmulPlan, kind: str) -> QuantizedOperand:
     """`t` [R, C] quantized for the (quantized) `matmul`, reducing `axis` (1: a left operand, 0: a right one).
-    `kind` is the operand's role, "activation", "weight" or "gradient": it picks the FP8 dtype, and INT8
-    activations may be quantized in torch ops under torch.compile (`quantize_activation_int8`)."""
+    `kind` is the operand's role, "activation", "weight" or "gradient": it picks the FP8 dtype."""
     if matmul.int8:
-        quantize = quantize_int8 if kind == "weight" else quantize_activation_int8
-        return QuantizedOperand(*quantize(t, axis, matmul.stochastic_rounding))
+        return QuantizedOperand(*quantize_int8(t, axis, matmul.stochastic_rounding))
     dtype = matmul.grad_dtype if kind == "gradient" else E4M3
     return QuantizedOperand(*quantize_fp8(t, axis, dtype, matmul.scaling, matmul.power_of_two_scales))
 

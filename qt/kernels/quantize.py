@@ -94,26 +94,13 @@ def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False) -> tu
     if axis not in (0, 1):
         raise ValueError(f"quantize_int8: axis must be 0 (one scale per column) or 1 (one scale per row), got {axis}")
     seed = _draw_seeds(x, 1, stochastic_rounding)
+    if _in_torch_ops_when_compiled(x):
+        return _torch_quantize_int8(x, axis, seed)
     # The op is what torch.compile traces; eager calls skip its dispatch (tens of µs a call).
     if traced(x):
         return torch.ops.qt.quantize_int8(x, axis, seed)
     with eager_launch():
         return _quantize_int8(x, axis, seed)
-
-
-def quantize_activation_int8(x: Tensor, axis: int, stochastic_rounding: bool = False) -> tuple[Tensor, Tensor]:
-    """``quantize_int8`` for an activation, which under torch.compile may be written in torch ops instead of
-    calling the kernel (``QT_COMPILED_ACTIVATION_QUANTIZE=inductor``): Inductor then fuses the quantization
-    into the op that produces ``x`` (an RMSNorm, the SwiGLU product), and computes it once for the linears
-    that share ``x`` (q/k/v, gate/up), where the kernel reads ``x`` again for each. The default, ``kernel``,
-    calls the kernel."""
-    choice = os.environ.get("QT_COMPILED_ACTIVATION_QUANTIZE", "kernel")
-    if choice not in ("kernel", "inductor"):
-        raise ValueError(f"QT_COMPILED_ACTIVATION_QUANTIZE={choice!r}: use kernel or inductor")
-    if choice == "inductor" and traced(x):
-        _check_input(x, "quantize_activation_int8")
-        return _torch_quantize_int8(x, axis, _draw_seeds(x, 1, stochastic_rounding))
-    return quantize_int8(x, axis, stochastic_rounding)
 
 
 def quantize_int8_rows_and_cols(x: Tensor, stochastic_rounding: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -125,10 +112,23 @@ def quantize_int8_rows_and_cols(x: Tensor, stochastic_rounding: bool = False) ->
     """
     _check_input(x, "quantize_int8_rows_and_cols")
     seeds = _draw_seeds(x, 2, stochastic_rounding)
+    if _in_torch_ops_when_compiled(x):
+        return _quantize_int8_rows_and_cols_in_torch(x, seeds)
     if traced(x):
         return torch.ops.qt.quantize_int8_rows_and_cols(x, seeds)
     with eager_launch():
         return _quantize_int8_rows_and_cols(x, seeds)
+
+
+def _in_torch_ops_when_compiled(x: Tensor) -> bool:
+    """``QT_COMPILED_QUANTIZE=inductor``: under torch.compile, quantize in torch ops instead of calling the
+    kernels, so that Inductor generates the kernels, fuses them into the ops that produce ``x`` (an RMSNorm,
+    the SwiGLU product, a weight's cast) and computes a quantization once for the linears that share ``x``
+    (q/k/v, gate/up). The default, ``kernel``, calls the Triton kernels."""
+    choice = os.environ.get("QT_COMPILED_QUANTIZE", "kernel")
+    if choice not in ("kernel", "inductor"):
+        raise ValueError(f"QT_COMPILED_QUANTIZE={choice!r}: use kernel or inductor")
+    return choice == "inductor" and traced(x)
 
 
 def _empty_outputs(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
@@ -163,8 +163,7 @@ def _quantize_int8(x: Tensor, axis: int, seed: Tensor | None) -> tuple[Tensor, T
 
 def _quantize_int8_rows_and_cols(x: Tensor, seeds: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if not use_triton(x, triton is not None) or x.numel() == 0:
-        row_seed, col_seed = (None, None) if seeds is None else (seeds[0:1], seeds[1:2])
-        return (*_torch_quantize_int8(x, 1, row_seed), *_torch_quantize_int8(x, 0, col_seed))
+        return _quantize_int8_rows_and_cols_in_torch(x, seeds)
     outputs = (*_empty_outputs(x, 1), *_empty_outputs(x, 0))
     _triton_quantize_tiles(x, *outputs, seeds)
     return outputs
@@ -182,6 +181,11 @@ else:
 
 
 # The torch path: the same math in torch ops (CPU, QT_KERNEL_BACKEND=torch, and what torch.compile fuses there).
+
+
+def _quantize_int8_rows_and_cols_in_torch(x: Tensor, seeds: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    row_seed, col_seed = (None, None) if seeds is None else (seeds[0:1], seeds[1:2])
+    return (*_torch_quantize_int8(x, 1, row_seed), *_torch_quantize_int8(x, 0, col_seed))
 
 
 def _as_rows(t: Tensor, axis: int) -> Tensor:

@@ -68,28 +68,28 @@ def test_fake_tensors_go_through_the_custom_op():
         assert q.stride() == (1, 4) and scale.shape == (1, 4)
 
 
-def test_activation_quantize_written_for_inductor_matches_eager(monkeypatch):
-    """QT_COMPILED_ACTIVATION_QUANTIZE=inductor: the compiled graph quantizes X and dY in torch ops."""
+def test_quantize_written_for_inductor_matches_eager(monkeypatch):
+    """QT_COMPILED_QUANTIZE=inductor: the compiled forward and backward quantize in torch ops, never through qt's
+    quantize ops (whose implementation asks `use_triton` which path to take)."""
     from qt.kernels import quantize
 
-    monkeypatch.setenv("QT_COMPILED_ACTIVATION_QUANTIZE", "inductor")
+    monkeypatch.setenv("QT_KERNEL_BACKEND", "triton")  # eager runs the (interpreted) kernels
+    monkeypatch.setenv("QT_COMPILED_QUANTIZE", "inductor")
     linear, x, dy = make_case((32,), bias=False, in_features=64, out_features=32)
-    qt.quantize_(linear, "int8_mixed_precision", filter_fn=lambda m, n: True, grad_input=False)
+    qt.quantize_(linear, "int8_mixed_precision", filter_fn=lambda m, n: True)
     eager = run_linear(linear, x, dy)
     linear.weight.grad = None
     torch._dynamo.reset()
-    kernel_calls = []
-    original = quantize.quantize_int8
-    monkeypatch.setattr(quantize, "quantize_int8", lambda *a: kernel_calls.append(a) or original(*a))
+    op_calls = []
+    use_triton = quantize.use_triton
+    monkeypatch.setattr(quantize, "use_triton", lambda *a: op_calls.append(a) or use_triton(*a))
     compiled = run_linear(torch.compile(linear, fullgraph=True), x, dy)
-    assert not kernel_calls, "the activations went through the kernel's op"
+    assert not op_calls
     for from_compiled, from_eager in zip(compiled[:3], eager[:3]):
         torch.testing.assert_close(from_compiled, from_eager, rtol=1e-5, atol=1e-5)
 
 
-def test_unknown_activation_quantize_choice_is_refused(monkeypatch):
-    from qt.kernels.quantize import quantize_activation_int8
-
-    monkeypatch.setenv("QT_COMPILED_ACTIVATION_QUANTIZE", "triton")
+def test_unknown_compiled_quantize_choice_is_refused(monkeypatch):
+    monkeypatch.setenv("QT_COMPILED_QUANTIZE", "triton")
     with pytest.raises(ValueError, match="use kernel or inductor"):
-        quantize_activation_int8(torch.randn(4, 4), 1)
+        qt.kernels.quantize_int8(torch.randn(4, 4), 1)
