@@ -71,7 +71,8 @@ def test_a_kill_between_any_two_file_operations_of_a_save_leaves_an_intact_check
         save_with_weight(Checkpointer(run_dir, SINGLE, sharded=False, keep=1), 1, model, optimizer, 1.0)
         with monkeypatch.context() as patch:
             count_file_operations(patch, crash_at=crash_at)
-            with pytest.raises((Crash, RuntimeError)):  # torch.save reports a failed write as a RuntimeError
+            # torch.save reports a failed write as a RuntimeError, which the save reports as a CheckpointError
+            with pytest.raises((Crash, CheckpointError)):
                 save_with_weight(Checkpointer(run_dir, SINGLE, sharded=False, keep=1), 2, model, optimizer, 2.0)
         fresh_model, fresh_optimizer = model_and_optimizer(seed=1)
         checkpointer = Checkpointer(run_dir, SINGLE, sharded=False, keep=1)
