@@ -200,3 +200,22 @@ def test_a_checkpoint_of_an_earlier_version_on_another_number_of_processes_is_re
                                           r"versions.*torchrun --nproc_per_node 2") as error:
         Checkpointer(tmp_path, SINGLE, sharded=False, keep=1).load(model, qt.optim.AdamW8bit(model.parameters()))
     assert "\n" not in str(error.value)
+
+
+def test_a_one_process_checkpoint_of_an_earlier_version_resumes_and_its_next_one_is_reshardable(tmp_path):
+    from test_loop import RegressionBatches, config, mse
+
+    from qt.training.loop import train
+
+    shutil.copytree(LEGACY / "one_process", tmp_path, dirs_exist_ok=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000005")
+    saved = torch.load(tmp_path / "checkpoints" / "step_00000005" / "rank_0.pt", weights_only=False)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    assert Checkpointer(tmp_path, SINGLE, sharded=False, keep=1).load(model, optimizer).step == 5
+    assert mismatches(saved["model"], model.state_dict()) == []
+    assert mismatches(saved["optimizer"]["state"][0], optimizer.state_dict()["state"][0]) == []
+
+    train(model=model, optimizer=optimizer, batches=RegressionBatches(), loss_fn=mse, dist_info=SINGLE,
+          tokens_per_step=16, cfg=config(tmp_path, n_steps=10, ckpt_interval=5, keep_checkpoints=2, resume=True))
+    assert (tmp_path / "checkpoints" / "step_00000010" / ".metadata").is_file()
