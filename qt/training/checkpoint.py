@@ -558,8 +558,8 @@ class Checkpointer:
         rank_state["rng"] = rng_state()  # after get_optimizer_state_dict, which may step (lr 0) to create states
         if not self.asynchronous:
             return self._write(step, states, rank_state, config)
-        self.in_flight = _in_background(lambda: self._write(step, _copied_to_cpu(states), _copied_to_cpu(rank_state),
-                                                            config))
+        states, rank_state = _copied_to_cpu(states), _copied_to_cpu(rank_state)  # before training goes on
+        self.in_flight = _in_background(lambda: self._write(step, states, rank_state, config))
         return self.dir / f"step_{step:08d}"
 
     def wait(self, *, quietly: bool = False) -> None:

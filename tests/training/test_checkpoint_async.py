@@ -13,6 +13,7 @@ from torch import nn
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
 import qt
+from qt.training import checkpoint
 from qt.training.checkpoint import CheckpointError, Checkpointer
 from qt.training.loop import train
 
@@ -32,22 +33,17 @@ def step(model, optimizer):
     optimizer.zero_grad()
 
 
-class HeldWrites:
-    """DCP's writes wait until `release()`; `started` counts the writes begun."""
+class HeldBackground:
+    """The saves handed to the background thread start only at `release()`; `started` counts them."""
 
     def __init__(self, monkeypatch):
-        self.gate, self.first_started, self.started = threading.Event(), threading.Event(), 0
-        original = FileSystemWriter.write_data
+        self.gate, self.started = threading.Event(), 0
+        original = checkpoint._in_background
 
-        def write_data(writer, *args, **kwargs):
+        def in_background(work):
             self.started += 1
-            self.first_started.set()
-            assert self.gate.wait(timeout=60)
-            return original(writer, *args, **kwargs)
-        monkeypatch.setattr(FileSystemWriter, "write_data", write_data)
-
-    def wait_for_the_first(self):
-        assert self.first_started.wait(timeout=60)
+            return original(lambda: self.gate.wait(timeout=60) and work())
+        monkeypatch.setattr(checkpoint, "_in_background", in_background)
 
     def release(self):
         self.gate.set()
@@ -85,12 +81,11 @@ def test_an_asynchronous_save_writes_what_a_synchronous_one_does_while_training_
     rng = torch.get_rng_state()
     Checkpointer(tmp_path / "sync", SINGLE, sharded=False, keep=1).save(1, model, optimizer, {"at": 1})
     torch.set_rng_state(rng)
-    held = HeldWrites(monkeypatch)
+    held = HeldBackground(monkeypatch)
     checkpointer = Checkpointer(tmp_path / "async", SINGLE, sharded=False, keep=1, asynchronous=True)
     checkpointer.save(1, model, optimizer, {"at": 1})
-    held.wait_for_the_first()
-    assert checkpointer.latest() is None  # written in the background, not published yet
-    step(model, optimizer)  # training goes on, changing what the save copied
+    step(model, optimizer)  # training goes on before the background thread has written anything
+    assert held.started == 1 and checkpointer.latest() is None
     held.release()
     checkpointer.wait()
     assert checkpointer.latest().name == "step_00000001"
@@ -104,10 +99,9 @@ def test_an_asynchronous_save_writes_what_a_synchronous_one_does_while_training_
 
 def test_one_save_is_in_flight_at_a_time(tmp_path, monkeypatch):
     model, optimizer = trained()
-    held = HeldWrites(monkeypatch)
+    held = HeldBackground(monkeypatch)
     checkpointer = Checkpointer(tmp_path, SINGLE, sharded=False, keep=1, asynchronous=True)
     checkpointer.save(1, model, optimizer, {})
-    held.wait_for_the_first()
     second = threading.Thread(target=checkpointer.save, args=(2, model, optimizer, {}))
     second.start()
     time.sleep(0.5)

@@ -1,7 +1,8 @@
 """A checkpoint resumes on another number of processes: saved on one process and loaded on 2 (FSDP2), saved on 2
 and loaded on 1 (no FSDP) and on 3 (uneven shards). For every recipe and every qt.optim Adam (FP32, 8-bit,
 4-bit, FP8 states) and torch's AdamW, the states after loading equal the saved ones exactly: the model's (the
-inner tensors of each quantized weight: INT8 data and row scales, master or latent weights) and the optimizer's.
+inner tensors of each quantized weight: INT8 data and row scales, master or latent weights) and the optimizer's;
+also those saved in the background (--async_checkpoint) while training went on.
 Checkpoints of earlier qt versions (per-process files) load with their own number of processes, and are refused
 in one line with another."""
 
@@ -43,11 +44,15 @@ def trained(recipe, optimizer_name, dist_info: Dist, seed=0):
         fully_shard(model)
     optimizer_class = torch.optim.AdamW if optimizer_name == "torch.AdamW" else getattr(qt.optim, optimizer_name)
     optimizer = optimizer_class(model.parameters(), lr=1e-2)
-    for step in range(2 if seed == 0 else 0):
-        model(torch.randn(4, 256, generator=torch.Generator().manual_seed(step))).square().mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    for _ in range(2 if seed == 0 else 0):
+        train_step(model, optimizer)
     return model, optimizer
+
+
+def train_step(model, optimizer):
+    model(torch.randn(4, 256)).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
 
 
 def whole(value: DTensor) -> torch.Tensor:
@@ -60,7 +65,7 @@ def whole(value: DTensor) -> torch.Tensor:
 
 
 def full_state(model, optimizer) -> dict:
-    """Every tensor and value of the model's and optimizer's states, whole, by a flat key."""
+    """Every tensor and value of the model's and optimizer's states, whole, by a flat key (copies)."""
     flat = {}
 
     def add(prefix, value):
@@ -70,8 +75,10 @@ def full_state(model, optimizer) -> dict:
         elif isinstance(value, list):
             for i, v in enumerate(value):
                 add(f"{prefix}.{i}", v)
+        elif isinstance(value, DTensor):
+            flat[prefix] = whole(value)
         else:
-            flat[prefix] = whole(value) if isinstance(value, DTensor) else value
+            flat[prefix] = value.clone() if isinstance(value, torch.Tensor) else value
     add("model", _flatten_subclasses(get_model_state_dict(model)))
     add("optimizer", get_optimizer_state_dict(model, optimizer))
     return flat
@@ -93,13 +100,18 @@ def combinations():
 
 
 def save_all(root: Path, dist_info: Dist) -> None:
-    """Every combination trained and saved under root/RECIPE-OPTIMIZER, with its whole states beside (rank 0)."""
-    for recipe, name in combinations():
+    """Every combination trained and saved under root/RECIPE-OPTIMIZER, every other one in the background while
+    training goes on; the states saved, whole, beside (rank 0)."""
+    for i, (recipe, name) in enumerate(combinations()):
         model, optimizer = trained(recipe, name, dist_info)
-        run_dir = root / f"{recipe}-{name}"
-        Checkpointer(run_dir, dist_info, sharded=dist_info.world_size > 1, keep=1).save(
-            2, model, optimizer, {"combination": [recipe, name]})
         expected = full_state(model, optimizer)
+        run_dir = root / f"{recipe}-{name}"
+        checkpointer = Checkpointer(run_dir, dist_info, sharded=dist_info.world_size > 1, keep=1,
+                                    asynchronous=i % 2 == 1)
+        checkpointer.save(2, model, optimizer, {"combination": [recipe, name]})
+        if checkpointer.asynchronous:
+            train_step(model, optimizer)
+        checkpointer.wait()
         if dist_info.is_main:
             torch.save(expected, run_dir / "expected_state.pt")
 
