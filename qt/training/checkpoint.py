@@ -68,6 +68,7 @@ import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -78,8 +79,8 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter, _StorageInfo
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
@@ -215,27 +216,27 @@ def load_file(path: Path, device) -> dict:
         raise DamagedCheckpoint(f"{path.name} does not load: {' '.join(str(e).split())[:200]}") from None
 
 
-# What DCP's `.metadata` pickle may name (torch 2.11-2.13 write these): its metadata classes, the pieces of
-# tensor properties (sizes, dtypes, layouts), and the checkpoint's path in StorageMeta.
+# What DCP's `.metadata` pickle may name (what torch 2.11 to 2.14 write there): its metadata classes, the pieces
+# of tensor properties (sizes, dtypes, layouts), and the checkpoint's path in StorageMeta.
 _METADATA_GLOBALS = {(obj.__module__, obj.__name__): obj for obj in (
     dcp_metadata.Metadata, dcp_metadata.TensorStorageMetadata, dcp_metadata.BytesStorageMetadata,
     dcp_metadata.ChunkStorageMetadata, dcp_metadata.TensorProperties, dcp_metadata.StorageMeta,
     dcp_metadata.MetadataIndex, dcp_metadata._MEM_FORMAT_ENCODING, _StorageInfo, torch.Size,
     torch.serialization._get_layout, pathlib.PurePosixPath, pathlib.PosixPath)}
+_METADATA_GLOBALS.update({("torch", str(dtype).removeprefix("torch.")): dtype
+                          for dtype in vars(torch).values() if isinstance(dtype, torch.dtype)})
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        if (module, name) in _METADATA_GLOBALS:
-            return _METADATA_GLOBALS[module, name]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not DCP metadata")
+        if (module, name) not in _METADATA_GLOBALS:
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not DCP metadata")
+        return _METADATA_GLOBALS[module, name]
 
 
 def read_dcp_metadata(path: Path) -> dcp_metadata.Metadata:
-    """DCP's `.metadata` file, unpickled without running code: any global but `_METADATA_GLOBALS`' and torch's
-    dtypes is refused (CheckpointError). A file that does not unpickle to DCP metadata raises DamagedCheckpoint."""
+    """DCP's `.metadata` file, unpickled without running code: any global but `_METADATA_GLOBALS`' is refused
+    (CheckpointError). A file that does not unpickle to DCP metadata raises DamagedCheckpoint."""
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -243,7 +244,7 @@ def read_dcp_metadata(path: Path) -> dcp_metadata.Metadata:
         if "GLOBAL" in str(e):
             raise _refusal(path, e) from None
         raise DamagedCheckpoint(f"{path.name} does not load: {e}") from None
-    except (EOFError, OSError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+    except Exception as e:  # garbage unpickles into any error
         raise DamagedCheckpoint(f"{path.name} does not load: {' '.join(str(e).split())[:200]}") from None
     if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.storage_data, dict):
         raise DamagedCheckpoint(f"{path.name} is not DCP metadata")
@@ -299,7 +300,7 @@ def _flatten_subclasses(state: dict) -> dict:
             continue
         for name in local.__tensor_flatten__()[0]:
             inner = getattr(local, name)
-            flat[f"{key}.__{name}"] = _row_sharded_like(inner, value, key) if local is not value else inner
+            flat[f"{key}.__{name}"] = _row_sharded_like(inner, value, key) if isinstance(value, DTensor) else inner
     return flat
 
 
@@ -471,6 +472,14 @@ class Restored:
     path: Path
     config: dict | None  # the config the checkpoint was trained with (None if written before checkpoints carried it)
     world_size: int  # the number of processes that wrote it
+
+
+class _Read(NamedTuple):
+    """What a rank reads of a checkpoint before restoring it."""
+    manifest: dict | None  # None for a checkpoint written before checkpoints had one
+    rank_files: dict[str, dict]  # name -> content
+    own: str  # the rank file whose RNG states this rank restores
+    metadata: dcp_metadata.Metadata | None  # DCP's; None for the per-process files of earlier versions
 
 
 def _in_background(work) -> Future:
@@ -667,7 +676,7 @@ class Checkpointer:
                 raise CheckpointError(refusal)
             problem = next((p for p, _ in outcomes if p), None)
             if problem is None:
-                return self._restore(path, *read, model, optimizer)
+                return self._restore(path, read, model, optimizer)
             warn(self.dist, f"checkpoint {path.name} is damaged ({problem}); trying an older one")
             damaged.append(f"{path.name}: {problem}")
         if damaged:
@@ -675,20 +684,14 @@ class Checkpointer:
                                   f"start the run over")
         return None
 
-    def _read(self, path: Path) -> tuple:
-        """What this rank needs of checkpoint `path` before restoring it (its manifest, its rank files, DCP's
-        metadata), after verifying them, and its share of the DCP files, against the manifest."""
+    def _read(self, path: Path) -> _Read:
+        """What this rank needs of checkpoint `path` before restoring it, verified against its manifest."""
         manifest = self.manifest(path)
+        if manifest is not None and ".metadata" in manifest["files"]:
+            return self._read_dcp(path, manifest)
         if manifest is None and os.path.lexists(path / ".metadata"):
             raise DamagedCheckpoint("manifest.json is missing")
-        if manifest is None:
-            warn(self.dist, f"checkpoint {path.name} has no manifest (written by an older qt): loading it unverified")
-        elif ".metadata" in manifest["files"]:
-            return self._read_dcp(path, manifest)
-        else:
-            self._check_world_size(path, manifest["world_size"])
-        names = {f"rank_{self.dist.rank}.pt"} | (set() if self.sharded else {"rank_0.pt"})
-        return manifest, {name: self._read_file(path, manifest, name) for name in sorted(names)}, None
+        return self._read_per_process(path, manifest)
 
     def _read_file(self, path: Path, manifest: dict | None, name: str) -> dict:
         file = self._inside(path / name)
@@ -696,9 +699,11 @@ class Checkpointer:
             _verify(file, manifest["files"].get(name))
         return load_file(file, self.dist.device)
 
-    def _read_dcp(self, path: Path, manifest: dict) -> tuple:
+    def _read_dcp(self, path: Path, manifest: dict) -> _Read:
+        """This rank's share of the DCP files verified (each file by one rank), DCP's metadata, its rank file (rank
+        0's for a rank the saving run did not have) and rank 0's."""
         files = sorted(manifest["files"])
-        for name in files[self.dist.rank::self.dist.world_size]:  # every file is verified by some rank
+        for name in files[self.dist.rank::self.dist.world_size]:
             _verify(self._inside(path / name), manifest["files"][name])
         own = f"rank_{self.dist.rank if self.dist.rank < manifest['world_size'] else 0}.pt"
         rank_files = {name: self._read_file(path, manifest, name) for name in {own, "rank_0.pt"}}
@@ -708,7 +713,17 @@ class Checkpointer:
             if not (isinstance(info, _StorageInfo) and info.relative_path in manifest["files"]):
                 raise CheckpointError(f"refusing to load {path}: its .metadata names "
                                       f"{getattr(info, 'relative_path', info)!r}, which is not one of its files")
-        return manifest, {"own": rank_files[own], "rank_0.pt": rank_files["rank_0.pt"]}, metadata
+        return _Read(manifest, rank_files, own, metadata)
+
+    def _read_per_process(self, path: Path, manifest: dict | None) -> _Read:
+        """A checkpoint of earlier qt versions: this rank's file, and rank 0's (which holds the model and optimizer
+        of a replicated model)."""
+        if manifest is None:
+            warn(self.dist, f"checkpoint {path.name} has no manifest (written by an older qt): loading it unverified")
+        else:
+            self._check_world_size(path, manifest["world_size"])
+        own = f"rank_{self.dist.rank}.pt"
+        return _Read(manifest, {name: self._read_file(path, manifest, name) for name in {own, "rank_0.pt"}}, own, None)
 
     def _check_world_size(self, path: Path, saved: int) -> None:
         if saved != self.dist.world_size:
@@ -716,24 +731,20 @@ class Checkpointer:
                               f"versions, which loads only on as many: resume it with torchrun --nproc_per_node "
                               f"{saved} (its next checkpoint can then be resumed on any number)")
 
-    def _restore(self, path: Path, manifest: dict | None, states: dict, metadata, model, optimizer) -> Restored:
-        if metadata is None:
-            own = self._restore_legacy(path, states, model, optimizer)
+    def _restore(self, path: Path, read: _Read, model, optimizer) -> Restored:
+        own = read.rank_files[read.own]
+        if read.metadata is None:
+            self._check_world_size(path, own["world_size"])
+            replica = own if self.sharded else read.rank_files["rank_0.pt"]
+            unwrap(model).load_state_dict(replica["model"])
+            if optimizer is not None:
+                optimizer.load_state_dict(replica["optimizer"])
         else:
-            own = states["own"]
-            self._restore_dcp(path, metadata, states["rank_0.pt"], model, optimizer)
+            self._restore_dcp(path, read.metadata, read.rank_files["rank_0.pt"], model, optimizer)
         set_rng_state(own["rng"])
         self.last_good = path
-        return Restored(own["step"], own["extra"], path, manifest and manifest.get("config"), own["world_size"])
-
-    def _restore_legacy(self, path: Path, states: dict, model, optimizer) -> dict:
-        own = states[f"rank_{self.dist.rank}.pt"]
-        self._check_world_size(path, own["world_size"])
-        replica = own if self.sharded else states["rank_0.pt"]
-        unwrap(model).load_state_dict(replica["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(replica["optimizer"])
-        return own
+        return Restored(own["step"], own["extra"], path, read.manifest and read.manifest.get("config"),
+                        own["world_size"])
 
     def _restore_dcp(self, path: Path, metadata, rank_0: dict, model, optimizer) -> None:
         """DCP loads into the tensors of the model's own state dict (and of its optimizer's, created by a step
@@ -742,10 +753,10 @@ class Checkpointer:
         by_name = optimizer is not None and _steps_model_parameters(model, optimizer)
         if by_name:
             states["optimizer"] = get_optimizer_state_dict(model, optimizer)
-            saved = metadata.state_dict_metadata
-            for name, param_state in states["optimizer"]["state"].items():  # parameters without a saved state
-                states["optimizer"]["state"][name] = {k: v for k, v in param_state.items()
-                                                     if f"optimizer.state.{name}.{k}" in saved}
+            saved = {name: {k: v for k, v in param_state.items() if f"optimizer.state.{name}.{k}" in
+                            metadata.state_dict_metadata} for name, param_state in states["optimizer"]["state"].items()}
+            # A parameter that had no state when saved (no gradient yet) gets none.
+            states["optimizer"]["state"] = {name: param_state for name, param_state in saved.items() if param_state}
         try:
             dcp.load(states, storage_reader=_VerifiedReader(path, metadata), planner=_WeightsOnlyLoadPlanner(),
                      no_dist=not torch_dist.is_initialized())
@@ -754,7 +765,7 @@ class Checkpointer:
             if isinstance(failure, pickle.UnpicklingError):
                 raise _refusal(path, failure) from None
             raise CheckpointError(f"cannot load {path} into this model: {_describe(failure)}") from None
-        if by_name:
-            set_optimizer_state_dict(model, optimizer, states["optimizer"])
+        if by_name:  # not strict: a parameter may have no state
+            set_optimizer_state_dict(model, optimizer, states["optimizer"], options=StateDictOptions(strict=False))
         elif optimizer is not None:
             optimizer.load_state_dict(rank_0["optimizer"])

@@ -231,3 +231,27 @@ def test_a_one_process_checkpoint_of_an_earlier_version_resumes_and_its_next_one
     train(model=model, optimizer=optimizer, batches=RegressionBatches(), loss_fn=mse, dist_info=SINGLE,
           tokens_per_step=16, cfg=config(tmp_path, n_steps=10, ckpt_interval=5, keep_checkpoints=2, resume=True))
     assert (tmp_path / "checkpoints" / "step_00000010" / ".metadata").is_file()
+
+
+class OneHeadUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = nn.Linear(4, 1), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_a_parameter_without_an_optimizer_state_has_none_after_loading(tmp_path):
+    torch.manual_seed(0)
+    model = OneHeadUnused()
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    Checkpointer(tmp_path, SINGLE, sharded=False, keep=1).save(1, model, optimizer, {})
+    fresh = OneHeadUnused()
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
+    Checkpointer(tmp_path, SINGLE, sharded=False, keep=1).load(fresh, fresh_optimizer)
+    saved, loaded = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
+    assert sorted(loaded) == sorted(saved) == [0, 1]  # used.weight, used.bias
+    assert all(mismatches(saved[i], loaded[i]) == [] for i in saved)
