@@ -65,6 +65,9 @@ def test_the_cpu_offloaded_optimizer_round_trips(tmp_path):
     fresh_model, fresh_optimizer = trained(None, lambda params, lr: qt.optim.CPUOffloadOptimizer(params, lr=lr), seed=1)
     checkpointer.load(fresh_model, fresh_optimizer)
     assert_same_state(model.state_dict(), fresh_model.state_dict())
+    saved, loaded = optimizer.state_dict(), fresh_optimizer.state_dict()
+    assert_same_state(saved["optimizer"]["state"], loaded["optimizer"]["state"])
+    assert all(torch.equal(a, b) for a, b in zip(saved["masters"], loaded["masters"], strict=True))
 
 
 def fsdp_worker(rank, init_method, run_dir):
