@@ -255,3 +255,10 @@ def test_a_parameter_without_an_optimizer_state_has_none_after_loading(tmp_path)
     saved, loaded = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
     assert sorted(loaded) == sorted(saved) == [0, 1]  # used.weight, used.bias
     assert all(mismatches(saved[i], loaded[i]) == [] for i in saved)
+
+
+def test_a_resume_on_another_number_of_processes_says_so_in_the_log():
+    from qt.training.loop import _resharded
+    assert _resharded(2, 2) == ""
+    assert _resharded(8, 4).startswith("; it was written by 8 processes, loaded here on 4: the run goes on from "
+                                       "the same weights, optimizer states and data position, with other random")
