@@ -56,6 +56,8 @@ class TrainConfig:
     ckpt_interval: int = flag(500, "steps between checkpoints (0: only at the end and on Ctrl-C/SIGTERM)")
     keep_checkpoints: int = flag(1, "how many most recent checkpoints to keep")
     save_checkpoints: bool = flag(True, "save checkpoints (--no-save_checkpoints for throughput benchmarks)")
+    async_checkpoint: bool = flag(False, "write checkpoints in the background: a save copies the states to CPU memory "
+                                         "and training goes on while they are written")
     profile: bool = flag(False, "write a Chrome trace of a few steps to RUN_DIR/profile/")
     seed: int = flag(0, "seed for initialization, data order and stochastic rounding")
 
@@ -106,7 +108,8 @@ def is_baseline(quantize: str) -> bool:
 # Settings that may differ when a run is resumed: they change neither the model nor the loss curve (grad_accum
 # splits the same global batch into other micro-steps, e.g. to continue on fewer GPUs).
 RESUMABLE_CHANGES = {"run_dir", "resume", "wandb", "project", "run_name", "log_interval", "eval_interval",
-                     "ckpt_interval", "keep_checkpoints", "save_checkpoints", "profile", "grad_accum"}
+                     "ckpt_interval", "keep_checkpoints", "save_checkpoints", "async_checkpoint", "profile",
+                     "grad_accum"}
 # The optimisation settings a user changes after a divergence: a resume may change them too (the loop notes it in
 # the log); the continued loss curve then differs from the original run's, on purpose.
 RETUNABLE_ON_RESUME = ("lr", "clip_grad_norm", "warmup_steps", "schedule", "decay_fraction", "min_lr_ratio")

@@ -172,7 +172,7 @@ def train(*, model, optimizer, batches, loss_fn, cfg, dist_info: Dist, tokens_pe
     run_dir = Path(cfg.run_dir)
     with RunDirLock(run_dir, dist_info):
         checkpointer = Checkpointer(run_dir, dist_info, sharded=dist_info.world_size > 1 and not cfg.ddp,
-                                    keep=cfg.keep_checkpoints)
+                                    keep=cfg.keep_checkpoints, asynchronous=cfg.async_checkpoint)
         try:
             return _train(checkpointer, model=model, optimizer=optimizer, batches=batches, loss_fn=loss_fn, cfg=cfg,
                           dist_info=dist_info, tokens_per_step=tokens_per_step, count_tokens=count_tokens, unit=unit,
@@ -210,7 +210,8 @@ def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cf
         optimizer.found_inf = stats.found_inf
     logger = MetricsLogger(cfg, dist_info, start_step=step)
     if restored:
-        logger.message(f"resumed from {restored.path} at step {step}" + _retuned(cfg, restored.config))
+        logger.message(f"resumed from {restored.path} at step {step}" + _retuned(cfg, restored.config)
+                       + _resharded(restored.world_size, dist_info.world_size))
     elif continuing:
         logger.message(f"{run_dir} has no checkpoint yet (its earlier run stopped before saving one); "
                        f"starting at step 0")
@@ -222,6 +223,7 @@ def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cf
     interval_start, interval_tokens = time.perf_counter(), 0
 
     def diverged(what: str) -> TrainingDiverged:
+        checkpointer.wait(quietly=True)  # the save in flight, if any, is the last good checkpoint
         latest = checkpointer.last_good or checkpointer.latest()
         return TrainingDiverged(f"{what}. Last good checkpoint: {latest or 'none'}; try a lower --lr (or "
                                 f"--clip_grad_norm, more --warmup_steps) or another recipe"
@@ -312,17 +314,29 @@ def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cf
                                       **{k: host[k] for k in RunningStats.RULE_STATE}}},
                     config=dataclasses.asdict(cfg))
             if stop_requested:
+                checkpointer.wait()
                 logger.message(f"stopped at step {step}" + (f"; continue with --resume --run_dir {cfg.run_dir}"
                                                             if cfg.save_checkpoints else ""))
                 break
             if record or (save_due and not save_waiting):  # time spent logging, evaluating, saving is not training
                 interval_start, interval_tokens = time.perf_counter(), 0
+        checkpointer.wait()
+    except BaseException:
+        checkpointer.wait(quietly=True)  # publish the save in flight; the error on its way out says what went wrong
+        raise
     finally:
         stop.restore()
         if profiler:
             profiler.stop()
         logger.close()
     return record
+
+
+def _resharded(saved: int, now: int) -> str:
+    if saved == now:
+        return ""
+    return (f"; it was written by {saved} processes, loaded here on {now}: the run goes on from the same weights, "
+            f"optimizer states and data position, with other random draws (stochastic rounding, dropout)")
 
 
 def _retuned(cfg, trained_with: dict | None) -> str:

@@ -36,5 +36,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def quantized_weights_saved(checkpoint: Path) -> set[str]:
+    """The names of the quantized weights a checkpoint holds (stored as their inner tensors, NAME.__INNER)."""
+    from qt.training.checkpoint import read_dcp_metadata
+    keys = read_dcp_metadata(Path(checkpoint) / ".metadata").state_dict_metadata
+    return {key.removeprefix("model.").split(".__")[0] for key in keys if key.startswith("model.") and ".__" in key}
+
+
 def pretrain_args(dataset_dir, run_dir, *flags) -> list[str]:
     return ["--dataset_dir", str(dataset_dir), "--run_dir", str(run_dir), *TINY_RUN, *flags]

@@ -5,6 +5,7 @@ a run without config.yaml. None of them may lose a run or end in a traceback."""
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -71,7 +72,8 @@ def test_a_kill_between_any_two_file_operations_of_a_save_leaves_an_intact_check
         save_with_weight(Checkpointer(run_dir, SINGLE, sharded=False, keep=1), 1, model, optimizer, 1.0)
         with monkeypatch.context() as patch:
             count_file_operations(patch, crash_at=crash_at)
-            with pytest.raises((Crash, RuntimeError)):  # torch.save reports a failed write as a RuntimeError
+            # torch.save reports a failed write as a RuntimeError, which the save reports as a CheckpointError
+            with pytest.raises((Crash, CheckpointError)):
                 save_with_weight(Checkpointer(run_dir, SINGLE, sharded=False, keep=1), 2, model, optimizer, 2.0)
         fresh_model, fresh_optimizer = model_and_optimizer(seed=1)
         checkpointer = Checkpointer(run_dir, SINGLE, sharded=False, keep=1)
@@ -118,58 +120,74 @@ def flip_a_bit(path):
 
 
 DAMAGES = {
-    "truncated": (lambda step: truncate(step / "rank_0.pt"), "rank_0.pt has"),
-    "zero bytes": (lambda step: (step / "rank_0.pt").write_bytes(b""), "rank_0.pt has 0 bytes"),
-    "garbage": (lambda step: (step / "rank_0.pt").write_bytes(os.urandom((step / "rank_0.pt").stat().st_size)),
-                "rank_0.pt does not match its SHA-256"),
-    "bit flip": (lambda step: flip_a_bit(step / "rank_0.pt"), "rank_0.pt does not match its SHA-256"),
-    "missing file": (lambda step: (step / "rank_0.pt").unlink(), "rank_0.pt: No such file"),
-    "garbage manifest": (lambda step: (step / "manifest.json").write_text("{not json"), "manifest.json is unreadable"),
+    "truncated": (truncate, "{} has"),
+    "zero bytes": (lambda path: path.write_bytes(b""), "{} has 0 bytes"),
+    "garbage": (lambda path: path.write_bytes(os.urandom(path.stat().st_size)), "{} does not match its SHA-256"),
+    "bit flip": (flip_a_bit, "{} does not match its SHA-256"),
+    "missing file": (lambda path: path.unlink(), "{}: No such file"),
+    "not json": (lambda path: path.write_text("{not json"), "manifest.json is unreadable"),
 }
+# Each damage to each of a checkpoint's files (each rank's RNG states and loop position, DCP's metadata and its
+# tensors), and a manifest that is no JSON.
+DAMAGED_FILES = [("not json", "manifest.json")] + [
+    (damage, file) for damage in sorted(DAMAGES) if damage != "not json"
+    for file in ["rank_0.pt", ".metadata", "__0_0.distcp"]]
 
 
-@pytest.mark.parametrize("damage", sorted(DAMAGES))
-def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one_with_a_warning(tmp_path, damage, capsys):
+@pytest.mark.parametrize("damage, file", DAMAGED_FILES)
+def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one_with_a_warning(tmp_path, damage, file, capsys):
     model, optimizer = model_and_optimizer()
     checkpointer = Checkpointer(tmp_path, SINGLE, sharded=False, keep=2)
     save_with_weight(checkpointer, 1, model, optimizer, 1.0)
     save_with_weight(checkpointer, 2, model, optimizer, 2.0)
     spoil, problem = DAMAGES[damage]
-    spoil(checkpointer.dir / "step_00000002")
+    problem = problem.format(file)
+    spoil(checkpointer.dir / "step_00000002" / file)
     restored = checkpointer.load(model, optimizer)
     assert restored.step == 1 and torch.all(model.weight == 1.0)
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "checkpoint step_00000002 is damaged" in warnings[0] and problem in warnings[0]
 
-    spoil(checkpointer.dir / "step_00000001")
+    spoil(checkpointer.dir / "step_00000001" / file)
     with pytest.raises(CheckpointError, match="no intact checkpoint in .*step_00000002: .*; step_00000001: ") as error:
         checkpointer.load(model, optimizer)
     assert "\n" not in str(error.value)
 
 
-def disk_full_after(monkeypatch, n_bytes):
-    """Writes through checkpoint files fail with ENOSPC once `n_bytes` have been written."""
+def rank_file_writes_fail(monkeypatch):
+    """Writes to a rank's file fail with ENOSPC once 1000 bytes have been written."""
     written = [0]
     original = checkpoint._HashingWriter.write
 
     def write(self, data):
         written[0] += len(data)
-        if written[0] > n_bytes:
+        if written[0] > 1000:
             self.error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             raise self.error
         return original(self, data)
     monkeypatch.setattr(checkpoint._HashingWriter, "write", write)
 
 
-def test_a_full_disk_during_a_save_says_so_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def fsyncs_fail(monkeypatch):
+    """The first fsync of a save, DCP's of its tensors' file, fails with ENOSPC (where a network filesystem
+    reports a full disk)."""
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("full_disk", [rank_file_writes_fail, fsyncs_fail])
+def test_a_full_disk_during_a_save_says_so_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                                         full_disk):
     model, optimizer = model_and_optimizer()
     checkpointer = Checkpointer(tmp_path, SINGLE, sharded=False, keep=1)
     save_with_weight(checkpointer, 1, model, optimizer, 1.0)
-    disk_full_after(monkeypatch, 1000)
-    with pytest.raises(CheckpointError, match=r"could not save checkpoint step_00000002 .*: no space left on device; "
-                                              r"the previous checkpoint \(step_00000001\) is kept") as error:
-        save_with_weight(checkpointer, 2, model, optimizer, 2.0)
-    assert "\n" not in str(error.value)
+    with monkeypatch.context() as patch:
+        full_disk(patch)
+        with pytest.raises(CheckpointError) as error:
+            save_with_weight(checkpointer, 2, model, optimizer, 2.0)
+    assert re.fullmatch(r"could not save checkpoint step_00000002 .*: no space left on device; the previous "
+                        r"checkpoint \(step_00000001\) is kept", str(error.value))
     assert sorted(p.name for p in checkpointer.dir.iterdir()) == ["latest", "step_00000001"]
     assert checkpointer.load(model, optimizer).step == 1 and torch.all(model.weight == 1.0)
 

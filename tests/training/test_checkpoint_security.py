@@ -3,6 +3,7 @@
 
 import hashlib
 import json
+import pickle
 
 import pytest
 import torch
@@ -64,6 +65,9 @@ def test_the_cpu_offloaded_optimizer_round_trips(tmp_path):
     fresh_model, fresh_optimizer = trained(None, lambda params, lr: qt.optim.CPUOffloadOptimizer(params, lr=lr), seed=1)
     checkpointer.load(fresh_model, fresh_optimizer)
     assert_same_state(model.state_dict(), fresh_model.state_dict())
+    saved, loaded = optimizer.state_dict(), fresh_optimizer.state_dict()
+    assert_same_state(saved["optimizer"]["state"], loaded["optimizer"]["state"])
+    assert all(torch.equal(a, b) for a, b in zip(saved["masters"], loaded["masters"], strict=True))
 
 
 def fsdp_worker(rank, init_method, run_dir):
@@ -111,16 +115,21 @@ def saved_run(tmp_path):
     return checkpointer, model, optimizer
 
 
-def plant(path, obj, *, update_manifest=True):
-    """What an attacker with write access to the run directory does: replace a checkpoint file, and its size
-    and checksum in the manifest (else the file is merely damaged, and skipped)."""
-    torch.save(obj, path)
-    if update_manifest:
-        manifest_file = path.parent / "manifest.json"
-        manifest = json.loads(manifest_file.read_text())
+def update_manifest_for(*paths):
+    """What an attacker with write access to the run directory does after replacing checkpoint files: update
+    their sizes and checksums in the manifest (else the files are merely damaged, and skipped)."""
+    manifest_file = paths[0].parent / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    for path in paths:
         manifest["files"][path.name] = {"size": path.stat().st_size,
                                         "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-        manifest_file.write_text(json.dumps(manifest))
+    manifest_file.write_text(json.dumps(manifest))
+
+
+def plant(path, obj, *, update_manifest=True):
+    torch.save(obj, path)
+    if update_manifest:
+        update_manifest_for(path)
 
 
 @pytest.mark.parametrize("update_manifest, error", [
@@ -135,6 +144,64 @@ def test_a_planted_pickle_is_refused_in_one_line_and_never_runs(saved_run, tmp_p
         checkpointer.load(model, optimizer)
     assert "\n" not in str(raised.value)
     assert not marker.exists()
+
+
+def test_a_planted_dcp_metadata_is_refused_in_one_line_and_never_runs(saved_run, tmp_path):
+    """DCP reads its .metadata with pickle: here only DCP's metadata classes are admitted."""
+    checkpointer, model, optimizer = saved_run
+    marker, metadata = tmp_path / "marker", checkpointer.dir / "step_00000001" / ".metadata"
+    metadata.write_bytes(pickle.dumps(WritesAMarker(marker)))
+    update_manifest_for(metadata)
+    with pytest.raises(CheckpointError, match="refusing to load .*/.metadata: it holds io.open") as raised:
+        checkpointer.load(model, optimizer)
+    assert "\n" not in str(raised.value)
+    assert not marker.exists()
+
+
+class RunsCodeWhenLoaded(torch.Tensor):
+    """A tensor whose pickle, once loaded by a loader that runs code, creates the file MARKER."""
+
+    MARKER = None
+
+    def __reduce_ex__(self, protocol):
+        return open, (str(self.MARKER), "w")
+
+
+@pytest.mark.parametrize("planted", ["tensor", "value"])
+def test_a_planted_dcp_payload_is_refused_in_one_line_and_never_runs(saved_run, tmp_path, monkeypatch, planted):
+    """The states themselves: DCP loads tensors with weights_only, and other values (optimizer settings) with
+    weights_only=False, which qt overrides."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    checkpointer, model, optimizer = saved_run
+    marker, step = tmp_path / "marker", checkpointer.dir / "step_00000001"
+    monkeypatch.setattr(RunsCodeWhenLoaded, "MARKER", marker)
+    states = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    if planted == "tensor":
+        states["model"]["weight"] = states["model"]["weight"].detach().as_subclass(RunsCodeWhenLoaded)
+    else:
+        states["optimizer"]["param_groups"][0]["eps"] = WritesAMarker(marker)
+    for old in [step / ".metadata", *step.glob("*.distcp")]:
+        old.unlink()
+    dcp.save(states, checkpoint_id=step, no_dist=True)
+    update_manifest_for(step / ".metadata", *step.glob("*.distcp"))
+    with pytest.raises(CheckpointError, match=f"refusing to load {step}: it holds io.open") as raised:
+        checkpointer.load(model, optimizer)
+    assert "\n" not in str(raised.value)
+    assert not marker.exists()
+
+
+def test_dcp_metadata_naming_a_file_outside_the_checkpoint_is_refused(saved_run):
+    checkpointer, model, optimizer = saved_run
+    metadata_file = checkpointer.dir / "step_00000001" / ".metadata"
+    metadata = pickle.loads(metadata_file.read_bytes())
+    next(iter(metadata.storage_data.values())).relative_path = "../../../../../etc/passwd"
+    metadata_file.write_bytes(pickle.dumps(metadata))
+    update_manifest_for(metadata_file)
+    with pytest.raises(CheckpointError, match=r"its .metadata names '../../../../../etc/passwd', which is not one of "
+                                              r"its files"):
+        checkpointer.load(model, optimizer)
 
 
 @pytest.mark.parametrize("pointer", ["absolute", "parent"])

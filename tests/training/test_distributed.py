@@ -44,7 +44,7 @@ def test_fsdp2_matches_one_process_and_resumes_exactly(dataset_dir, single_proce
                             "--keep_checkpoints", "2"))
     assert_same_losses(run_dir, single_process_run)
     assert sorted(p.name for p in (run_dir / "checkpoints" / "step_00000006").iterdir()) == [
-        "manifest.json", "rank_0.pt", "rank_1.pt"]
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json", "rank_0.pt", "rank_1.pt"]
 
     resumed = tmp_path / "fsdp_resumed"
     shutil.copytree(run_dir, resumed)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import llm_finetune
-from conftest import read_metrics
+from conftest import quantized_weights_saved, read_metrics
 from qt.training.checkpoint import Checkpointer
+from qt.training.distributed import Dist
 from qt.training.export import load_finetuned
 from qt.training.instruct_data import IGNORE_INDEX, InstructBatches, collate, split_validation, tokenize_examples
 from qt.training.lifecycle import STOPPED_EXIT_STATUS
@@ -162,6 +163,15 @@ def test_tokens_seen_counts_only_real_tokens(model_dirs, data_file, tmp_path):
     assert read_metrics(run_dir)[-1]["tokens_seen"] == sum(next(batches)["n_tokens"] for _ in range(10))
 
 
+def trained_model(model_dir, run_dir, **settings):
+    """The model a run trained, from its last checkpoint: `model_dir`'s, prepared with the run's `settings`."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    llm_finetune.prepare_model(model, llm_finetune.FinetuneConfig(model=str(model_dir), **settings))
+    Checkpointer(run_dir, Dist(0, 1, torch.device("cpu")), sharded=False, keep=1).load(model, None)
+    return model
+
+
 @pytest.mark.parametrize("model_type, flags", [
     ("llama", ["--quantize", "int8_mixed_precision", "--freeze_embedding_layer"]),
     ("qwen2", ["--quantize", "int8_weight_only", "--quantize_lm_head"]),  # tied head: untied, quantized once
@@ -172,11 +182,11 @@ def test_exported_checkpoint_loads_in_transformers_with_the_trained_dequantized_
     import qt
     run_dir = tmp_path / "run"
     llm_finetune.main(finetune_args(model_dirs[model_type], data_file, run_dir, "--n_steps", "10", *flags))
-    trained = torch.load(Checkpointer(run_dir, None, sharded=False, keep=1).latest() / "rank_0.pt",
-                         weights_only=False)["model"]
-    quantized = [k for k, v in trained.items() if isinstance(v, qt.QuantizedWeight)]
+    quantized = quantized_weights_saved(Checkpointer(run_dir, None, sharded=False, keep=1).latest())
     head_quantized = "lm_head.weight" in quantized
     assert len(quantized) == 14 + head_quantized and head_quantized == ("--quantize_lm_head" in flags)
+    trained = trained_model(model_dirs[model_type], run_dir, quantize=flags[1],
+                            quantize_lm_head=head_quantized).state_dict()
     original = AutoModelForCausalLM.from_pretrained(model_dirs[model_type])
     if "--freeze_embedding_layer" in flags:
         assert torch.equal(trained["model.embed_tokens.weight"], original.model.embed_tokens.weight)
@@ -322,10 +332,7 @@ def test_a_bitnet_finetune_loads_for_evaluation_and_generation_with_the_trained_
     with pytest.raises(OSError):  # transformers alone does not take it for a plain Llama
         AutoModelForCausalLM.from_pretrained(run_dir / "hf_model")
 
-    trained = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
-    llm_finetune.prepare_model(trained, llm_finetune.FinetuneConfig(model=str(model_dirs["llama"]), quantize="bitnet"))
-    trained.load_state_dict(torch.load(Checkpointer(run_dir, None, sharded=False, keep=1).latest() / "rank_0.pt",
-                                       weights_only=False)["model"])
+    trained = trained_model(model_dirs["llama"], run_dir, quantize="bitnet")
     model, tokenizer = load_finetuned(run_dir)
     tokens = tokenizer([TEMPLATE.replace("{prompt}", "reverse apple river stone")], return_tensors="pt").input_ids
     with torch.no_grad():

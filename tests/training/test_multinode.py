@@ -114,7 +114,7 @@ def test_two_nodes_train_like_one_process_and_resume_exactly(dataset_dir, tmp_pa
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl",
                                                          "wandb", "wandb_run_id"]
     assert sorted(p.name for p in (run_dir / "checkpoints" / f"step_{N_STEPS:08d}").iterdir()) == [
-        "manifest.json", "rank_0.pt", "rank_1.pt"]
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "manifest.json", "rank_0.pt", "rank_1.pt"]
 
     # The same data as one process: each rank takes its half of every global batch.
     single = tmp_path / "single"

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from conftest import read_metrics
+from conftest import quantized_weights_saved, read_metrics
 from stopping import sigterm_during_step
 
 timm = pytest.importorskip("timm", reason="timm (with torchvision) is not installed")
@@ -56,12 +56,9 @@ def test_bf16_weights_or_compute_take_the_images_in_their_dtype(dtype, digits_di
 
 
 def test_quantize_takes_the_backbone_linears_and_leaves_the_new_head(digits_dir, tmp_path):
-    import qt
     run_dir = tmp_path / "w8"
     timm_finetune.main(args(digits_dir, run_dir, "--quantize", "int8_weight_only", "--n_steps", "3"))
-    import torch
-    state = torch.load(run_dir / "checkpoints" / "step_00000003" / "rank_0.pt", weights_only=False)["model"]
-    quantized = sorted(k for k, v in state.items() if isinstance(v, qt.QuantizedWeight))
+    quantized = quantized_weights_saved(run_dir / "checkpoints" / "step_00000003")
     assert len(quantized) == 2 * 4 and "head.weight" not in quantized
 
 
