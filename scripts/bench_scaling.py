@@ -35,6 +35,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from qt.training.config import is_baseline  # noqa: E402
 from scripts.compare_runs import load_run, summarize  # noqa: E402
 
 RESUME_STEPS = 40
@@ -50,7 +51,8 @@ class Job:
     prepare: object = None  # called just before the launch
     process: subprocess.Popen | None = None
     devices: list[int] = field(default_factory=list)
-    status: int | None = None
+    started: float = 0.0
+    status: int | None = None  # None: not run (time budget spent)
 
 
 def command(job: Job) -> list[str]:
@@ -59,11 +61,15 @@ def command(job: Job) -> list[str]:
     return ["torchrun", "--standalone", "--nproc_per_node", str(job.gpus), "llm_pretrain.py", *job.args]
 
 
-def run_jobs(jobs: list[Job], n_gpus: int, timeout_s: int) -> None:
+def run_jobs(jobs: list[Job], n_gpus: int, timeout_s: int, time_budget_s: float) -> None:
     """Runs the jobs, each on as many free GPUs as it needs, in the given order as far as GPUs and
-    dependencies allow."""
+    dependencies allow. No job starts after `time_budget_s` (those left are reported as not run)."""
     free, pending, running = list(range(n_gpus)), list(jobs), []
+    deadline = time.time() + time_budget_s
     while pending or running:
+        if time.time() > deadline and pending:
+            print(f"-- time budget spent: {', '.join(job.name for job in pending)} not run", flush=True)
+            pending.clear()
         for job in list(pending):
             if job.gpus <= len(free) and all(dep.status is not None for dep in job.after):
                 if any(dep.status != 0 for dep in job.after):
@@ -144,30 +150,37 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r and "step" in r}
 
 
+def fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def outcome(status: int | None) -> str:
+    return "not run (time budget)" if status is None else f"failed (exit {status})"
+
+
 def scaling_table(jobs: list[Job]) -> tuple[list[str], list[dict]]:
     rows, one_gpu = [], {}
     for job in jobs:
         recipe = job.args[job.args.index("--quantize") + 1]
         row = {"recipe": recipe, "gpus": job.gpus, "status": job.status}
-        if job.status == 0:
+        if job.status == 0 and (job.run_dir / "metrics.jsonl").is_file():
             summary = summarize(load_run(job.run_dir))
             row.update(tok_s=summary["tokens_per_second"], peak_memory_gb=summary["memory_gb"])
         rows.append(row)
         if job.gpus == 1 and row.get("tok_s"):
             one_gpu[recipe] = row["tok_s"]
-    baseline = {row["gpus"]: row.get("tok_s") for row in rows if row["recipe"] in ("bf16", "none")}
-    lines = ["| recipe | GPUs | tok/s | tok/s per GPU | scaling efficiency | vs BF16 on as many GPUs "
+    baseline = {row["gpus"]: row.get("tok_s") for row in rows if is_baseline(row["recipe"])}
+    lines = ["| recipe | GPUs | tok/s | tok/s per GPU | scaling efficiency | vs the baseline on as many GPUs "
              "| peak memory per GPU (GB) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         if not row.get("tok_s"):
-            lines.append(f"| {row['recipe']} | {row['gpus']} | failed (exit {row['status']}) | | | | |")
+            lines.append(f"| {row['recipe']} | {row['gpus']} | {outcome(row['status'])} | | | | |")
             continue
         tok_s, gpus = row["tok_s"], row["gpus"]
         row["efficiency"] = tok_s / (gpus * one_gpu[row["recipe"]]) if row["recipe"] in one_gpu else None
-        row["vs_bf16"] = tok_s / baseline[gpus] if baseline.get(gpus) else None
-        fmt = lambda value, spec: "" if value is None else format(value, spec)  # noqa: E731
+        row["vs_baseline"] = tok_s / baseline[gpus] if baseline.get(gpus) else None
         lines.append(f"| {row['recipe']} | {gpus} | {tok_s:,.0f} | {tok_s / gpus:,.0f} | {fmt(row['efficiency'], '.1%')} "
-                     f"| {fmt(row['vs_bf16'], '.2f')}x | {fmt(row.get('peak_memory_gb'), '.2f')} |")
+                     f"| {fmt(row['vs_baseline'], '.2f')}x | {fmt(row.get('peak_memory_gb'), '.2f')} |")
     return lines, rows
 
 
@@ -181,7 +194,7 @@ def resume_table(jobs: list[Job]) -> tuple[list[str], list[dict]]:
         whole = job.after[0]
         recipe = whole.args[whole.args.index("--quantize") + 1]
         if job.status != 0:
-            lines.append(f"| {recipe} | {job.gpus} GPU(s) | failed (exit {job.status}) | | |")
+            lines.append(f"| {recipe} | {job.gpus} GPU(s) | {outcome(job.status)} | | |")
             continue
         reference, resumed = logged_losses(whole.run_dir), logged_losses(job.run_dir)
         steps = sorted(s for s in resumed if s > RESUME_STEPS // 2 and s in reference)
@@ -203,19 +216,24 @@ def main() -> None:
     parser.add_argument("--runs_dir", type=Path, default=Path("runs/bench_scaling"))
     parser.add_argument("--output", type=Path, default=REPO / "docs/scaling.md")
     parser.add_argument("--timeout_s", type=int, default=300, help="limit of each run")
+    parser.add_argument("--time_budget_s", type=float, default=float("inf"), help="start no run after this")
+    parser.add_argument("--cpu_processes", type=int, default=0,
+                        help="without a GPU: run on this many CPU processes (gloo), to try the script on a tiny config")
     parser.add_argument("--extra_args", nargs=argparse.REMAINDER, default=[], help="more llm_pretrain.py flags")
     args = parser.parse_args()
     import torch
 
-    n_gpus = torch.cuda.device_count()
+    n_gpus = torch.cuda.device_count() or args.cpu_processes
     if max(args.gpus) > n_gpus:
-        raise SystemExit(f"error: --gpus {max(args.gpus)} but this machine has {n_gpus} GPU(s)")
+        raise SystemExit(f"error: --gpus {max(args.gpus)} but this machine has {n_gpus} GPU(s) (--cpu_processes "
+                         "on a machine without one)")
     per_gpu_batch = yaml.safe_load(args.config.read_text())["batch_size"]
     scaling = scaling_jobs(args, per_gpu_batch) if args.recipes else []
     resume = resume_jobs(args, yaml.safe_load(args.resume_config.read_text())["batch_size"]) if args.resume_recipes else []
-    run_jobs(scaling + resume, n_gpus, args.timeout_s)
+    run_jobs(scaling + resume, n_gpus, args.timeout_s, args.time_budget_s)
 
-    device = f"{n_gpus} x {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    device = (f"{n_gpus} x {torch.cuda.get_device_name()}" if torch.cuda.is_available() else
+              f"{n_gpus} CPU processes") + f", torch {torch.__version__}"
     lines = [f"Command: `{' '.join(sys.argv)}`", "", f"Machine: {device}.", ""]
     results = {"device": device, "argv": sys.argv}
     if scaling:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from qt.training.config import ConfigError, write_atomically
+from qt.training.epochs import micro_batches_after_resume, position_state
 
 FORMAT = "qt-token-shards-v1"
 TOKEN_DTYPES = ("uint16", "uint32")
@@ -187,10 +188,10 @@ class RandomWindows:
         return _to_device(windows, self.device)
 
     def state_dict(self) -> dict:
-        return {"micro_batches_drawn": self.micro_batches_drawn}
+        return position_state(self.micro_batches_drawn, self.grad_accum)
 
     def load_state_dict(self, state: dict) -> None:
-        self.micro_batches_drawn = state["micro_batches_drawn"]
+        self.micro_batches_drawn = micro_batches_after_resume(state, self.grad_accum)
 
 
 def validation_batches(shards: TokenShards, seq_len: int, n_tokens: int, micro_batch_size: int, *,

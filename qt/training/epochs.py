@@ -1,4 +1,5 @@
-"""Which examples each micro-batch holds, epoch after epoch, for fine-tuning on a finite dataset."""
+"""Which examples each micro-batch holds, epoch after epoch, for fine-tuning on a finite dataset; and a batch
+iterator's position in a checkpoint, in optimizer steps (any --grad_accum can continue it)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,21 @@ from qt.training.config import ConfigError
 # Length bucketing sorts examples by length within windows of this many global batches: large enough that
 # a batch's examples have similar lengths, small enough that batches stay a random mix of the data.
 BUCKET_WINDOW_BATCHES = 64
+
+
+def position_state(micro_batches_drawn: int, grad_accum: int) -> dict:
+    """A batch iterator's position in a checkpoint: micro-batches drawn, and how many make a step."""
+    return {"micro_batches_drawn": micro_batches_drawn, "grad_accum": grad_accum}
+
+
+def micro_batches_after_resume(state: dict, grad_accum: int) -> int:
+    """The micro-batches to count as drawn when a run resumes from `state` with `grad_accum` micro-steps a
+    step: the same number of optimizer steps, whatever --grad_accum the checkpoint was written with (a resume
+    on fewer GPUs may take more micro-steps; checkpoints written before the state held it kept it unchanged)."""
+    steps, partial = divmod(state["micro_batches_drawn"], state.get("grad_accum", grad_accum))
+    if partial:
+        raise ValueError(f"a data position {state} inside an optimizer step cannot be resumed")
+    return steps * grad_accum
 
 
 class EpochSampler:

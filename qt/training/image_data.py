@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qt.training.config import ConfigError
-from qt.training.epochs import EpochSampler
+from qt.training.epochs import EpochSampler, micro_batches_after_resume, position_state
 from qt.training.hub import hub_error, is_local_path, use_cache_if_hub_unreachable
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -136,10 +136,10 @@ class ImageBatches:
         return images.to(self.device, self.dtype, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
-        return {"micro_batches_drawn": self.micro_batches_drawn}
+        return position_state(self.micro_batches_drawn, self.sampler.grad_accum)
 
     def load_state_dict(self, state: dict) -> None:
-        self.micro_batches_drawn, self._loader = state["micro_batches_drawn"], None
+        self.micro_batches_drawn, self._loader = micro_batches_after_resume(state, self.sampler.grad_accum), None
 
 
 def validation_loader(dataset: Dataset, micro_batch_size: int, *, rank: int, world_size: int,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from qt.training.config import ConfigError
-from qt.training.epochs import EpochSampler
+from qt.training.epochs import EpochSampler, micro_batches_after_resume, position_state
 from qt.training.hub import hub_error, is_local_path, use_cache_if_hub_unreachable
 
 IGNORE_INDEX = -100  # label of the prompt and padding positions: cross_entropy skips it
@@ -168,10 +168,10 @@ class InstructBatches:
         return collate([self.examples[i] for i in indices], self.pad_id, self.device)
 
     def state_dict(self) -> dict:
-        return {"micro_batches_drawn": self.micro_batches_drawn}
+        return position_state(self.micro_batches_drawn, self.sampler.grad_accum)
 
     def load_state_dict(self, state: dict) -> None:
-        self.micro_batches_drawn = state["micro_batches_drawn"]
+        self.micro_batches_drawn = micro_batches_after_resume(state, self.sampler.grad_accum)
 
 
 def validation_batches(examples: list[Example], micro_batch_size: int, *, rank: int, world_size: int,

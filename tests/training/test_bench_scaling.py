@@ -1,0 +1,35 @@
+"""scripts/bench_scaling.py on CPU processes (gloo): its runs, its tables, and a resume on fewer processes."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+from conftest import REPO
+
+TINY = {"model": "tiny", "seq_len": 64, "batch_size": 8, "n_steps": 6, "lr": 3e-3, "warmup_steps": 2,
+        "dtype": "fp32", "log_interval": 2, "eval_interval": 0, "save_checkpoints": False, "wandb": "disabled"}
+
+
+def test_scaling_and_resume_on_fewer_processes(tmp_path, dataset_dir):
+    config, resume_config = tmp_path / "scaling.yaml", tmp_path / "resume.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    resume_config.write_text(yaml.safe_dump({**TINY, "batch_size": 16}))
+    output = tmp_path / "scaling.md"
+    subprocess.run([sys.executable, "scripts/bench_scaling.py", "--dataset_dir", str(dataset_dir), "--config",
+                    str(config), "--gpus", "1", "2", "--cpu_processes", "2", "--recipes", "fp32",
+                    "int8_mixed_precision", "--resume_config", str(resume_config), "--resume_recipes",
+                    "int8_mixed_precision", "--runs_dir", str(tmp_path / "runs"), "--output", str(output)],
+                   cwd=REPO, check=True, timeout=600)
+    results = json.loads(output.with_suffix(".json").read_text())
+    scaling = {(row["recipe"], row["gpus"]): row for row in results["scaling"]}
+    assert set(scaling) == {("fp32", 1), ("fp32", 2), ("int8_mixed_precision", 1), ("int8_mixed_precision", 2)}
+    for row in scaling.values():
+        assert row["status"] == 0 and row["tok_s"] > 0 and row["efficiency"] > 0
+    assert scaling[("fp32", 1)]["efficiency"] == 1.0 and scaling[("fp32", 2)]["vs_baseline"] == 1.0
+    # 40 steps on 2 processes, then from the checkpoint at step 20 on 1 (two micro-steps a step): the same
+    # global batch, so the same losses up to the order of the reductions.
+    (resumed,) = results["resume"]
+    assert resumed["gpus"] == 1 and resumed["steps"] == [25, 30, 35, 40]
+    assert resumed["max_abs_diff"] < 1e-3
+    assert "| int8_mixed_precision | 1 GPU(s) | 25-40 |" in output.read_text()
