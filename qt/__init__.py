@@ -6,7 +6,7 @@
 
 from qt import optim
 from qt.config import RecipeConfig
-from qt.quantize import quantization_summary, quantize_, resolve_recipe
+from qt.quantize import SMALL_LINEAR_MIN_SHAPE, MinShape, quantization_summary, quantize_, resolve_recipe
 from qt.recipes import (
     RECIPES,
     BitNetConfig,
@@ -18,9 +18,11 @@ from qt.subclass import QuantizedWeight
 
 __all__ = [
     "RECIPES",
+    "SMALL_LINEAR_MIN_SHAPE",
     "BitNetConfig",
     "Int8MixedPrecisionConfig",
     "Int8WeightOnlyConfig",
+    "MinShape",
     "QuantizedWeight",
     "RecipeConfig",
     "convert_llama_to_bitnet",

@@ -87,6 +87,9 @@ class TrainConfig:
                                  "in --dtype's compute dtype")
     quantize_kwargs: dict = flag({}, "recipe arguments as JSON, e.g. '{\"grad_weight\": false}'")
     quantize_lm_head: bool = flag(False, "also quantize the output layer")
+    quantize_small_linears: bool = flag(False, "also quantize the linears too small for the recipe to be faster "
+                                               "than the baseline on a GPU (qt.SMALL_LINEAR_MIN_SHAPE), which "
+                                               "otherwise stay in the compute dtype")
     dtype: str = flag("auto", "weights: bf16, fp32, or fp32_master (fp32 weights, bf16 compute); "
                               "auto = bf16 on GPU, fp32 on CPU", ("auto", "bf16", "fp32", "fp32_master"))
     compile: bool = flag(False, "torch.compile each block")
@@ -351,7 +354,7 @@ def merge_for_resume(cfg, explicit: set[str], saved: dict):
         raise ConfigError(f"cannot resume with a different config ({details}); a resume may change only "
                           f"{', '.join('--' + k for k in RETUNABLE_ON_RESUME)} and the logging and checkpoint "
                           f"flags: drop the others to continue the run, or start a new run with another --run_dir")
-    merged = {k: v for k, v in saved.items() if k in current}
+    merged = {k: v for k, v in {**SETTINGS_BEFORE_THEY_EXISTED, **saved}.items() if k in current}
     merged.update({k: current[k] for k in explicit & may_change})
     return type(cfg)(**merged)
 
