@@ -109,6 +109,8 @@ def is_baseline(quantize: str) -> bool:
 # Settings that may differ when a run is resumed: they change neither the model nor the loss curve.
 RESUMABLE_CHANGES = {"run_dir", "resume", "wandb", "project", "run_name", "log_interval", "eval_interval",
                      "ckpt_interval", "keep_checkpoints", "save_checkpoints", "profile"}
+# What a run saved before a setting existed did, where that is not the setting's default.
+SETTINGS_BEFORE_THEY_EXISTED = {"quantize_small_linears": True}
 # The optimisation settings a user changes after a divergence: a resume may change them too (the loop notes it in
 # the log); the continued loss curve then differs from the original run's, on purpose.
 RETUNABLE_ON_RESUME = ("lr", "clip_grad_norm", "warmup_steps", "schedule", "decay_fraction", "min_lr_ratio")
