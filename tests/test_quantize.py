@@ -210,3 +210,48 @@ def test_a_layer_quantized_later_no_longer_reports_why_it_was_left(size_rule_on_
     qt.quantize_(model, "int8_mixed_precision", filter_fn=lambda m, name: name != "at")
     assert quantized_names(model) == set(model.keys())
     assert qt.quantization_summary(model) == "int8_mixed_precision on 4 of 4 linears"
+
+
+# qt.sqnr.forward_sqnr: the forward SQNR of a model's quantized linear against its unquantized twin.
+def sqnr_model(recipe=None, **kwargs):
+    """Linears of 64 x 96, 96 x 128 (the largest) and 128 x 48, in BF16."""
+    model = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 128), nn.Linear(128, 48)).to(torch.bfloat16)
+    return qt.quantize_(model, recipe, filter_fn=lambda m, n: True, **kwargs) if recipe else model
+
+
+def test_forward_sqnr_compares_the_largest_quantized_linear_with_its_float64_twin():
+    from qt.sqnr import forward_sqnr, random_input, sqnr_db
+    model = sqnr_model("int8_mixed_precision")
+    result = forward_sqnr(model)
+    linear = model[1]
+    x = random_input(96, 256, torch.device("cpu"), torch.bfloat16)
+    with torch.no_grad():
+        twin = torch.nn.functional.linear(x.double(), linear.weight.master.double(), linear.bias.double())
+        assert result == qt.sqnr.ForwardSQNR("1", sqnr_db(linear(x), twin), quantized=True)
+    assert 30 < result.db < 45  # INT8 activations and weights, row-wise: ~40 dB on normal data
+    assert str(result) == f"forward SQNR of 1 vs its unquantized twin: {result.db:.1f} dB"
+
+
+@pytest.mark.parametrize("recipe, kwargs, low, high", [
+    (None, {}, 50, 60),  # BF16 rounding alone: what a path that silently stopped quantizing shows
+    ("int8_mixed_precision", {"output": False}, 50, 60),  # the forward in BF16: flagged too
+    ("int8_mixed_precision", {"stochastic_rounding": True}, 30, 45),
+    ("int8_weight_only", {}, 35, 48),
+    ("int8_weight_only", {"int8_activations": True}, 30, 45),
+    ("bitnet", {}, 0, 15)])
+def test_forward_sqnr_per_recipe_is_below_the_not_quantized_line_only_when_the_forward_quantizes(
+        recipe, kwargs, low, high):
+    from qt.sqnr import NOT_QUANTIZED_DB, forward_sqnr
+    model = sqnr_model(recipe, **kwargs)
+    rng = torch.random.get_rng_state()
+    result = forward_sqnr(model)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # stochastic rounding drew from a forked RNG
+    assert low < result.db < high and (result.db >= NOT_QUANTIZED_DB) == (low >= NOT_QUANTIZED_DB)
+    assert result.quantized == (recipe is not None) and result.layer == "1"
+    # int8_weight_only keeps no high-precision weight to compare with: its recipe quantizes a random one.
+    assert result.stand_in == (recipe == "int8_weight_only")
+
+
+def test_forward_sqnr_of_a_model_without_linears_is_none():
+    from qt.sqnr import forward_sqnr
+    assert forward_sqnr(nn.Sequential(nn.ReLU())) is None
