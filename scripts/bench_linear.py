@@ -15,12 +15,14 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qt  # noqa: E402
+from qt.sqnr import sqnr_db  # noqa: E402
 
 SHAPES = [(2048, 2048), (2048, 256), (2048, 5632), (5632, 2048)]  # (in_features K, out_features N), TinyLlama-1.1B
 
@@ -59,9 +61,17 @@ def torchao_cases():
     return cases
 
 
-def bench(fn, warmup=10, iters=50):
+def bench(fn, warmup=10, iters=50, cuda=True):
+    """Median ms of fn(): timed with CUDA events, or with the wall clock where `cuda` is off (CPU smoke runs)."""
     for _ in range(warmup):
         fn()
+    if not cuda:
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[len(times) // 2]
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
@@ -81,11 +91,6 @@ def print_kernel_times(step, title, steps=5):
         torch.cuda.synchronize()
     print(f"CUDA kernels of {title}, {steps} steps:")
     print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
-
-
-def sqnr_db(actual, expected):
-    noise = (actual.float() - expected.float()).norm()
-    return (20 * torch.log10(expected.float().norm() / noise)).item()
 
 
 def main():
