@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 from torch import nn
@@ -61,17 +60,9 @@ def torchao_cases():
     return cases
 
 
-def bench(fn, warmup=10, iters=50, cuda=True):
-    """Median ms of fn(): timed with CUDA events, or with the wall clock where `cuda` is off (CPU smoke runs)."""
+def bench(fn, warmup=10, iters=50):
     for _ in range(warmup):
         fn()
-    if not cuda:
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return sorted(times)[len(times) // 2]
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
