@@ -7,6 +7,7 @@
 from qt import optim
 from qt.config import RecipeConfig
 from qt.quantize import SMALL_LINEAR_MIN_SHAPE, MinShape, quantization_summary, quantize_, resolve_recipe
+from qt.sqnr import forward_sqnr
 from qt.recipes import (
     RECIPES,
     BitNetConfig,
@@ -26,6 +27,7 @@ __all__ = [
     "QuantizedWeight",
     "RecipeConfig",
     "convert_llama_to_bitnet",
+    "forward_sqnr",
     "quantization_summary",
     "quantize_",
     "optim",

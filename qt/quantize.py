@@ -54,8 +54,8 @@ class MinShape:
 # 768-wide layers (llama-120m, 16k tokens a step) the recipes ran at 0.67-0.76x BF16, with 2048-wide ones
 # (TinyLlama-1.1B) at 0.85-0.92x while their INT8 matmuls alone ran at 1.22-1.58x cuBLAS BF16: 1024 keeps the
 # 768-wide layers in BF16 and quantizes the 2048-wide ones (TinyLlama's 256-wide k/v projections stay in BF16).
-# The lead replaces these with the per-layer measurement of `python scripts/bench_small_layers.py --out DIR` on
-# the device (it prints the MinShape to paste here for each recipe).
+# The lead replaces these with the per-layer measurement of scripts/bench_small_layers.py on the device (it
+# prints the MinShape to paste here for each recipe).
 SMALL_LINEAR_MIN_SHAPE: dict[str, MinShape] = {
     "int8_mixed_precision": MinShape(in_features=1024, out_features=1024),
     "int8_weight_only": MinShape(in_features=1024, out_features=1024),
