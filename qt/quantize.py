@@ -45,10 +45,9 @@ class MinShape:
 
 
 # Below these shapes a recipe's quantized linear costs more than it saves (its quantize passes read tokens x (K + N)
-# elements and its launches cost the same at any size, its matmul saves in proportion to tokens x K x N), so
-# `quantize_` leaves the linear in the compute dtype
-# by default (`min_shape="auto"`; `min_shape=None` quantizes every linear). Measured on CUDA GPUs only
-# (SMALL_LINEAR_DEVICES): on the CPU every linear is quantized.
+# elements and its launches cost the same at any size, its matmul saves in proportion to tokens x K x N), so by
+# default (`min_shape="auto"`) `quantize_` leaves such a linear in the compute dtype. Measured on CUDA GPUs only
+# (SMALL_LINEAR_DEVICES): on the CPU every linear is quantized, and so is every linear of a recipe without a row.
 #
 # Source, provisional: whole-model training on one H100 (docs/benchmarks.md, speed round 1, torch 2.11): with
 # 768-wide layers (llama-120m, 16k tokens a step) the recipes ran at 0.67-0.76x BF16, with 2048-wide ones
