@@ -153,9 +153,10 @@ def train_row(spec: dict) -> dict:
             ends.append(time.perf_counter())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        times = [a.elapsed_time(b) / 1e3 for a, b in zip(ends[spec["warmup"] - 1:], ends[spec["warmup"]:])]
+        step_times = [a.elapsed_time(b) / 1e3 for a, b in zip(ends, ends[1:])]  # of steps 2, 3, ...
     else:
-        times = [b - a for a, b in zip(ends[spec["warmup"] - 1:], ends[spec["warmup"]:])]
+        step_times = [b - a for a, b in zip(ends, ends[1:])]
+    times = step_times[spec["warmup"] - 1:]  # the steps after the warmup
     losses = torch.stack(losses).float().tolist()
     return {"tokens_per_second": spec["batch_size"] * spec["seq_len"] / statistics.median(times),
             "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
