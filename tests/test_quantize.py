@@ -153,7 +153,7 @@ def test_by_default_a_linear_below_the_recipes_min_shape_on_either_dimension_sta
 
 def test_every_recipe_has_measured_thresholds():
     """A new recipe (FP8...) must come with its row, measured by scripts/bench_small_layers.py."""
-    assert set(qt.SMALL_LINEAR_MIN_SHAPE) == set(qt.RECIPES)
+    assert set(qt.RECIPES) <= set(qt.SMALL_LINEAR_MIN_SHAPE)
 
 
 def test_on_the_cpu_the_rule_is_not_applied():
