@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from qt.sqnr import forward_sqnr
 from qt.training.checkpoint import Checkpointer, RunDirLock, refuse_existing_run
 from qt.training.config import RETUNABLE_ON_RESUME, TrainingError, save_config
-from qt.training.distributed import Dist, all_reduce_sum, autocast, gradient_sync, unwrap
+from qt.training.distributed import Dist, all_reduce_sum, autocast, barrier, gradient_sync, unwrap
 from qt.training.metrics import MetricsLogger, peak_flops, read_metrics
 from qt.training.optimizer import lr_at
 
@@ -192,6 +192,7 @@ def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cf
     if not cfg.resume:
         refuse_existing_run(run_dir)
     continuing = (run_dir / "config.yaml").is_file()
+    barrier()  # every rank has looked before rank 0 writes config.yaml: a slower one would take it for another run
     restored = checkpointer.load(model, optimizer) if cfg.resume else None
     step, extra = (restored.step, restored.extra) if restored else (0, {})
     if restored:  # also for a finished run: the scripts tell it from a stopped one by the batches drawn
