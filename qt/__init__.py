@@ -6,7 +6,8 @@
 
 from qt import optim
 from qt.config import RecipeConfig
-from qt.quantize import quantization_summary, quantize_, resolve_recipe
+from qt.quantize import SMALL_LINEAR_MIN_SHAPE, MinShape, quantization_summary, quantize_, resolve_recipe
+from qt.sqnr import forward_sqnr
 from qt.recipes import (
     RECIPES,
     BitNetConfig,
@@ -19,13 +20,16 @@ from qt.subclass import QuantizedWeight
 
 __all__ = [
     "RECIPES",
+    "SMALL_LINEAR_MIN_SHAPE",
     "BitNetConfig",
     "Fp8MixedPrecisionConfig",
     "Int8MixedPrecisionConfig",
     "Int8WeightOnlyConfig",
+    "MinShape",
     "QuantizedWeight",
     "RecipeConfig",
     "convert_llama_to_bitnet",
+    "forward_sqnr",
     "quantization_summary",
     "quantize_",
     "optim",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import re
 import types
 from typing import Callable
 
@@ -18,6 +20,50 @@ logger = logging.getLogger(__name__)
 
 # Last name component of the output layer in common model families (HF LMs, timm, torchvision).
 _HEAD_NAMES = {"lm_head", "head", "classifier", "fc", "output"}
+
+
+@dataclasses.dataclass(frozen=True)
+class MinShape:
+    """The smallest linear a recipe quantizes by default: `in_features` (K, the dimension the forward
+    matmul reduces) and `out_features` (N) both at least these."""
+
+    in_features: int
+    out_features: int
+
+    def __post_init__(self):
+        for name in ("in_features", "out_features"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise TypeError(f"min_shape: {name} must be an integer >= 0, not {value!r}")
+
+    def shortfall(self, linear: nn.Linear) -> str | None:
+        """Which dimensions of `linear` fall below these (e.g. "K=768 < 1024"), or None when none does."""
+        out_features, in_features = linear.weight.shape
+        short = [f"{dim}={size} < {least}" for dim, size, least in
+                 (("K", in_features, self.in_features), ("N", out_features, self.out_features)) if size < least]
+        return ", ".join(short) or None
+
+
+# Below these shapes a recipe's quantized linear costs more than it saves (its quantize passes read tokens x (K + N)
+# elements and its launches cost the same at any size, its matmul saves in proportion to tokens x K x N), so by
+# default (`min_shape="auto"`) `quantize_` leaves such a linear in the compute dtype. Measured on CUDA GPUs only
+# (SMALL_LINEAR_DEVICES): on the CPU every linear is quantized, and so is every linear of a recipe without a row.
+#
+# Source, provisional: whole-model training on one H100 (docs/benchmarks.md, speed round 1, torch 2.11): with
+# 768-wide layers (llama-120m, 16k tokens a step) the recipes ran at 0.67-0.76x BF16, with 2048-wide ones
+# (TinyLlama-1.1B) at 0.85-0.92x while their INT8 matmuls alone ran at 1.22-1.58x cuBLAS BF16: 1024 keeps the
+# 768-wide layers in BF16 and quantizes the 2048-wide ones (TinyLlama's 256-wide k/v projections stay in BF16).
+# fp8_mixed_precision (on the main branch) is not measured yet: the same thresholds, which agree with torchao's
+# float8 filter measured on H100 (it keeps layers with K <= 4096 and N <= 1024 in BF16: the 768-wide square ones,
+# TinyLlama's k/v projections). The lead replaces these with the per-layer measurement of
+# scripts/bench_small_layers.py on the device (it prints the MinShape to paste here for each recipe).
+SMALL_LINEAR_MIN_SHAPE: dict[str, MinShape] = {
+    "int8_mixed_precision": MinShape(in_features=1024, out_features=1024),
+    "int8_weight_only": MinShape(in_features=1024, out_features=1024),
+    "bitnet": MinShape(in_features=1024, out_features=1024),
+    "fp8_mixed_precision": MinShape(in_features=1024, out_features=1024),
+}
+SMALL_LINEAR_DEVICES = ("cuda",)
 
 
 def resolve_recipe(recipe: str | RecipeConfig, **kwargs) -> RecipeConfig:
@@ -37,6 +83,7 @@ def quantize_(
     *,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     include_head: bool = False,
+    min_shape: MinShape | tuple[int, int] | str | None = "auto",
     skip_incompatible: bool = False,
     **recipe_kwargs,
 ) -> nn.Module:
@@ -45,39 +92,74 @@ def quantize_(
     `recipe` is a name from `qt.RECIPES` (options as keywords) or a config instance.
     `filter_fn(module, name)` picks the linears; by default all of them except the output head
     (`get_output_embeddings()` / `get_classifier()`, or a module named like a head), which
-    `include_head=True` adds back. A linear the recipe cannot take raises a ValueError naming it,
-    unless `skip_incompatible=True`, which logs the reason and leaves it alone. Returns `model`.
+    `include_head=True` adds back, and except the linears too small for the recipe to be faster than
+    the compute dtype: `min_shape="auto"` leaves a linear on a GPU in high precision when its
+    in_features (K) or out_features (N) is below the recipe's `SMALL_LINEAR_MIN_SHAPE`;
+    `min_shape=(K, N)` sets your own; `min_shape=None` quantizes every linear whatever its size. With
+    a `filter_fn`, your filter decides alone unless you also pass `min_shape=(K, N)`.
+    A linear the recipe cannot take raises a ValueError naming it, unless `skip_incompatible=True`,
+    which logs the reason and leaves it alone. Each linear left alone records why
+    (`quantization_summary` lists them). Returns `model`.
     """
     config = resolve_recipe(recipe, **recipe_kwargs)
+    too_small_for_recipe = _size_rule(min_shape, config, by_default=filter_fn is None)
     heads = _head_modules(model)
     shared = _shared_weights(model)
-    targets = []
+    targets, left = [], {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        if filter_fn is not None:
-            if not filter_fn(module, name):
-                continue
-        elif module in heads and not include_head:
+        if filter_fn is not None and not filter_fn(module, name):
+            left[module] = "excluded by filter_fn"
+            continue
+        if filter_fn is None and module in heads and not include_head:
+            left[module] = "output head"
+            continue
+        too_small = too_small_for_recipe(module)
+        if too_small:
+            left[module] = f"too small for {config.name}: {too_small}"
             continue
         reason = _incompatibility(config, module, shared)
         if reason is None:
             targets.append(module)
         elif skip_incompatible:
             logger.warning("quantize_: skipping %s: %s", name, reason)
+            left[module] = f"incompatible: {reason}"
         else:
             raise ValueError(
                 f"quantize_ cannot apply '{config.name}' to linear '{name}': {reason}. "
                 "Exclude it with filter_fn, or pass skip_incompatible=True to leave it unquantized."
             )
     # Swapped only once every linear passed its checks, so an error leaves the model as it was.
+    for module, reason in left.items():
+        if not isinstance(module.weight, QuantizedWeight):  # one quantized by an earlier call keeps its recipe
+            module.qt_unquantized_reason = reason
     for module in targets:
         weight = module.weight
         module.weight = nn.Parameter(config.quantize_weight(weight.detach()), requires_grad=weight.requires_grad)
         module.qt_recipe = config
+        module.__dict__.pop("qt_unquantized_reason", None)
         module.extra_repr = types.MethodType(_quantized_linear_repr, module)
         module._register_load_state_dict_pre_hook(functools.partial(_quantize_loaded_weight, config))
     return model
+
+
+def _size_rule(min_shape, config: RecipeConfig, by_default: bool) -> Callable[[nn.Linear], str | None]:
+    """The size rule of `quantize_(min_shape=...)`: linear -> why it is too small, or None."""
+    if min_shape == "auto":
+        table = SMALL_LINEAR_MIN_SHAPE.get(config.name) if by_default else None
+        if table is None:
+            return lambda linear: None
+        return lambda linear: (table.shortfall(linear) if linear.weight.device.type in SMALL_LINEAR_DEVICES
+                               else None)
+    if min_shape is None:
+        return lambda linear: None
+    if isinstance(min_shape, (tuple, list)) and len(min_shape) == 2:
+        min_shape = MinShape(*min_shape)
+    if not isinstance(min_shape, MinShape):
+        raise TypeError(f"min_shape={min_shape!r}: pass \"auto\" (the recipe's measured thresholds), "
+                        f"(in_features, out_features), or None (quantize every linear)")
+    return min_shape.shortfall
 
 
 def _quantize_loaded_weight(config: RecipeConfig, state_dict, prefix, *args) -> None:
@@ -89,10 +171,12 @@ def _quantize_loaded_weight(config: RecipeConfig, state_dict, prefix, *args) -> 
 
 
 def quantization_summary(model: nn.Module, max_listed: int = 6) -> str:
-    """One line: how many of the model's linears run which recipe, and which stay in high precision."""
+    """One line: how many of the model's linears run which recipe, and which stay in high precision and why.
+    The linears left are grouped by reason and by name with layer numbers as `*`, so a deep model takes no
+    more room than a shallow one."""
     heads = _head_modules(model)
     recipes: dict[str, int] = {}
-    left = []
+    left: dict[str, dict[str | None, list[str]]] = {}  # reason -> its detail -> names
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, module in linears:
         if isinstance(module.weight, QuantizedWeight):
@@ -100,11 +184,33 @@ def quantization_summary(model: nn.Module, max_listed: int = 6) -> str:
             key = recipe.name if recipe is not None else type(module.weight).__name__
             recipes[key] = recipes.get(key, 0) + 1
         else:
-            left.append(f"{name} (output head)" if module in heads else name)
+            # quantize_ records "reason" or "reason: detail"; a linear it never saw may still be a head.
+            reason, _, detail = getattr(module, "qt_unquantized_reason",
+                                        "output head" if module in heads else "not quantized").partition(": ")
+            left.setdefault(reason, {}).setdefault(detail or None, []).append(name)
     quantized = ", ".join(f"{recipe} on {count}" for recipe, count in recipes.items()) or "no recipe"
-    listed = ", ".join(left[:max_listed]) + (f" and {len(left) - max_listed} more" if len(left) > max_listed else "")
-    return (f"{quantized} of {len(linears)} linears"
-            + (f"; left in high precision: {listed}" if left else ""))
+    groups = []
+    for reason, details in left.items():
+        parts = []
+        for detail, names in details.items():
+            listed = names[0] if len(names) == 1 else f"{len(names)} x {_name_patterns(names, max_listed)}"
+            parts.append(f"{listed} ({detail})" if detail else listed)
+        groups.append(f"{reason}: {', '.join(parts)}")
+    return f"{quantized} of {len(linears)} linears" + (f"; left in high precision: {'; '.join(groups)}" if groups else "")
+
+
+def _name_patterns(names: list[str], max_listed: int) -> str:
+    """Module names with their layer numbers as `*`, each once, the prefix they share written once:
+    `model.layers.*.mlp.{gate_proj, up_proj}`."""
+    patterns = [p.split(".") for p in dict.fromkeys(re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name) for name in names)]
+    shared = 0
+    while len(patterns) > 1 and all(len(p) > shared + 1 and p[shared] == patterns[0][shared] for p in patterns):
+        shared += 1
+    tails = [".".join(p[shared:]) for p in patterns]
+    listed = ", ".join(tails[:max_listed]) + (f", {len(tails) - max_listed} more" if len(tails) > max_listed else "")
+    if len(tails) == 1:
+        return listed
+    return ".".join(patterns[0][:shared]) + ".{" + listed + "}" if shared else listed
 
 
 def _quantized_linear_repr(linear: nn.Linear) -> str:

@@ -21,6 +21,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qt  # noqa: E402
+from qt.sqnr import sqnr_db  # noqa: E402
 
 SHAPES = [(2048, 2048), (2048, 256), (2048, 5632), (5632, 2048)]  # (in_features K, out_features N), TinyLlama-1.1B
 
@@ -81,11 +82,6 @@ def print_kernel_times(step, title, steps=5):
         torch.cuda.synchronize()
     print(f"CUDA kernels of {title}, {steps} steps:")
     print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
-
-
-def sqnr_db(actual, expected):
-    noise = (actual.float() - expected.float()).norm()
-    return (20 * torch.log10(expected.float().norm() / noise)).item()
 
 
 def main():

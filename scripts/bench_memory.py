@@ -105,7 +105,7 @@ def _build_model(shape: str, weights: str, device: torch.device) -> torch.nn.Mod
         model = LlamaForCausalLM(config)
     model = model.to(torch.float32 if weights == "fp32" else torch.bfloat16)
     if weights not in ("fp32", "bf16"):
-        qt.quantize_(model, weights)
+        qt.quantize_(model, weights, min_shape=None)  # the memory of every linear's recipe, small ones too
     # Every decoder layer; transformers 5 renamed gradient_checkpointing_enable.
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

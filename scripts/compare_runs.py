@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch  # noqa: E402
 
+from qt.sqnr import NOT_QUANTIZED_DB, sqnr_cell  # noqa: E402
 from qt.training.config import ConfigError, is_baseline, one_line_errors  # noqa: E402
 from qt.training.data import TokenShards, unigram_entropy  # noqa: E402
 from qt.training.metrics import recipe_label  # noqa: E402
@@ -110,13 +111,19 @@ def summarize(run: dict) -> dict:
     # The first interval includes compilation and warmup: leave it out of the speed when there are others.
     speeds = [r["tokens_per_second"] for r in train[1:] or train]
     memory = [r["max_memory_allocated_gb"] for r in train if r.get("max_memory_allocated_gb") is not None]
+    sqnr = [r["forward_sqnr_db"] for r in run["records"] if r.get("forward_sqnr_db") is not None]
     return {"loss": train[-1]["loss"] if train else None, "val_loss": val[-1]["val_loss"] if val else None,
             "tokens": run["records"][-1]["tokens_seen"], "tokens_per_second": statistics.median(speeds) if speeds else None,
-            "memory_gb": max(memory) if memory else None}
+            "memory_gb": max(memory) if memory else None, "forward_sqnr_db": sqnr[-1] if sqnr else None}
 
 
 def label(run: dict) -> str:
     return run["name"] if run["name"] == run["recipe"] else f"{run['name']} ({run['recipe']})"
+
+
+SQNR_NOTE = ("Forward SQNR: one quantized linear's output against its float64 twin, at the start of the run "
+             f"(qt.sqnr); {NOT_QUANTIZED_DB:.0f} dB or more is no more than rounding to BF16: that run did not "
+             "quantize.")
 
 
 def markdown_table(runs: list[dict], baseline: dict) -> str:
@@ -126,7 +133,7 @@ def markdown_table(runs: list[dict], baseline: dict) -> str:
         return "n/a" if value is None else format(value, spec)
 
     rows = ["| run | recipe | tokens | final loss | final val loss | val loss vs baseline | tok/s | speedup | "
-            "peak memory (GB) |", "|---|---|---|---|---|---|---|---|---|"]
+            "peak memory (GB) | forward SQNR (dB) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         s = summarize(run)
         delta = (s["val_loss"] - base["val_loss"]) if None not in (s["val_loss"], base["val_loss"]) else None
@@ -134,7 +141,8 @@ def markdown_table(runs: list[dict], baseline: dict) -> str:
                    if None not in (s["tokens_per_second"], base["tokens_per_second"]) else None)
         rows.append(f"| {run['name']} | {run['recipe']} | {s['tokens']:,} | {fmt(s['loss'], '.4f')} | "
                     f"{fmt(s['val_loss'], '.4f')} | {fmt(delta, '+.4f')} | {fmt(s['tokens_per_second'], ',.0f')} | "
-                    f"{fmt(speedup, '.2f')}x | {fmt(s['memory_gb'], '.2f')} |")
+                    f"{fmt(speedup, '.2f')}x | {fmt(s['memory_gb'], '.2f')} | "
+                    f"{sqnr_cell(s['forward_sqnr_db'], not is_baseline(run['quantize']))} |")
     return "\n".join(rows)
 
 
@@ -257,7 +265,7 @@ def main(argv=None):
     runs.insert(0, baseline)
     entropy = unigram_entropy(TokenShards(args.dataset_dir, "train")) if args.dataset_dir else None
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    report = (f"{args.note}\n\n" if args.note else "") + markdown_table(runs, baseline)
+    report = (f"{args.note}\n\n" if args.note else "") + markdown_table(runs, baseline) + f"\n\n{SQNR_NOTE}"
     if entropy is not None:
         report += (f"\n\nUnigram entropy of the training tokens: {entropy:.4f} nats/token (the loss of a model that "
                    f"knows only token frequencies).")

@@ -23,6 +23,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from anywhere without installing qt
+
+from qt.sqnr import sqnr_cell  # noqa: E402
+from qt.training.config import is_baseline  # noqa: E402
+
 WORDS = ("the model trains weights in low precision while the loss follows its baseline and every step "
          "counts tokens images gradients scales rows columns kernels memory speed").split()
 
@@ -75,8 +80,9 @@ def run(script: str, args: list[str], run_dir: Path, log: Path) -> dict:
     records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     speed_key = next(k for k in records[-1] if k.endswith("_per_second"))
     speeds = [r[speed_key] for r in records[1:]] or [records[0][speed_key]]  # the first interval compiles
-    return {"unit": speed_key, "speed": statistics.median(speeds),
-            "peak_gb": records[-1].get("max_memory_allocated_gb"), "loss": records[-1]["loss"]}
+    sqnr = [r["forward_sqnr_db"] for r in records if r.get("forward_sqnr_db") is not None]
+    return {"unit": speed_key, "speed": statistics.median(speeds), "peak_gb": records[-1].get("max_memory_allocated_gb"),
+            "loss": records[-1]["loss"], "sqnr": sqnr[0] if sqnr else None}
 
 
 def main(argv=None) -> None:
@@ -121,14 +127,15 @@ def main(argv=None) -> None:
                                                          out / f"llm-{recipe}.log")))
             print(rows[-1], flush=True)
 
-    lines = ["| script | recipe | throughput (median after the first interval) | peak memory allocated (GB) | last loss |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| script | recipe | throughput (median after the first interval) | peak memory allocated (GB) | last loss | "
+             "forward SQNR (dB) |", "| --- | --- | --- | --- | --- | --- |"]
     for script, recipe, r in rows:
         if "error" in r:
-            lines.append(f"| {script} | {recipe} | {r['error']} | | |")
+            lines.append(f"| {script} | {recipe} | {r['error']} | | | |")
         else:
             peak = f"{r['peak_gb']:.2f}" if r["peak_gb"] is not None else "n/a"
-            lines.append(f"| {script} | {recipe} | {r['speed']:,.0f} {r['unit']} | {peak} | {r['loss']:.3f} |")
+            lines.append(f"| {script} | {recipe} | {r['speed']:,.0f} {r['unit']} | {peak} | {r['loss']:.3f} | "
+                         f"{sqnr_cell(r['sqnr'], not is_baseline(recipe))} |")
     table = "\n".join(lines)
     (out / "finetune_throughput.md").write_text(table + "\n")
     print(table)

@@ -89,6 +89,9 @@ class TrainConfig:
                                  "in --dtype's compute dtype")
     quantize_kwargs: dict = flag({}, "recipe arguments as JSON, e.g. '{\"grad_weight\": false}'")
     quantize_lm_head: bool = flag(False, "also quantize the output layer")
+    quantize_small_linears: bool = flag(False, "also quantize the linears too small for the recipe to be faster "
+                                               "than the baseline on a GPU (qt.SMALL_LINEAR_MIN_SHAPE), which "
+                                               "otherwise stay in the compute dtype")
     dtype: str = flag("auto", "weights: bf16, fp32, or fp32_master (fp32 weights, bf16 compute); "
                               "auto = bf16 on GPU, fp32 on CPU", ("auto", "bf16", "fp32", "fp32_master"))
     compile: bool = flag(False, "torch.compile each block")
@@ -110,6 +113,8 @@ def is_baseline(quantize: str) -> bool:
 RESUMABLE_CHANGES = {"run_dir", "resume", "wandb", "project", "run_name", "log_interval", "eval_interval",
                      "ckpt_interval", "keep_checkpoints", "save_checkpoints", "async_checkpoint", "profile",
                      "grad_accum"}
+# What a run saved before a setting existed did, where that is not the setting's default.
+SETTINGS_BEFORE_THEY_EXISTED = {"quantize_small_linears": True}
 # The optimisation settings a user changes after a divergence: a resume may change them too (the loop notes it in
 # the log); the continued loss curve then differs from the original run's, on purpose.
 RETUNABLE_ON_RESUME = ("lr", "clip_grad_norm", "warmup_steps", "schedule", "decay_fraction", "min_lr_ratio")
@@ -355,7 +360,7 @@ def merge_for_resume(cfg, explicit: set[str], saved: dict):
         raise ConfigError(f"cannot resume with a different config ({details}); a resume may change only "
                           f"{', '.join('--' + k for k in RETUNABLE_ON_RESUME)} and the logging and checkpoint "
                           f"flags: drop the others to continue the run, or start a new run with another --run_dir")
-    merged = {k: v for k, v in saved.items() if k in current}
+    merged = {k: v for k, v in {**SETTINGS_BEFORE_THEY_EXISTED, **saved}.items() if k in current}
     merged.update({k: current[k] for k in explicit & may_change})
     return type(cfg)(**merged)
 

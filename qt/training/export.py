@@ -7,7 +7,8 @@ RUN_DIR/hf_model/ holds the tokenizer, config.json (whose `dtype` is the saved t
   that transformers' `AutoModelForCausalLM.from_pretrained` loads;
 - for bitnet, which changes the architecture (an RMSNorm before each linear), `bitnet.safetensors`: the
   converted model's latent weights in the training weight dtype (each forward ternarizes them, and rounding
-  them to BF16 could flip ternary values), and `qt_recipe` in config.json. transformers alone cannot load
+  them to BF16 could flip ternary values), and `qt_recipe` in config.json (the recipe and the linears it
+  quantized). transformers alone cannot load
   it (it finds no model.safetensors): `load_finetuned` rebuilds the BitNet model.
 
     from qt.training.export import load_finetuned
@@ -61,7 +62,9 @@ def export_finetuned(model: nn.Module, tokenizer, output_dir: Path, dist_info: D
         from safetensors.torch import save_file
         tmp.mkdir(parents=True)
         save_file(_unshared(state), tmp / BITNET_WEIGHTS, metadata={"format": "pt"})
-        hf_model.config.qt_recipe = {"name": recipe, "include_head": include_head}
+        # The linears the run quantized, by name: the size rule of quantize_ depends on the device it ran on.
+        quantized = [name for name, m in hf_model.named_modules() if getattr(m, "qt_recipe", None) is not None]
+        hf_model.config.qt_recipe = {"name": recipe, "include_head": include_head, "linears": quantized}
     else:
         hf_model.save_pretrained(tmp, state_dict=state)
     # save_pretrained writes the in-memory model's dtype into config.json (FP32 weights on a CPU), not the
@@ -105,5 +108,9 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         qt.convert_llama_to_bitnet(model)
         model.load_state_dict(load_file(folder / BITNET_WEIGHTS))
-        qt.quantize_(model, recipe["name"], include_head=recipe["include_head"])
+        if "linears" in recipe:
+            quantized = set(recipe["linears"])
+            qt.quantize_(model, recipe["name"], filter_fn=lambda module, name: name in quantized)
+        else:  # exported before the names were recorded, when every linear but perhaps the head was quantized
+            qt.quantize_(model, recipe["name"], include_head=recipe["include_head"], min_shape=None)
     return model.to(device).eval(), AutoTokenizer.from_pretrained(folder)

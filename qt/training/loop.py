@@ -20,9 +20,10 @@ import torch
 import torch.distributed as torch_dist
 from torch.distributed.tensor import DTensor
 
+from qt.sqnr import forward_sqnr
 from qt.training.checkpoint import Checkpointer, RunDirLock, refuse_existing_run
 from qt.training.config import RETUNABLE_ON_RESUME, TrainingError, save_config
-from qt.training.distributed import Dist, all_reduce_sum, autocast, gradient_sync
+from qt.training.distributed import Dist, all_reduce_sum, autocast, barrier, gradient_sync, unwrap
 from qt.training.metrics import MetricsLogger, peak_flops, read_metrics
 from qt.training.optimizer import lr_at
 
@@ -191,6 +192,7 @@ def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cf
     if not cfg.resume:
         refuse_existing_run(run_dir)
     continuing = (run_dir / "config.yaml").is_file()
+    barrier()  # every rank has looked before rank 0 writes config.yaml: a slower one would take it for another run
     restored = checkpointer.load(model, optimizer) if cfg.resume else None
     step, extra = (restored.step, restored.extra) if restored else (0, {})
     if restored:  # also for a finished run: the scripts tell it from a stopped one by the batches drawn
@@ -215,6 +217,7 @@ def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cf
     elif continuing:
         logger.message(f"{run_dir} has no checkpoint yet (its earlier run stopped before saving one); "
                        f"starting at step 0")
+    first_record = _forward_sqnr(model, compute_dtype, logger, run_dir) if dist_info.is_main else {}
     peak = peak_flops(device)
     stop = StopRequest(dist_info.world_size)
     profiler = _profiler(run_dir, dist_info, device) if cfg.profile else None
@@ -304,7 +307,8 @@ def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cf
                                   {"val_loss": mean_loss(model, eval_batches, loss_fn, device)})
                 model.train()
             if record:
-                record = {"step": step, f"{unit}_seen": tokens_seen, **record}
+                record = {"step": step, f"{unit}_seen": tokens_seen, **record, **first_record}
+                first_record = {}
                 logger.log(record)
             save_waiting = save_due and host["streak"] > 0
             if save_due and not save_waiting:
@@ -337,6 +341,17 @@ def _resharded(saved: int, now: int) -> str:
         return ""
     return (f"; it was written by {saved} processes, loaded here on {now}: the run goes on from the same weights, "
             f"optimizer states and data position, with other random draws (stochastic rounding, dropout)")
+
+
+def _forward_sqnr(model, compute_dtype: torch.dtype, logger: MetricsLogger, run_dir: Path) -> dict:
+    """Logs the forward SQNR of the model's quantized linear (qt.sqnr: a run that silently stopped quantizing
+    shows it); returns it as metrics for the run's first record, or nothing where an earlier session of the
+    run logged records already."""
+    sqnr = forward_sqnr(unwrap(model), compute_dtype)
+    if sqnr is None:
+        return {}
+    logger.message(str(sqnr))
+    return {} if read_metrics(run_dir / "metrics.jsonl") else {"forward_sqnr_db": round(sqnr.db, 2)}
 
 
 def _retuned(cfg, trained_with: dict | None) -> str:

@@ -142,9 +142,12 @@ def quantize_model(model: nn.Module, cfg, announce: bool = False) -> None:
     if recipe is not None:
         import qt
         with _recipe_errors(cfg):
-            qt.quantize_(model, recipe, include_head=cfg.quantize_lm_head)
+            qt.quantize_(model, recipe, include_head=cfg.quantize_lm_head,
+                         min_shape=None if cfg.quantize_small_linears else "auto")
         if announce:
-            print(f"{cfg.run_name}: {qt.quantization_summary(model)}", flush=True)
+            summary = qt.quantization_summary(model)
+            hint = " (--quantize_small_linears quantizes them too)" if "too small for" in summary else ""
+            print(f"{cfg.run_name}: {summary}{hint}", flush=True)
 
 
 @contextmanager

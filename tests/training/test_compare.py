@@ -21,12 +21,14 @@ sys.path.insert(0, str(REPO / "scripts"))
 import compare_runs  # noqa: E402
 
 
-def fake_run(path, recipe, losses, val_losses, tokens_per_second, memory_gb, dtype="auto"):
+def fake_run(path, recipe, losses, val_losses, tokens_per_second, memory_gb, dtype="auto", forward_sqnr_db=None):
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump({"quantize": recipe, "dtype": dtype}))
     records = [{"step": i + 1, "tokens_seen": 1000 * (i + 1), "loss": loss, "tokens_per_second": tokens_per_second,
                 "max_memory_allocated_gb": memory_gb, **({"val_loss": val_losses[i]} if i in val_losses else {})}
                for i, loss in enumerate(losses)]
+    if forward_sqnr_db is not None:  # the loop logs it in a run's first record
+        records[0]["forward_sqnr_db"] = forward_sqnr_db
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
@@ -36,16 +38,16 @@ def table_rows(report):
 
 
 def test_table_and_plot(tmp_path, dataset_dir):
-    fake_run(tmp_path / "int8", "int8_mixed_precision", [5.0, 4.0, 3.5], {2: 3.6}, 3000.0, 1.5)
-    fake_run(tmp_path / "none", "none", [5.0, 3.9, 3.4], {2: 3.5}, 2000.0, 2.0)
+    fake_run(tmp_path / "int8", "int8_mixed_precision", [5.0, 4.0, 3.5], {2: 3.6}, 3000.0, 1.5, forward_sqnr_db=31.24)
+    fake_run(tmp_path / "none", "none", [5.0, 3.9, 3.4], {2: 3.5}, 2000.0, 2.0, forward_sqnr_db=55.6)
     # A folder named twice counts once; the baseline comes first, named by its compute dtype (BF16 on the GPU).
     report = compare_runs.main([str(tmp_path / "int8"), str(tmp_path / "none"), "--runs_in", str(tmp_path),
                                 "--output_dir", str(tmp_path / "out"), "--dataset_dir", str(dataset_dir),
                                 "--note", "made in a test"])
     assert report.startswith("made in a test\n\n")
     assert table_rows(report) == [
-        ["none", "bf16", "3,000", "3.4000", "3.5000", "+0.0000", "2,000", "1.00x", "2.00"],
-        ["int8", "int8_mixed_precision", "3,000", "3.5000", "3.6000", "+0.1000", "3,000", "1.50x", "1.50"]]
+        ["none", "bf16", "3,000", "3.4000", "3.5000", "+0.0000", "2,000", "1.00x", "2.00", "55.6"],
+        ["int8", "int8_mixed_precision", "3,000", "3.5000", "3.6000", "+0.1000", "3,000", "1.50x", "1.50", "31.2"]]
     assert "Unigram entropy of the training tokens" in report and "Baseline: none (bf16)." in report
     assert (tmp_path / "out" / "comparison.md").read_text() == report
     assert (tmp_path / "out" / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -58,6 +60,17 @@ def test_table_and_plot(tmp_path, dataset_dir):
 def test_the_baseline_is_named_by_the_dtype_it_computed_in(quantize, dtype, on_gpu, name, tmp_path):
     fake_run(tmp_path / "run", quantize, [5.0, 4.0], {1: 4.1}, 1000.0, 1.0 if on_gpu else None, dtype=dtype)
     assert compare_runs.load_run(tmp_path / "run")["recipe"] == name
+
+
+def test_a_recipe_run_that_did_not_quantize_is_flagged(tmp_path):
+    fake_run(tmp_path / "base", "bf16", [5.0, 4.0], {}, 1000.0, 1.0, forward_sqnr_db=55.6)
+    fake_run(tmp_path / "silent", "int8_mixed_precision", [5.0, 4.0], {}, 1000.0, 1.0, forward_sqnr_db=55.6)
+    fake_run(tmp_path / "bitnet", "bitnet", [5.0, 4.0], {}, 1000.0, 1.0, forward_sqnr_db=49.99)
+    fake_run(tmp_path / "older", "int8_weight_only", [5.0, 4.0], {}, 1000.0, 1.0)  # logged before the SQNR was
+    report = compare_runs.main(["--runs_in", str(tmp_path), "--output_dir", str(tmp_path / "out")])
+    assert {row[0]: row[9] for row in table_rows(report)} == {
+        "base": "55.6", "bitnet": "50.0", "older": "n/a", "silent": "55.6 (not quantized?)"}
+    assert "50 dB or more is no more than rounding to BF16" in report
 
 
 def test_loss_gaps_compare_validation_losses_where_evaluations_meet_else_training_losses(tmp_path):
@@ -95,6 +108,9 @@ def test_quickstart_adds_the_runs_of_other_recipes_to_one_comparison(corpus_file
     baseline = "bf16" if torch.cuda.is_available() else "fp32"
     assert [row[:2] for row in rows] == [[baseline, baseline], ["int8_weight_only", "int8_weight_only"]]
     assert [row[2] for row in rows] == ["4,096", "4,096"] and rows[0][5] == "+0.0000"
+    # Each run logged the forward SQNR of a linear against its float64 twin: an INT8 weight's error for the recipe,
+    # FP32 rounding (or BF16's, on a GPU) for the baseline, which is not flagged.
+    assert float(rows[1][9]) < 50 and float(rows[0][9]) > 50
 
 
 def test_a_wandb_offline_run_reads_like_its_metrics_file(dataset_dir, tmp_path, monkeypatch):

@@ -67,3 +67,20 @@ def test_n_tokens_sets_the_steps_before_the_warmup_is_compared(capsys):
     cfg = llm_pretrain.check_flags(llm_pretrain.PretrainConfig(dataset_dir="d", n_tokens=50 * 32 * 512), {"n_tokens"},
                                    world_size=1)
     assert cfg.n_steps == 50 and "--warmup_steps 100 >= --n_steps 50" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, quantized", [([], 2), (["--quantize_small_linears"], 14)])
+def test_quantize_small_linears_quantizes_the_linears_the_recipe_would_leave(flags, quantized, monkeypatch, capsys):
+    import qt
+    from qt.training.models import quantize_model
+    from tests.tiny_models import tiny_llama
+    monkeypatch.setattr(qt.quantize, "SMALL_LINEAR_DEVICES", ("cpu",))  # the rule applies on GPUs
+    monkeypatch.setitem(qt.SMALL_LINEAR_MIN_SHAPE, "int8_mixed_precision", qt.MinShape(128, 0))
+    cfg = checked(["--quantize", "int8_mixed_precision", "--run_name", "run", *flags], llm_pretrain.PretrainConfig)
+    model = tiny_llama()
+    quantize_model(model, cfg, announce=True)
+    assert sum(isinstance(m.weight, qt.QuantizedWeight) for m in model.modules() if hasattr(m, "weight")) == quantized
+    out = capsys.readouterr().out
+    assert out.startswith(f"run: int8_mixed_precision on {quantized} of 15 linears; left in high precision: ")
+    assert ("too small for int8_mixed_precision: 12 x model.layers.*" in out) == (not flags)
+    assert out.rstrip().endswith("(--quantize_small_linears quantizes them too)") == (not flags)

@@ -340,3 +340,27 @@ def test_a_bitnet_finetune_loads_for_evaluation_and_generation_with_the_trained_
     generate = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     generated = model.generate(tokens, **generate)
     assert generated.shape == (1, tokens.shape[1] + 4) and torch.equal(generated, trained.generate(tokens, **generate))
+
+
+def test_a_bitnet_export_loads_with_the_linears_the_run_quantized(model_dirs, tmp_path, monkeypatch):
+    """On a GPU the small-layer rule leaves some linears in high precision; the export names the quantized ones,
+    so the model loads back the same wherever it is loaded (on the CPU, the rule quantizes every linear)."""
+    import qt
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from qt.training.distributed import Dist
+    from qt.training.export import export_finetuned
+    trained = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
+    with monkeypatch.context() as rule_on_cpu:
+        rule_on_cpu.setattr(qt.quantize, "SMALL_LINEAR_DEVICES", ("cpu",))
+        rule_on_cpu.setitem(qt.SMALL_LINEAR_MIN_SHAPE, "bitnet", qt.MinShape(trained.config.intermediate_size, 0))
+        llm_finetune.prepare_model(trained, llm_finetune.FinetuneConfig(model=str(model_dirs["llama"]),
+                                                                        quantize="bitnet"))
+    quantized = {name for name, m in trained.named_modules() if isinstance(getattr(m, "weight", None), qt.QuantizedWeight)}
+    assert quantized == {f"model.layers.{i}.mlp.down_proj.1" for i in range(trained.config.num_hidden_layers)}
+    export_finetuned(trained, AutoTokenizer.from_pretrained(model_dirs["llama"]), tmp_path / "hf_model",
+                     Dist(0, 1, torch.device("cpu")), recipe="bitnet", include_head=False, weight_dtype=torch.float32)
+    model, _ = load_finetuned(tmp_path)
+    assert {name for name, m in model.named_modules() if isinstance(getattr(m, "weight", None), qt.QuantizedWeight)} == quantized
+    tokens = torch.arange(12).view(1, 12)
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, trained.eval()(tokens).logits)

@@ -70,3 +70,27 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     restored = nn.Linear(4, 1)
     assert checkpointer.load(restored, torch.optim.SGD(restored.parameters(), lr=0.01)).step == 6
     assert all(torch.isfinite(p).all() for p in restored.parameters())
+
+
+def test_the_run_logs_the_forward_sqnr_of_its_quantized_linear_once_in_its_first_record(tmp_path, capsys):
+    import qt
+    from qt.sqnr import forward_sqnr
+    from qt.training.metrics import read_metrics
+    model = qt.quantize_(nn.Sequential(nn.Linear(4, 32), nn.Linear(32, 1)), "int8_mixed_precision",
+                         filter_fn=lambda m, name: name == "0")
+    expected = forward_sqnr(model)
+    assert expected.layer == "0" and expected.db < 50
+    cfg = config(tmp_path, n_steps=4, ckpt_interval=2, keep_checkpoints=2)
+    train(model=model, optimizer=torch.optim.AdamW(model.parameters()), batches=RegressionBatches(), loss_fn=mse,
+          cfg=cfg, dist_info=SINGLE, tokens_per_step=16)
+    assert f"forward SQNR of 0 vs its unquantized twin: {expected.db:.1f} dB\n" in capsys.readouterr().out
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r.get("forward_sqnr_db") for r in records] == [round(expected.db, 2), None, None, None]
+    # A resumed session measures again (the log line) but leaves the run's records as they were.
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000002")
+    cfg.resume = True
+    train(model=model, optimizer=torch.optim.AdamW(model.parameters()), batches=RegressionBatches(), loss_fn=mse,
+          cfg=cfg, dist_info=SINGLE, tokens_per_step=16)
+    assert "forward SQNR of 0 vs its unquantized twin" in capsys.readouterr().out
+    assert [r.get("forward_sqnr_db") for r in read_metrics(tmp_path / "metrics.jsonl")] == [records[0]["forward_sqnr_db"],
+                                                                                          None, None, None]
