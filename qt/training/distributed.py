@@ -74,10 +74,12 @@ def check_run_dir_shared(run_dir: str | Path, dist_info: Dist) -> None:
     marker = run_dir / f".rank0_{token.item()}"
     blind = torch.zeros(dist_info.world_size, device=dist_info.device)
     blind[dist_info.rank] = not marker.is_file()
-    all_reduce_sum(blind)
+    any_blind = bool(all_reduce_sum(blind).any())
+    # Only now, after the host read the reduced result: NCCL's all_reduce returns before the other ranks have
+    # joined it, so rank 0 removing the marker earlier hid it from ranks still about to look (seen on 4 GPUs).
     if dist_info.is_main:
         marker.unlink()
-    if blind.any():
+    if any_blind:
         ranks = blind.nonzero().flatten().tolist()
         raise ConfigError(f"--run_dir {run_dir} is not one folder shared by every process: rank(s) {ranks} do not "
                           "see the file rank 0 wrote there. On several nodes, put it on a filesystem every node "
