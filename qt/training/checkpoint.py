@@ -622,11 +622,13 @@ class Checkpointer:
         """This rank's part of the checkpoint in `tmp`: its DCP pieces and its rank file, on disk (fsynced);
         the size and SHA-256 of each file it wrote."""
         try:
-            metadata = dcp.save(states, storage_writer=FileSystemWriter(tmp), process_group=self.group,
-                                no_dist=not torch_dist.is_initialized())
+            dcp.save(states, storage_writer=FileSystemWriter(tmp), process_group=self.group,
+                     no_dist=not torch_dist.is_initialized())
         except CheckpointException as e:  # every rank gets the failure of any
             raise _first_failure(e) from None
-        names = {info.relative_path for info in metadata.storage_data.values()} | {".metadata"}
+        # The folder, not the returned metadata: torch 2.11 returns it without storage_data on ranks other than 0.
+        # dcp.save ends with a collective after rank 0 wrote .metadata, so every file is there.
+        names = {path.name for path in tmp.iterdir() if path.suffix == ".distcp"} | {".metadata"}
         entries = {name: _file_entry(tmp / name)
                    for name in _dcp_files_of(self.dist.rank, sorted(names), self.dist.world_size)}
         rank_file = f"rank_{self.dist.rank}.pt"
