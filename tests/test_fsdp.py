@@ -19,11 +19,15 @@ STEPS = 6
 BATCH = 8
 
 
+# The FP8 all-gather is off by default (see Fp8MixedPrecisionConfig): tested here.
+RECIPE_OPTIONS = {"fp8_mixed_precision": {"fp8_all_gather": True}}
+
+
 def build(recipe):
     model = tiny_llama()
     if recipe == "bitnet":
         qt.convert_llama_to_bitnet(model)
-    return qt.quantize_(model, recipe)
+    return qt.quantize_(model, recipe, **RECIPE_OPTIONS.get(recipe, {}))
 
 
 def train(model, recipe, rank=0, world_size=1):
@@ -123,7 +127,7 @@ def test_fsdp_shards_keep_the_subclass_and_all_gather_compactly(fsdp_results):
     assert mixed["all_gather_inputs"] == [(torch.float32, (64, 64))]
     assert bitnet["local_weight_type"] == "BitNetWeight"
     assert bitnet["all_gather_inputs"] == [(torch.uint8, (64, 16))]  # 2 bits a weight
-    # FP8 with tensor-wise scales (the default): one byte a weight, and the forward runs on the gathered FP8 weight.
+    # FP8 with tensor-wise scales and fp8_all_gather: one byte a weight, the forward on the gathered FP8 weight.
     assert fp8["local_weight_type"] == "Fp8MixedPrecisionWeight"
     assert fp8["all_gather_inputs"] == [(torch.uint8, (64, 64))]
     assert fp8["unsharded_weight_types"] == {"Fp8GatheredWeight"}

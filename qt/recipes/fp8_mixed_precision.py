@@ -32,8 +32,10 @@ GRAD_DTYPES = {"e4m3": E4M3, "e5m2": E5M2}
 
 @dataclasses.dataclass(frozen=True)
 class Fp8MixedPrecisionConfig(RecipeConfig):
-    """`scaling`: "tensorwise" (one scale per operand: the fastest, and FSDP2 all-gathers FP8 weights) or
-    "rowwise" (a scale per row or column, as INT8: more accurate with outliers). `grad_dtype`: the FP8 format
+    """`scaling`: "tensorwise" (one scale per operand: the fastest) or "rowwise" (a scale per row or column, as
+    INT8: more accurate with outliers). `fp8_all_gather`: with tensor-wise scales, FSDP2 all-gathers the weights
+    in FP8 (half of BF16's bytes). Experimental, off by default: it trains on CPU processes (gloo), but on two
+    H200s (torch 2.11, NCCL, compiled) the loss was NaN at the second step. `grad_dtype`: the FP8 format
     of the output gradient, "e4m3" or "e5m2" (more range, less precision); "auto" takes E5M2 with tensor-wise
     scales and E4M3 with row-wise ones, whose per-row scales leave less range to cover.
     `power_of_two_scales`: round every scale up to a power of two. `output`, `grad_input`, `grad_weight`: which
@@ -47,6 +49,7 @@ class Fp8MixedPrecisionConfig(RecipeConfig):
     output: bool = True
     grad_input: bool = True
     grad_weight: bool = True
+    fp8_all_gather: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -73,8 +76,9 @@ class Fp8MixedPrecisionConfig(RecipeConfig):
 
     @property
     def all_gathers_fp8(self) -> bool:
-        """Whether FSDP2 all-gathers the weight in FP8: when both matmuls that read it scale it tensor-wise."""
-        return self.scaling == "tensorwise" and self.output and self.grad_input
+        """Whether FSDP2 all-gathers the weight in FP8: asked for, and both matmuls that read it scale it
+        tensor-wise."""
+        return self.fp8_all_gather and self.scaling == "tensorwise" and self.output and self.grad_input
 
     def incompatibility(self, linear: nn.Linear) -> str | None:
         weight = linear.weight
