@@ -14,10 +14,12 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 
 import pytest  # noqa: E402
 
-# Left out of the README's quick check (`python -m pytest -q -m "not slow"`, about a minute): the tests that
-# train through the command-line scripts end to end or spawn several processes. CI runs every test.
+# Left out of the README's quick check (`python -m pytest -q -m "not slow"`, about two minutes): the tests that
+# train through the command-line scripts end to end, spawn several processes or compile whole models (and
+# tests marked slow themselves). CI runs every test.
 _SLOW_MODULES = {"test_pretrain.py", "test_compare.py", "test_multinode.py", "test_distributed.py",
-                 "test_llm_finetune.py", "test_timm_finetune.py", "test_reshard.py", "test_bench_scaling.py"}
+                 "test_llm_finetune.py", "test_timm_finetune.py", "test_reshard.py", "test_bench_scaling.py",
+                 "test_bench_peers.py", "test_fsdp.py", "test_compile.py"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -38,6 +38,7 @@ def test_unknown_backend_is_refused(monkeypatch):
         qt.kernels.quantize_int8(torch.randn(4, 4), 1)
 
 
+@pytest.mark.slow  # compiles (about 10 s here)
 def test_compiled_recipe_through_triton_matches_eager(monkeypatch):
     """A compiled recipe gives the numbers of the eager one run through the (interpreted) Triton kernels.
     (Compiled on CPU, the kernels' torch ops run: the interpreter cannot be traced.)"""

@@ -193,6 +193,7 @@ def test_the_cli_takes_the_recipe_and_reports_its_bad_options(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # compiles (about 10 s here)
 def test_compiled_fullgraph_matches_eager():
     """Both scalings in one compiled model (a compile costs ~25 s here): no graph break (fullgraph), and the
     eager numbers. In float32: in bfloat16, fusion keeps some intermediates in float32 where eager rounds them

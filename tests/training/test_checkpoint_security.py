@@ -92,6 +92,7 @@ def fsdp_worker(rank, init_method, run_dir):
     end_worker()
 
 
+@pytest.mark.slow  # two processes
 def test_fsdp2_shards_of_every_recipe_round_trip_through_the_safe_loader(tmp_path):
     mp.spawn(fsdp_worker, args=(rendezvous_file(tmp_path), str(tmp_path)), nprocs=2, join=True)
 
