@@ -158,17 +158,24 @@ def inside_run_dir(run_dir, path: Path) -> Path:
     return resolved
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """The generators a process draws from. On a GPU, that of its own GPU only: every process sees all of the
+    machine's GPUs, and a run resumed where fewer are visible could not restore the others."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    cuda = state["cuda"]
+    if cuda is None or device.type != "cuda":  # a GPU run resumed on CPU draws from its CPU generator only
+        return
+    if isinstance(cuda, (list, tuple)):  # checkpoints written before 2026-11-26 hold every visible GPU's state
+        index = torch.cuda.current_device() if device.index is None else device.index
+        cuda = cuda[index] if index < len(cuda) else cuda[0]
+    torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
 def _qt_subclasses(cls: type) -> list[type]:
@@ -564,7 +571,7 @@ class Checkpointer:
             states["optimizer"] = get_optimizer_state_dict(model, optimizer)
         elif self.dist.is_main:
             rank_state["optimizer"] = optimizer.state_dict()
-        rank_state["rng"] = rng_state()  # after get_optimizer_state_dict, which may step (lr 0) to create states
+        rank_state["rng"] = rng_state(self.dist.device)  # after get_optimizer_state_dict, which may step (lr 0) to create states
         if not self.asynchronous:
             return self._write(step, states, rank_state, config)
         states, rank_state = _copied_to_cpu(states), _copied_to_cpu(rank_state)  # before training goes on
@@ -743,7 +750,7 @@ class Checkpointer:
                 optimizer.load_state_dict(replica["optimizer"])
         else:
             self._restore_dcp(path, read.metadata, read.rank_files["rank_0.pt"], model, optimizer)
-        set_rng_state(own["rng"])
+        set_rng_state(own["rng"], self.dist.device)
         self.last_good = path
         return Restored(own["step"], own["extra"], path, read.manifest and read.manifest.get("config"),
                         own["world_size"])
