@@ -35,7 +35,8 @@ class Fp8MixedPrecisionConfig(RecipeConfig):
     """`scaling`: "tensorwise" (one scale per operand: the fastest) or "rowwise" (a scale per row or column, as
     INT8: more accurate with outliers). `fp8_all_gather`: with tensor-wise scales, FSDP2 all-gathers the weights
     in FP8 (half of BF16's bytes). Experimental, off by default: it trains on CPU processes (gloo), but on two
-    H200s (torch 2.11, NCCL, compiled) the loss was NaN at the second step. `grad_dtype`: the FP8 format
+    H200s (torch 2.11, NCCL, compiled) the loss was NaN at the second step; the scale's cross-stream use, since
+    recorded, is the suspected cause (not yet rerun on GPUs). `grad_dtype`: the FP8 format
     of the output gradient, "e4m3" or "e5m2" (more range, less precision); "auto" takes E5M2 with tensor-wise
     scales and E4M3 with row-wise ones, whose per-row scales leave less range to cover.
     `power_of_two_scales`: round every scale up to a power of two. `output`, `grad_input`, `grad_weight`: which
@@ -109,6 +110,11 @@ class Fp8MixedPrecisionWeight(MasterWeight):
             return super().fsdp_post_all_gather(outputs, metadata, param_dtype, out=out)
         (data,) = outputs
         scale = metadata
+        if scale.is_cuda:
+            # Made on FSDP's all-gather stream, read on this one: without this, its memory returns to the
+            # all-gather stream's pool when the last reference goes, while this stream may not have read it yet,
+            # and the next layer's prefetched all-gather may reuse it (the suspected cause of the NaN loss on GPUs).
+            scale.record_stream(torch.cuda.current_stream(scale.device))
         if out is not None:
             # FSDP re-gathered into the storage of `out.q`; the backward may have saved `out.scale`, so the
             # refill must not look like a modification to autograd.
