@@ -227,3 +227,14 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
+
+
+def keep_for_current_stream(metadata: Tensor) -> Tensor:
+    """A tensor an FSDP2 `fsdp_pre_all_gather` made (on FSDP's all-gather stream) and handed to
+    `fsdp_post_all_gather` as metadata, marked as used by the current stream: otherwise, once its last reference
+    goes, its memory returns to the all-gather stream's pool while this stream may not have read it yet, and a
+    prefetched all-gather of the next layer may overwrite it."""
+    if metadata.is_cuda:
+        metadata.record_stream(torch.cuda.current_stream(metadata.device))
+    return metadata
+

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from qt.config import RecipeConfig
 from qt.linear import Int8Operand, LinearPlan, MatmulPlan
-from qt.subclass import QuantizedWeight
+from qt.subclass import QuantizedWeight, keep_for_current_stream
 
 _MIN_WEIGHT_SCALE = 1e-5  # the reference implementation's clamp: keeps an all-zero weight finite
 # The forward in INT8 (X row-wise, the ternary weight); the backward in high precision, straight through.
@@ -105,6 +105,7 @@ class BitNetWeight(QuantizedWeight):
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
         (packed,) = outputs
         w_scale, in_features = metadata
+        w_scale = keep_for_current_stream(w_scale)
         ternary = unpack_ternary(packed, in_features)
         if out is not None:
             # The backward saved `out.ternary`; FSDP re-gathers into it before the backward runs,

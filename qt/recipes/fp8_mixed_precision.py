@@ -25,7 +25,7 @@ from qt.config import RecipeConfig
 from qt.kernels.fp8 import E4M3, E5M2, SCALINGS, abs_max, fp8_kernel_unavailable, quantize_fp8
 from qt.linear import HIGH_PRECISION, LinearPlan, MatmulPlan, QuantizedOperand
 from qt.recipes.master_weight import MasterWeight
-from qt.subclass import QuantizedWeight
+from qt.subclass import QuantizedWeight, keep_for_current_stream
 
 GRAD_DTYPES = {"e4m3": E4M3, "e5m2": E5M2}
 
@@ -109,12 +109,7 @@ class Fp8MixedPrecisionWeight(MasterWeight):
         if not self.config.all_gathers_fp8:
             return super().fsdp_post_all_gather(outputs, metadata, param_dtype, out=out)
         (data,) = outputs
-        scale = metadata
-        if scale.is_cuda:
-            # Made on FSDP's all-gather stream, read on this one: without this, its memory returns to the
-            # all-gather stream's pool when the last reference goes, while this stream may not have read it yet,
-            # and the next layer's prefetched all-gather may reuse it (the suspected cause of the NaN loss on GPUs).
-            scale.record_stream(torch.cuda.current_stream(scale.device))
+        scale = keep_for_current_stream(metadata)  # (the suspected cause of the NaN loss on GPUs)
         if out is not None:
             # FSDP re-gathered into the storage of `out.q`; the backward may have saved `out.scale`, so the
             # refill must not look like a modification to autograd.
