@@ -179,7 +179,8 @@ def scaling_table(jobs: list[Job]) -> tuple[list[str], list[dict]]:
         tok_s, gpus = row["tok_s"], row["gpus"]
         row["efficiency"] = tok_s / (gpus * one_gpu[row["recipe"]]) if row["recipe"] in one_gpu else None
         row["vs_baseline"] = tok_s / baseline[gpus] if baseline.get(gpus) else None
-        lines.append(f"| {row['recipe']} | {gpus} | {tok_s:,.0f} | {tok_s / gpus:,.0f} | {fmt(row['efficiency'], '.1%')} "
+        lines.append(f"| {row['recipe']} | {gpus} | {tok_s:,.0f} | {tok_s / gpus:,.0f} "
+                     f"| {fmt(row['efficiency'], '.1%')} "
                      f"| {fmt(row['vs_baseline'], '.2f')}x | {fmt(row.get('peak_memory_gb'), '.2f')} |")
     return lines, rows
 
@@ -229,7 +230,8 @@ def main() -> None:
                          "on a machine without one)")
     per_gpu_batch = yaml.safe_load(args.config.read_text())["batch_size"]
     scaling = scaling_jobs(args, per_gpu_batch) if args.recipes else []
-    resume = resume_jobs(args, yaml.safe_load(args.resume_config.read_text())["batch_size"]) if args.resume_recipes else []
+    resume_batch = yaml.safe_load(args.resume_config.read_text())["batch_size"]
+    resume = resume_jobs(args, resume_batch) if args.resume_recipes else []
     run_jobs(scaling + resume, n_gpus, args.timeout_s, args.time_budget_s)
 
     device = (f"{n_gpus} x {torch.cuda.get_device_name()}" if torch.cuda.is_available() else

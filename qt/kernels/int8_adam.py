@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from qt.kernels.backend import use_triton
+from qt.kernels.backend import traced, use_triton
 from qt.kernels.quantize import _min_amax
 
 try:
@@ -33,8 +33,10 @@ MAX_ROW = 8192
 
 
 def fused_step_supported(int_data: Tensor, amsgrad: bool, *moments: Tensor) -> bool:
-    """Whether the kernel takes this weight's step (else the caller goes through FP32 copies)."""
-    return (use_triton(int_data, triton is not None) and not amsgrad and 0 < int_data.shape[1] <= MAX_ROW
+    """Whether the kernel takes this weight's step (else the caller goes through FP32 copies, which a compiled
+    optimizer step traces as torch ops)."""
+    return (use_triton(int_data, triton is not None) and not traced(int_data) and not amsgrad
+            and 0 < int_data.shape[1] <= MAX_ROW
             and all(t.is_contiguous() for t in (int_data, *moments)))
 
 
@@ -55,7 +57,8 @@ def int8_rows_adam_step_(int_data: Tensor, scale: Tensor, grad: Tensor, exp_avg:
         0.0 if lr_is_tensor else float(lr), beta1, beta2, 1 - beta1, 1 - beta2, math.log(beta1), math.log(beta2),
         weight_decay, eps,
         MIN_AMAX=_min_amax(torch.float32), MAXIMIZE=maximize, ADAMW=decoupled_weight_decay,
-        STOCHASTIC=stochastic_rounding, BLOCK_COLS=block_cols, num_warps=4 if block_cols <= 2048 else 8 if block_cols <= 4096 else 16,
+        STOCHASTIC=stochastic_rounding, BLOCK_COLS=block_cols,
+        num_warps=4 if block_cols <= 2048 else 8 if block_cols <= 4096 else 16,
     )  # fmt: skip
 
 

@@ -571,7 +571,8 @@ class Checkpointer:
             states["optimizer"] = get_optimizer_state_dict(model, optimizer)
         elif self.dist.is_main:
             rank_state["optimizer"] = optimizer.state_dict()
-        rank_state["rng"] = rng_state(self.dist.device)  # after get_optimizer_state_dict, which may step (lr 0) to create states
+        # after get_optimizer_state_dict, which may step (lr 0) to create states
+        rank_state["rng"] = rng_state(self.dist.device)
         if not self.asynchronous:
             return self._write(step, states, rank_state, config)
         states, rank_state = _copied_to_cpu(states), _copied_to_cpu(rank_state)  # before training goes on
