@@ -53,10 +53,9 @@ class MinShape:
 # 768-wide layers (llama-120m, 16k tokens a step) the recipes ran at 0.67-0.76x BF16, with 2048-wide ones
 # (TinyLlama-1.1B) at 0.85-0.92x while their INT8 matmuls alone ran at 1.22-1.58x cuBLAS BF16: 1024 keeps the
 # 768-wide layers in BF16 and quantizes the 2048-wide ones (TinyLlama's 256-wide k/v projections stay in BF16).
-# fp8_mixed_precision (on the main branch) is not measured yet: the same thresholds, which agree with torchao's
-# float8 filter measured on H100 (it keeps layers with K <= 4096 and N <= 1024 in BF16: the 768-wide square ones,
-# TinyLlama's k/v projections). The lead replaces these with the per-layer measurement of
-# scripts/bench_small_layers.py on the device (it prints the MinShape to paste here for each recipe).
+# fp8_mixed_precision takes the same thresholds, which agree with torchao's float8 filter measured on H100 (it
+# keeps layers with K <= 4096 and N <= 1024 in BF16). Not yet measured per layer: scripts/bench_small_layers.py
+# on the device prints the MinShape of each recipe to put here.
 SMALL_LINEAR_MIN_SHAPE: dict[str, MinShape] = {
     "int8_mixed_precision": MinShape(in_features=1024, out_features=1024),
     "int8_weight_only": MinShape(in_features=1024, out_features=1024),
