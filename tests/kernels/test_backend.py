@@ -38,19 +38,25 @@ def test_unknown_backend_is_refused(monkeypatch):
         qt.kernels.quantize_int8(torch.randn(4, 4), 1)
 
 
-@pytest.mark.slow  # compiles (about 10 s here)
-def test_compiled_recipe_through_triton_matches_eager(monkeypatch):
-    """A compiled recipe gives the numbers of the eager one run through the (interpreted) Triton kernels.
-    (Compiled on CPU, the kernels' torch ops run: the interpreter cannot be traced.)"""
-    monkeypatch.setenv("QT_KERNEL_BACKEND", "triton")
+def compiled_matches_eager(before_compiling=lambda: None):
+    """An int8_mixed_precision linear compiled gives the numbers of the eager one run through the (interpreted)
+    Triton kernels; `before_compiling` runs between the two."""
     linear, x, dy = make_case((32,), bias=False, in_features=64, out_features=32)
     qt.quantize_(linear, "int8_mixed_precision", filter_fn=lambda m, n: True)
     eager = run_linear(linear, x, dy)
     linear.weight.grad = None
     torch._dynamo.reset()
+    before_compiling()
     compiled = run_linear(torch.compile(linear, fullgraph=True), x, dy)
     for from_compiled, from_eager in zip(compiled[:3], eager[:3]):
         torch.testing.assert_close(from_compiled, from_eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # compiles (about 10 s here)
+def test_compiled_recipe_through_triton_matches_eager(monkeypatch):
+    """(Compiled on CPU, the kernels' torch ops run: the interpreter cannot be traced.)"""
+    monkeypatch.setenv("QT_KERNEL_BACKEND", "triton")
+    compiled_matches_eager()
 
 
 def test_fake_tensors_go_through_the_custom_op():
@@ -76,18 +82,11 @@ def test_quantize_written_for_inductor_matches_eager(monkeypatch):
 
     monkeypatch.setenv("QT_KERNEL_BACKEND", "triton")  # eager runs the (interpreted) kernels
     monkeypatch.setenv("QT_COMPILED_QUANTIZE", "inductor")
-    linear, x, dy = make_case((32,), bias=False, in_features=64, out_features=32)
-    qt.quantize_(linear, "int8_mixed_precision", filter_fn=lambda m, n: True)
-    eager = run_linear(linear, x, dy)
-    linear.weight.grad = None
-    torch._dynamo.reset()
     op_calls = []
     use_triton = quantize.use_triton
-    monkeypatch.setattr(quantize, "use_triton", lambda *a: op_calls.append(a) or use_triton(*a))
-    compiled = run_linear(torch.compile(linear, fullgraph=True), x, dy)
+    compiled_matches_eager(lambda: monkeypatch.setattr(
+        quantize, "use_triton", lambda *a: op_calls.append(a) or use_triton(*a)))
     assert not op_calls
-    for from_compiled, from_eager in zip(compiled[:3], eager[:3]):
-        torch.testing.assert_close(from_compiled, from_eager, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_compiled_quantize_choice_is_refused(monkeypatch):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from test_loop import SINGLE, RegressionBatches, config, mse
+from test_reshard import train_step
 from torch import nn
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
@@ -23,14 +24,8 @@ def trained():
     model = nn.Sequential(nn.Linear(256, 8), nn.Linear(8, 4))
     qt.quantize_(model, "int8_weight_only")
     optimizer = qt.optim.AdamW8bit(model.parameters(), lr=1e-2)
-    step(model, optimizer)
+    train_step(model, optimizer)
     return model, optimizer
-
-
-def step(model, optimizer):
-    model(torch.randn(4, 256)).square().mean().backward()
-    optimizer.step()
-    optimizer.zero_grad()
 
 
 class HeldBackground:
@@ -84,7 +79,7 @@ def test_an_asynchronous_save_writes_what_a_synchronous_one_does_while_training_
     held = HeldBackground(monkeypatch)
     checkpointer = Checkpointer(tmp_path / "async", SINGLE, sharded=False, keep=1, asynchronous=True)
     checkpointer.save(1, model, optimizer, {"at": 1})
-    step(model, optimizer)  # training goes on before the background thread has written anything
+    train_step(model, optimizer)  # training goes on before the background thread has written anything
     assert held.started == 1 and checkpointer.latest() is None
     held.release()
     checkpointer.wait()
