@@ -18,9 +18,13 @@ their states with `zeros_like` and do arithmetic with the weight as with any par
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_map_only
 
@@ -56,6 +60,9 @@ class QuantizedWeight(torch.Tensor):
     """
 
     _inner_names: tuple[str, ...] = ()
+    # The statistic of the whole weight that `refresh_all_gather_statistics` stored for this shard; any write
+    # to the weight clears it.
+    _gather_statistic: Tensor | None = None
 
     @staticmethod
     def _wrapper(cls, like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -106,6 +113,10 @@ class QuantizedWeight(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self = args[0]
+        if _writes_first_argument(func):
+            for written in self if isinstance(self, (list, tuple)) else [self]:
+                if isinstance(written, QuantizedWeight):
+                    written._gather_statistic = None
 
         if isinstance(self, QuantizedWeight):
             if func in _PER_INNER_OPS:
@@ -139,6 +150,22 @@ class QuantizedWeight(torch.Tensor):
 
         args, kwargs = tree_map_only(QuantizedWeight, lambda t: t.dequantize(), (args, kwargs))
         return func(*args, **kwargs)
+
+    def _gather_statistic_source(self) -> tuple[Tensor, str] | None:
+        """For a weight whose FSDP2 all-gather quantizes each shard with a statistic of the whole weight: the
+        shard's tensor it is taken over and which statistic ("abs_sum" or "abs_max"); None for the others."""
+        return None
+
+    def whole_weight_statistic(self, group) -> Tensor:
+        """For `fsdp_pre_all_gather`: the statistic of `_gather_statistic_source` over every shard of `group`
+        (float32, one element): the one `refresh_all_gather_statistics` stored since the weight last changed,
+        else one all-reduce for this weight alone."""
+        if self._gather_statistic is not None:
+            return self._gather_statistic
+        source, kind = self._gather_statistic_source()
+        value = _shard_statistics([source], kind)
+        dist.all_reduce(value, op=_STATISTIC_REDUCE_OPS[kind], group=group)
+        return value[0]
 
     def _in_place_target(self) -> Tensor | None:
         """The high-precision tensor an in-place update may write directly (a master or latent weight),
@@ -238,3 +265,40 @@ def keep_for_current_stream(metadata: Tensor) -> Tensor:
         metadata.record_stream(torch.cuda.current_stream(metadata.device))
     return metadata
 
+
+_STATISTIC_NORMS = {"abs_sum": 1, "abs_max": math.inf}
+_STATISTIC_REDUCE_OPS = {"abs_sum": dist.ReduceOp.SUM, "abs_max": dist.ReduceOp.MAX}
+
+
+def _shard_statistics(sources: list[Tensor], kind: str) -> Tensor:
+    """[len(sources)] float32: each shard's part of the statistic `kind`, in one multi-tensor kernel."""
+    filled = [t for t in sources if t.numel()]  # an empty shard (uneven sharding) adds nothing
+    norms = iter(torch._foreach_norm(filled, _STATISTIC_NORMS[kind], dtype=torch.float32) if filled else ())
+    zero = sources[0].new_zeros((), dtype=torch.float32)
+    values = torch.stack([next(norms) if t.numel() else zero for t in sources])
+    if kind == "abs_max":  # as qt.kernels.fp8.abs_max: NaN counts as inf, so the max over shards keeps it
+        values = torch.where(values.isnan(), math.inf, values)
+    return values
+
+
+@torch.no_grad()
+def refresh_all_gather_statistics(model: nn.Module) -> None:
+    """Stores on each FSDP2 shard the whole-weight statistic its low-precision all-gather quantizes with (BitNet's
+    mean |W|, FP8's tensor-wise abs-max), for every such weight of `model` in one all-reduce per kind. Call it
+    after each optimizer step (the training loop does; the optimizer's writes clear the old values). Without it,
+    each all-gather of such a weight first runs an all-reduce for that weight alone, on FSDP's all-gather stream:
+    correct, but one more collective per weight and all-gather."""
+    groups: dict[tuple, list[tuple[QuantizedWeight, Tensor]]] = {}
+    for param in model.parameters():  # the same order on every process
+        if not isinstance(param, DTensor) or param.device_mesh.ndim != 1:
+            continue
+        local = param._local_tensor
+        needed = local._gather_statistic_source() if isinstance(local, QuantizedWeight) else None
+        if needed is not None:
+            source, kind = needed
+            groups.setdefault((param.device_mesh.get_group(), kind), []).append((local, source))
+    for (group, kind), entries in groups.items():
+        values = _shard_statistics([source for _, source in entries], kind)
+        dist.all_reduce(values, op=_STATISTIC_REDUCE_OPS[kind], group=group)
+        for (local, _), value in zip(entries, values.unbind()):
+            local._gather_statistic = value

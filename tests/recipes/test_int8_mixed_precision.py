@@ -30,3 +30,35 @@ def test_int8_mixed_precision_matches_reference(shape, bias, flags):
     assert sqnr_db(out, plain_out) > 30
     assert sqnr_db(gx, plain_gx) > 30
     assert sqnr_db(gw, plain_gw) > 30
+
+
+def test_int8_all_gather_rebuilds_the_forwards_int8_weight_from_row_shards():
+    """FSDP2's hooks on two row shards (no process group: row-wise scales need none) give the weight the unsharded
+    forward would quantize, bit for bit; grad_input re-quantizes that INT8 weight column-wise."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    linear, x, dy = make_case((7,), bias=True)
+    w, b = linear.weight.detach().clone(), linear.bias.detach().clone()
+    config = qt.Int8MixedPrecisionConfig(int8_all_gather=True)
+    gathered = [torch.cat(parts) for parts in zip(*[
+        qt.recipes.Int8MixedPrecisionWeight(rows, config).fsdp_pre_all_gather(None, w.shape, w.stride(), None,
+                                                                           MixedPrecisionPolicy())[0]
+        for rows in w.chunk(2)])]
+    weight, _ = qt.recipes.Int8MixedPrecisionWeight(w, config).fsdp_post_all_gather(gathered, None, torch.float32)
+    assert type(weight) is qt.recipes.GatheredWeight
+    forward, _ = weight._forward_operands(torch.float32, config.plan)
+    unsharded, _ = qt.recipes.Int8MixedPrecisionWeight(w, config)._forward_operands(torch.float32, config.plan)
+    assert torch.equal(forward.q, unsharded.q) and torch.equal(forward.scale, unsharded.scale)
+
+    linear.weight = torch.nn.Parameter(weight)
+    got = run_linear(linear, x, dy)
+    rows = lambda t: fake_quant_int8(t.float(), 1)  # noqa: E731
+    cols = lambda t: fake_quant_int8(t.float(), 0)  # noqa: E731
+    assert_same_math(got, reference(w, b, x, dy, rows, rows, rows, lambda t: cols(rows(t)), cols, cols), dy)
+
+
+def test_int8_all_gather_needs_the_int8_forward():
+    with pytest.raises(ValueError, match="int8_all_gather=True .* needs output=True"):
+        qt.quantize_(make_case((3,), False)[0], "int8_mixed_precision", output=False, int8_all_gather=True,
+                     filter_fn=lambda m, n: True)
