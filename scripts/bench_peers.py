@@ -27,7 +27,6 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -51,9 +50,24 @@ FINAL_LOSS_STEPS = 5
 ACTIVE_TOKENS = 1024  # the synthetic stream's tokens: learnable within a few dozen steps
 
 
-def row_names(small_linears: bool) -> list[str]:
+# qt rows beyond each recipe's defaults: the options the speed targets name.
+QT_VARIANTS = {"int8_weight_only": {"int8_activations": {"int8_activations": True}},
+               "fp8_mixed_precision": {"rowwise": {"scaling": "rowwise"}}}
+
+
+def qt_rows(small_linears: bool) -> dict[str, tuple[str, dict]]:
+    """Row name -> (recipe, options): every recipe with its defaults, then its QT_VARIANTS."""
     suffix = ", small linears too" if small_linears else ""
-    return [f"qt {recipe}{suffix}" for recipe in qt.RECIPES] + list(TORCHAO_ROWS)
+    rows = {}
+    for recipe in qt.RECIPES:
+        rows[f"qt {recipe}{suffix}"] = (recipe, {})
+        for variant, options in QT_VARIANTS.get(recipe, {}).items():
+            rows[f"qt {recipe} {variant}{suffix}"] = (recipe, options)
+    return rows
+
+
+def row_names(small_linears: bool) -> list[str]:
+    return list(qt_rows(small_linears)) + list(TORCHAO_ROWS)
 
 
 def torchao_missing() -> str | None:
@@ -78,10 +92,10 @@ def apply_row(model, row: str, small_linears: bool) -> None:
     """Quantize `model` as row `row` says (nothing for the baseline)."""
     not_head = lambda module, name: isinstance(module, torch.nn.Linear) and name != "lm_head"  # noqa: E731
     if row.startswith("qt "):
-        recipe = row.removeprefix("qt ").split(",")[0]
+        recipe, options = qt_rows(small_linears)[row]
         if recipe == "bitnet":
             qt.convert_llama_to_bitnet(model)
-        qt.quantize_(model, recipe, min_shape=None if small_linears else "auto")
+        qt.quantize_(model, recipe, min_shape=None if small_linears else "auto", **options)
         print(qt.quantization_summary(model), flush=True)
     elif row.startswith("torchao float8 "):
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training

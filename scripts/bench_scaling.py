@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,7 @@ RESUME_STEPS = 40
 @dataclass
 class Job:
     name: str
+    recipe: str  # as given: RECIPE or RECIPE:OPTIONS_JSON
     gpus: int
     args: list[str]
     run_dir: Path
@@ -97,15 +99,25 @@ def run_jobs(jobs: list[Job], n_gpus: int, timeout_s: int, time_budget_s: float)
         time.sleep(1)
 
 
+def recipe_args(spec: str) -> list[str]:
+    """llm_pretrain.py's flags for RECIPE or RECIPE:OPTIONS_JSON (e.g. 'int8_mixed_precision:{"int8_all_gather": true}')."""
+    recipe, _, options = spec.partition(":")
+    return ["--quantize", recipe] + (["--quantize_kwargs", options] if options else [])
+
+
+def dir_name(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec).strip("_")
+
+
 def scaling_jobs(args, per_gpu_batch: int) -> list[Job]:
     jobs = []
     for recipe in args.recipes:
         for gpus in args.gpus:
-            run_dir = args.runs_dir / "scaling" / f"{recipe}-{gpus}gpu"
+            run_dir = args.runs_dir / "scaling" / f"{dir_name(recipe)}-{gpus}gpu"
             shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.parent.mkdir(parents=True, exist_ok=True)
-            jobs.append(Job(f"{recipe} on {gpus} GPU(s)", gpus, [
-                "--config", str(args.config), "--dataset_dir", str(args.dataset_dir), "--quantize", recipe,
+            jobs.append(Job(f"{recipe} on {gpus} GPU(s)", recipe, gpus, [
+                "--config", str(args.config), "--dataset_dir", str(args.dataset_dir), *recipe_args(recipe),
                 "--batch_size", str(per_gpu_batch * gpus), "--run_dir", str(run_dir), "--no-save_checkpoints",
                 *args.extra_args], run_dir))
     # Fewest GPUs first: the one-GPU runs pack side by side.
@@ -119,15 +131,15 @@ def resume_jobs(args, global_batch: int) -> list[Job]:
               str(RESUME_STEPS), "--batch_size", str(global_batch), "--log_interval", "5", "--eval_interval", "0",
               "--ckpt_interval", str(half), "--keep_checkpoints", "2", "--save_checkpoints", *args.extra_args]
     for recipe in args.resume_recipes:
-        whole_dir = args.runs_dir / "resume" / f"{recipe}-{most}gpu"
+        whole_dir = args.runs_dir / "resume" / f"{dir_name(recipe)}-{most}gpu"
         shutil.rmtree(whole_dir.parent / whole_dir.name, ignore_errors=True)
         whole_dir.parent.mkdir(parents=True, exist_ok=True)
-        whole = Job(f"{recipe}: {RESUME_STEPS} steps on {most} GPUs", most,
-                    [*common, "--quantize", recipe, "--run_dir", str(whole_dir)], whole_dir)
+        whole = Job(f"{recipe}: {RESUME_STEPS} steps on {most} GPUs", recipe, most,
+                    [*common, *recipe_args(recipe), "--run_dir", str(whole_dir)], whole_dir)
         jobs.append(whole)
         for gpus in sorted(set(args.gpus) - {most}, reverse=True):
-            run_dir = whole_dir.parent / f"{recipe}-{most}to{gpus}gpu"
-            jobs.append(Job(f"{recipe}: resumed at step {half} on {gpus} GPU(s)", gpus,
+            run_dir = whole_dir.parent / f"{dir_name(recipe)}-{most}to{gpus}gpu"
+            jobs.append(Job(f"{recipe}: resumed at step {half} on {gpus} GPU(s)", recipe, gpus,
                             ["--run_dir", str(run_dir), "--resume", "--grad_accum", str(most // gpus)], run_dir,
                             after=[whole], prepare=lambda src=whole_dir, dst=run_dir: cut_back(src, dst, half)))
     return jobs
@@ -161,7 +173,7 @@ def outcome(status: int | None) -> str:
 def scaling_table(jobs: list[Job]) -> tuple[list[str], list[dict]]:
     rows, one_gpu = [], {}
     for job in jobs:
-        recipe = job.args[job.args.index("--quantize") + 1]
+        recipe = job.recipe
         row = {"recipe": recipe, "gpus": job.gpus, "status": job.status}
         if job.status == 0 and (job.run_dir / "metrics.jsonl").is_file():
             summary = summarize(load_run(job.run_dir))
@@ -193,7 +205,7 @@ def resume_table(jobs: list[Job]) -> tuple[list[str], list[dict]]:
         if not job.after:
             continue
         whole = job.after[0]
-        recipe = whole.args[whole.args.index("--quantize") + 1]
+        recipe = whole.recipe
         if job.status != 0:
             lines.append(f"| {recipe} | {job.gpus} GPU(s) | {outcome(job.status)} | | |")
             continue
@@ -211,7 +223,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=REPO / "configs/runs/throughput_tinyllama.yaml")
     parser.add_argument("--dataset_dir", type=Path, required=True)
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--recipes", nargs="*", default=["bf16", "int8_mixed_precision"])
+    parser.add_argument("--recipes", nargs="*", default=["bf16", "int8_mixed_precision"],
+                        help='RECIPE or RECIPE:OPTIONS_JSON, e.g. \'int8_mixed_precision:{"int8_all_gather": true}\'')
     parser.add_argument("--resume_config", type=Path, default=REPO / "configs/runs/convergence_120m.yaml")
     parser.add_argument("--resume_recipes", nargs="*", default=[])
     parser.add_argument("--runs_dir", type=Path, default=Path("runs/bench_scaling"))
@@ -232,7 +245,8 @@ def main() -> None:
     scaling = scaling_jobs(args, per_gpu_batch) if args.recipes else []
     resume_batch = yaml.safe_load(args.resume_config.read_text())["batch_size"]
     resume = resume_jobs(args, resume_batch) if args.resume_recipes else []
-    run_jobs(scaling + resume, n_gpus, args.timeout_s, args.time_budget_s)
+    # The resume first: its runs wait on one another, and the scaling runs fill the GPUs it leaves free.
+    run_jobs(resume + scaling, n_gpus, args.timeout_s, args.time_budget_s)
 
     device = (f"{n_gpus} x {torch.cuda.get_device_name()}" if torch.cuda.is_available() else
               f"{n_gpus} CPU processes") + f", torch {torch.__version__}"

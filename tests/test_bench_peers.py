@@ -51,3 +51,15 @@ def test_a_torchao_rows_sqnr_measures_the_largest_converted_linear_against_its_f
     model[2].__class__ = RoundedWeightLinear  # the one converted linear, though not the largest
     swapped = bench_peers.torchao_forward_sqnr(model, torch.float32)
     assert swapped["layer"] == "2" and swapped["quantized"] and 35 < swapped["db"] < 50
+
+
+def test_variant_rows_quantize_with_their_options():
+    from tests.tiny_models import tiny_llama
+
+    rows = bench_peers.qt_rows(small_linears=False)
+    assert rows["qt fp8_mixed_precision rowwise"] == ("fp8_mixed_precision", {"scaling": "rowwise"})
+    assert rows["qt int8_weight_only int8_activations"] == ("int8_weight_only", {"int8_activations": True})
+    assert set(rows) >= {f"qt {recipe}" for recipe in bench_peers.qt.RECIPES}
+    model = tiny_llama()
+    bench_peers.apply_row(model, "qt fp8_mixed_precision rowwise", small_linears=False)
+    assert model.model.layers[0].mlp.up_proj.weight.config.scaling == "rowwise"

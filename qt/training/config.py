@@ -59,6 +59,8 @@ class TrainConfig:
     async_checkpoint: bool = flag(False, "write checkpoints in the background: a save copies the states to CPU memory "
                                          "and training goes on while they are written")
     profile: bool = flag(False, "write a Chrome trace of a few steps to RUN_DIR/profile/")
+    sync_debug: bool = flag(False, "on a GPU, warn (with where) at each host-device synchronization inside a step "
+                                   "that logs nothing, from step 3 (steps 1-2 compile)")
     seed: int = flag(0, "seed for initialization, data order and stochastic rounding")
 
     # Steps and batch
@@ -112,7 +114,7 @@ def is_baseline(quantize: str) -> bool:
 # splits the same global batch into other micro-steps, e.g. to continue on fewer GPUs).
 RESUMABLE_CHANGES = {"run_dir", "resume", "wandb", "project", "run_name", "log_interval", "eval_interval",
                      "ckpt_interval", "keep_checkpoints", "save_checkpoints", "async_checkpoint", "profile",
-                     "grad_accum"}
+                     "sync_debug", "grad_accum"}
 # What a run saved before a setting existed did, where that is not the setting's default.
 SETTINGS_BEFORE_THEY_EXISTED = {"quantize_small_linears": True}
 # The optimisation settings a user changes after a divergence: a resume may change them too (the loop notes it in

@@ -21,6 +21,7 @@ import torch.distributed as torch_dist
 from torch.distributed.tensor import DTensor
 
 from qt.sqnr import forward_sqnr
+from qt.subclass import refresh_all_gather_statistics
 from qt.training.checkpoint import Checkpointer, RunDirLock, refuse_existing_run
 from qt.training.config import RETUNABLE_ON_RESUME, TrainingError, save_config
 from qt.training.distributed import Dist, all_reduce_sum, autocast, barrier, gradient_sync, unwrap
@@ -221,6 +222,8 @@ def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cf
     peak = peak_flops(device)
     stop = StopRequest(dist_info.world_size)
     profiler = _profiler(run_dir, dist_info, device) if cfg.profile else None
+    watch_syncs = cfg.sync_debug and device.type == "cuda"
+    refresh_all_gather_statistics(model)  # of the weights as built or restored
     record, save_waiting, tokens_read = {}, False, 0.0
     model.train()
     interval_start, interval_tokens = time.perf_counter(), 0
@@ -239,6 +242,8 @@ def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cf
     try:
         while step < cfg.n_steps:
             step += 1
+            if watch_syncs and step > 2:
+                torch.cuda.set_sync_debug_mode("warn")
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -261,6 +266,7 @@ def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cf
             if not skips_on_device and stats.found_nonfinite():
                 raise nonfinite_error(stats.read())
             optimizer.step()
+            refresh_all_gather_statistics(model)
             optimizer.zero_grad(set_to_none=True)
             interval_steps += 1
             logger.step_done()
@@ -276,6 +282,8 @@ def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cf
             record = {}
             if not (log_due or eval_due or save_due):
                 continue
+            if watch_syncs:
+                torch.cuda.set_sync_debug_mode("default")  # a step that logs reads the device on purpose
             host = stats.read()
             if host["found_inf"]:
                 raise nonfinite_error(host)
@@ -329,6 +337,8 @@ def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cf
         checkpointer.wait(quietly=True)  # publish the save in flight; the error on its way out says what went wrong
         raise
     finally:
+        if watch_syncs:
+            torch.cuda.set_sync_debug_mode("default")
         stop.restore()
         if profiler:
             profiler.stop()

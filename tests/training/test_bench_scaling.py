@@ -11,6 +11,9 @@ TINY = {"model": "tiny", "seq_len": 64, "batch_size": 8, "n_steps": 6, "lr": 3e-
         "dtype": "fp32", "log_interval": 2, "eval_interval": 0, "save_checkpoints": False, "wandb": "disabled"}
 
 
+MIXED_INT8_GATHER = 'int8_mixed_precision:{"int8_all_gather": true}'  # a recipe with options
+
+
 def test_scaling_and_resume_on_fewer_processes(tmp_path, dataset_dir):
     config, resume_config = tmp_path / "scaling.yaml", tmp_path / "resume.yaml"
     config.write_text(yaml.safe_dump(TINY))
@@ -18,12 +21,12 @@ def test_scaling_and_resume_on_fewer_processes(tmp_path, dataset_dir):
     output = tmp_path / "scaling.md"
     subprocess.run([sys.executable, "scripts/bench_scaling.py", "--dataset_dir", str(dataset_dir), "--config",
                     str(config), "--gpus", "1", "2", "--cpu_processes", "2", "--recipes", "fp32",
-                    "int8_mixed_precision", "--resume_config", str(resume_config), "--resume_recipes",
+                    MIXED_INT8_GATHER, "--resume_config", str(resume_config), "--resume_recipes",
                     "int8_mixed_precision", "--runs_dir", str(tmp_path / "runs"), "--output", str(output)],
                    cwd=REPO, check=True, timeout=600)
     results = json.loads(output.with_suffix(".json").read_text())
     scaling = {(row["recipe"], row["gpus"]): row for row in results["scaling"]}
-    assert set(scaling) == {("fp32", 1), ("fp32", 2), ("int8_mixed_precision", 1), ("int8_mixed_precision", 2)}
+    assert set(scaling) == {("fp32", 1), ("fp32", 2), (MIXED_INT8_GATHER, 1), (MIXED_INT8_GATHER, 2)}
     for row in scaling.values():
         assert row["status"] == 0 and row["tok_s"] > 0 and row["efficiency"] > 0
     assert scaling[("fp32", 1)]["efficiency"] == 1.0 and scaling[("fp32", 2)]["vs_baseline"] == 1.0

@@ -3,7 +3,6 @@ deleted `latest`, damaged checkpoint files, a full disk, a torn metrics line, tw
 a run without config.yaml. None of them may lose a run or end in a traceback."""
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -19,7 +18,7 @@ from torch import nn
 
 from qt.training import checkpoint
 from qt.training.checkpoint import CheckpointError, Checkpointer, resolve_run_config
-from qt.training.config import ConfigError, TrainConfig, TrainingError
+from qt.training.config import ConfigError, TrainingError
 from qt.training.loop import train
 from qt.training.metrics import read_metrics
 
