@@ -277,8 +277,8 @@ def measure_call(args, argv: list[str]) -> dict:
     models, steps, warmup = (["tiny"], 2, 1) if args.smoke else (args.models, args.steps, args.warmup)
     torchao_reason = torchao_missing() or ("--smoke runs the qt rows only" if args.smoke else None)
     if torchao_missing():
-        print(f"{torchao_missing()}: its rows are skipped. They need `pip install torchao=={TORCHAO_RELEASE}` (the "
-              f"release for torch 2.11; a benchmark-only dependency)", flush=True)
+        print(f"{torchao_missing()}: its rows are skipped. They need `{sys.executable} -m pip install "
+              f"torchao=={TORCHAO_RELEASE}` (the release for torch 2.11; a benchmark-only dependency)", flush=True)
     logs = args.out.parent / f"{args.out.stem}_logs"
     logs.mkdir(parents=True, exist_ok=True)
     baseline = "bf16" if gpu else "fp32"

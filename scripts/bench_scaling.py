@@ -100,7 +100,8 @@ def run_jobs(jobs: list[Job], n_gpus: int, timeout_s: int, time_budget_s: float)
 
 
 def recipe_args(spec: str) -> list[str]:
-    """llm_pretrain.py's flags for RECIPE or RECIPE:OPTIONS_JSON (e.g. 'int8_mixed_precision:{"int8_all_gather": true}')."""
+    """llm_pretrain.py's flags for RECIPE or RECIPE:OPTIONS_JSON
+    (e.g. 'int8_mixed_precision:{"int8_all_gather": true}')."""
     recipe, _, options = spec.partition(":")
     return ["--quantize", recipe] + (["--quantize_kwargs", options] if options else [])
 

@@ -29,7 +29,8 @@ def test_smoke_trains_the_rows_in_their_own_processes_and_reports_them(tmp_path,
     reason = bench_peers.torchao_missing() or "--smoke runs the qt rows only"
     assert all(rows[name][0] == f"skipped: {reason}" for name in bench_peers.TORCHAO_ROWS)
     if bench_peers.torchao_missing():
-        assert f"pip install torchao=={bench_peers.TORCHAO_RELEASE}" in capsys.readouterr().out
+        # this interpreter's pip: a bare `pip` may install for another Python (it did on the device machine)
+        assert f"{sys.executable} -m pip install torchao=={bench_peers.TORCHAO_RELEASE}" in capsys.readouterr().out
     assert out.read_text() == text and "--smoke --only qt bitnet torchao" in text
     calls = json.loads(out.with_suffix(".json").read_text())["calls"]
     assert bench_peers.main(["--report", str(out.with_suffix(".json")), "--out", str(tmp_path / "again.md")]) == text
