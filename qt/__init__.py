@@ -16,7 +16,7 @@ from qt.recipes import (
     Int8WeightOnlyConfig,
     convert_llama_to_bitnet,
 )
-from qt.subclass import QuantizedWeight, refresh_all_gather_statistics
+from qt.subclass import QuantizedWeight, prepare_all_gathers
 
 __all__ = [
     "RECIPES",
@@ -32,7 +32,7 @@ __all__ = [
     "forward_sqnr",
     "quantization_summary",
     "quantize_",
-    "refresh_all_gather_statistics",
+    "prepare_all_gathers",
     "optim",
     "resolve_recipe",
 ]

@@ -60,9 +60,12 @@ class QuantizedWeight(torch.Tensor):
     """
 
     _inner_names: tuple[str, ...] = ()
-    # The statistic of the whole weight that `refresh_all_gather_statistics` stored for this shard; any write
-    # to the weight clears it.
+    # FSDP2 shards whose all-gather sends the weight quantized keep what the quantization needs and makes: the
+    # statistic of the whole weight, the all-gather inputs (tensors, metadata) and the hook's arguments they
+    # were made with (param dtype, unsharded size). Any write to the weight clears the first two.
     _gather_statistic: Tensor | None = None
+    _gather_inputs: tuple | None = None
+    _gather_args: tuple | None = None
 
     @staticmethod
     def _wrapper(cls, like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -116,7 +119,7 @@ class QuantizedWeight(torch.Tensor):
         if _writes_first_argument(func):
             for written in self if isinstance(self, (list, tuple)) else [self]:
                 if isinstance(written, QuantizedWeight):
-                    written._gather_statistic = None
+                    written._gather_statistic = written._gather_inputs = None
 
         if isinstance(self, QuantizedWeight):
             if func in _PER_INNER_OPS:
@@ -151,15 +154,37 @@ class QuantizedWeight(torch.Tensor):
         args, kwargs = tree_map_only(QuantizedWeight, lambda t: t.dequantize(), (args, kwargs))
         return func(*args, **kwargs)
 
+    @property
+    def gathers_quantized(self) -> bool:
+        """Whether FSDP2 all-gathers this weight quantized (`_quantized_gather_inputs`) rather than as stored."""
+        return False
+
+    def _quantized_gather_inputs(self, dtype: torch.dtype, outer_size: torch.Size, mesh) -> tuple:
+        """(all-gather inputs, metadata) of this shard quantized for the all-gather, from the weight in `dtype`
+        (FSDP's param dtype); `outer_size` is the unsharded weight's size, `mesh` FSDP's device mesh."""
+        raise NotImplementedError
+
+    def quantized_gather_inputs(self, dtype: torch.dtype, outer_size: torch.Size, mesh) -> tuple:
+        """For `fsdp_pre_all_gather`: `_quantized_gather_inputs`, made once per change of the weight (by
+        `prepare_all_gathers` after an optimizer step, or here) and reused by every all-gather until then (the
+        forward's and the backward's)."""
+        self._gather_args = (dtype, outer_size)
+        if self._gather_inputs is None:
+            self._gather_inputs = self._quantized_gather_inputs(dtype, outer_size, mesh)
+        tensors, metadata = self._gather_inputs
+        for tensor in tensors:  # made on another stream (or step) than the all-gather's copy-in that reads it
+            keep_for_current_stream(tensor)
+        return tensors, metadata
+
     def _gather_statistic_source(self) -> tuple[Tensor, str] | None:
         """For a weight whose FSDP2 all-gather quantizes each shard with a statistic of the whole weight: the
         shard's tensor it is taken over and which statistic ("abs_sum" or "abs_max"); None for the others."""
         return None
 
     def whole_weight_statistic(self, group) -> Tensor:
-        """For `fsdp_pre_all_gather`: the statistic of `_gather_statistic_source` over every shard of `group`
-        (float32, one element): the one `refresh_all_gather_statistics` stored since the weight last changed,
-        else one all-reduce for this weight alone."""
+        """For `_quantized_gather_inputs`: the statistic of `_gather_statistic_source` over every shard of `group`
+        (float32, one element): the one `prepare_all_gathers` stored since the weight last changed, else one
+        all-reduce for this weight alone."""
         if self._gather_statistic is not None:
             return self._gather_statistic
         source, kind = self._gather_statistic_source()
@@ -282,23 +307,31 @@ def _shard_statistics(sources: list[Tensor], kind: str) -> Tensor:
 
 
 @torch.no_grad()
-def refresh_all_gather_statistics(model: nn.Module) -> None:
-    """Stores on each FSDP2 shard the whole-weight statistic its low-precision all-gather quantizes with (BitNet's
-    mean |W|, FP8's tensor-wise abs-max), for every such weight of `model` in one all-reduce per kind. Call it
-    after each optimizer step (the training loop does; the optimizer's writes clear the old values). Without it,
-    each all-gather of such a weight first runs an all-reduce for that weight alone, on FSDP's all-gather stream:
-    correct, but one more collective per weight and all-gather."""
-    groups: dict[tuple, list[tuple[QuantizedWeight, Tensor]]] = {}
+def prepare_all_gathers(model: nn.Module) -> None:
+    """Readies the FSDP2 shards of `model` whose all-gather sends the weight quantized (the recipes' `*_all_gather`
+    options) for the next all-gathers: the statistics of the whole weights their quantization needs (BitNet's
+    mean |W|, FP8's tensor-wise abs-max) in one all-reduce per kind, then each shard quantized once. Call it after
+    each optimizer step (the training loop does; the optimizer's writes clear what it made). Without it, each
+    all-gather hook quantizes its shard itself, after an all-reduce for that weight alone, the first time a weight
+    is gathered after a change (FSDP2's hooks run between the compiled blocks, where the host's time is the
+    step's). The quantized shards stay in memory until the weight changes (about one byte an element of the
+    shard). A no-op for a model with no such weights."""
+    shards: list[tuple[QuantizedWeight, object]] = []  # (shard, its device mesh)
+    statistics: dict[tuple, list[tuple[QuantizedWeight, Tensor]]] = {}
     for param in model.parameters():  # the same order on every process
-        if not isinstance(param, DTensor) or param.device_mesh.ndim != 1:
+        local = param._local_tensor if isinstance(param, DTensor) and param.device_mesh.ndim == 1 else None
+        if not isinstance(local, QuantizedWeight) or not local.gathers_quantized:
             continue
-        local = param._local_tensor
-        needed = local._gather_statistic_source() if isinstance(local, QuantizedWeight) else None
+        shards.append((local, param.device_mesh))
+        needed = local._gather_statistic_source()
         if needed is not None:
             source, kind = needed
-            groups.setdefault((param.device_mesh.get_group(), kind), []).append((local, source))
-    for (group, kind), entries in groups.items():
+            statistics.setdefault((param.device_mesh.get_group(), kind), []).append((local, source))
+    for (group, kind), entries in statistics.items():
         values = _shard_statistics([source for _, source in entries], kind)
         dist.all_reduce(values, op=_STATISTIC_REDUCE_OPS[kind], group=group)
         for (local, _), value in zip(entries, values.unbind()):
             local._gather_statistic = value
+    for local, mesh in shards:
+        if local._gather_inputs is None and local._gather_args is not None:  # known after its first all-gather
+            local._gather_inputs = local._quantized_gather_inputs(*local._gather_args, mesh)

@@ -32,7 +32,7 @@ def build(run):
     return qt.quantize_(model, recipe, **options)
 
 
-def train(model, run, rank=0, world_size=1):
+def train(model, run, rank=0, world_size=1, prepare=True):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2 if RUNS[run][0] == "bitnet" else 3e-3)
     losses = []
     for tokens in markov_batches(STEPS, batch=BATCH, seed=1):
@@ -40,7 +40,8 @@ def train(model, run, rank=0, world_size=1):
         loss = model(input_ids=shard, labels=shard).loss
         loss.backward()
         optimizer.step()
-        qt.refresh_all_gather_statistics(model)
+        if prepare:
+            qt.prepare_all_gathers(model)
         optimizer.zero_grad()
         global_loss = loss.detach().clone()
         if world_size > 1:
@@ -62,9 +63,9 @@ def shard(model):
 
 
 def gather_statistics(model):
-    """For each weight whose all-gather quantizes with a whole-weight statistic: (refresh_all_gather_statistics'
+    """For each weight whose all-gather quantizes with a whole-weight statistic: (prepare_all_gathers'
     value, the weight's own all-reduce, the statistic recomputed by hand, whether an in-place write cleared it)."""
-    qt.refresh_all_gather_statistics(model)
+    qt.prepare_all_gathers(model)
     found = []
     for param in model.parameters():
         local = param._local_tensor  # the shard FSDP2 calls the hooks on (to_local() returns a view)
@@ -83,6 +84,23 @@ def gather_statistics(model):
     return found
 
 
+def counted_quantizations(model, run, rank, world_size, prepare):
+    """(losses, how many times a shard was quantized for an all-gather) of training `model`."""
+    weight_class = type(linear_of(model).weight.to_local())
+    quantize = weight_class._quantized_gather_inputs
+    calls = []
+
+    def counting(self, *args):
+        calls.append(1)
+        return quantize(self, *args)
+
+    weight_class._quantized_gather_inputs = counting
+    try:
+        return train(model, run, rank, world_size, prepare), len(calls)
+    finally:
+        weight_class._quantized_gather_inputs = quantize
+
+
 def worker(rank, world_size, init_method, out_dir):
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     torch.manual_seed(0)
@@ -96,7 +114,10 @@ def worker(rank, world_size, init_method, out_dir):
             weight.device_mesh, weight.shape, weight.stride(), None, MixedPrecisionPolicy()
         )
         statistics = gather_statistics(model)
-        losses = train(model, run, rank, world_size)
+        losses, quantizations = counted_quantizations(model, run, rank, world_size, prepare=True)
+        unprepared = None
+        if quantizations:  # the same training with the shards quantized in the hooks instead
+            unprepared = counted_quantizations(shard(build(run)), run, rank, world_size, prepare=False)
         tokens = next(markov_batches(1, batch=2, seed=2))
         with torch.no_grad():
             logits = model(input_ids=tokens).logits
@@ -113,6 +134,8 @@ def worker(rank, world_size, init_method, out_dir):
             unsharded_weight_types=unsharded_types,
             all_gather_inputs=[(t.dtype, tuple(t.shape)) for t in all_gather_inputs],
             statistics=statistics,
+            quantizations=quantizations,
+            unprepared=unprepared,
         )
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
@@ -181,3 +204,19 @@ def test_one_all_reduce_gives_every_shard_its_whole_weight_statistic_until_the_w
     for needs_none in ("int8_mixed_precision", "int8_mixed_precision int8_all_gather", "fp8_mixed_precision",
                        "bitnet"):
         assert fsdp_results[needs_none]["statistics"] == []
+
+
+@pytest.mark.parametrize("run", ["int8_mixed_precision int8_all_gather", "fp8_mixed_precision fp8_all_gather",
+                                 "bitnet ternary_all_gather"])
+def test_a_quantized_all_gather_quantizes_each_shard_once_per_step(run, fsdp_results):
+    """The forward's and the backward's all-gathers share one quantization of each shard: the first all-gather
+    makes it, then prepare_all_gathers after each optimizer step (its last one unused here). Quantizing in the
+    hooks instead (no prepare_all_gathers) trains to the same losses, bit for bit."""
+    result = fsdp_results[run]
+    weights = 2 * 7  # the tiny Llama's decoder linears
+    assert result["quantizations"] == weights * (1 + STEPS)
+    unprepared_losses, unprepared_quantizations = result["unprepared"]
+    assert unprepared_quantizations == weights * STEPS
+    assert unprepared_losses == result["losses"]
+    for run_as_stored in ("int8_mixed_precision", "fp8_mixed_precision", "bitnet"):
+        assert fsdp_results[run_as_stored]["quantizations"] == 0

@@ -36,8 +36,9 @@ class BitNetConfig(RecipeConfig):
     """BitNet b1.58's quantizers are fixed by the method. `ternary_all_gather`: under FSDP2, all-gather each
     weight ternarized, four values to a byte (an eighth of BF16's bytes; each shard ternarized with the whole
     weight's mean |W|), instead of the latent weight, which the forward then ternarizes as on one GPU. Off by
-    default: its packing and unpacking run eagerly in FSDP2's hooks, twice a step for every weight, and on
-    2 H100s (TinyLlama-1.1B shape) it scaled to 69% of twice the one-GPU speed, against 92% for BF16."""
+    default: on 2 H100s (TinyLlama-1.1B shape) it scaled to 69% of twice the one-GPU speed, against 92% for
+    BF16, with its packing in FSDP2's hooks twice a step (since moved to once a step after the optimizer step,
+    `qt.prepare_all_gathers`, not yet re-measured) and its unpacking there at every all-gather."""
 
     name = "bitnet"
     ternary_all_gather: bool = False
@@ -101,19 +102,27 @@ class BitNetWeight(QuantizedWeight):
 
     # FSDP2: all-gather the latent shard (in FSDP's param dtype when it has one); or, with `ternary_all_gather`,
     # ternarize the shard with the scale of the whole weight (the sum of |W| over the shards, see
-    # qt.subclass.refresh_all_gather_statistics) and all-gather it packed four values to a byte.
+    # qt.subclass.prepare_all_gathers) and all-gather it packed four values to a byte.
+    @property
+    def gathers_quantized(self) -> bool:
+        return self.config.ternary_all_gather
+
     def _gather_statistic_source(self):
-        return (self.latent, "abs_sum") if self.config.ternary_all_gather else None
+        return (self.latent, "abs_sum") if self.gathers_quantized else None
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
-        if not self.config.ternary_all_gather:
-            return (self.latent.to(mp_policy.param_dtype or self.latent.dtype),), None
+        dtype = mp_policy.param_dtype or self.latent.dtype
+        if not self.gathers_quantized:
+            return (self.latent.to(dtype),), None
+        return self.quantized_gather_inputs(dtype, outer_size, mesh)
+
+    def _quantized_gather_inputs(self, dtype, outer_size, mesh):
         abs_sum = self.whole_weight_statistic(mesh.get_group())
         ternary, w_scale = ternarize(self.latent, abs_sum / outer_size.numel())
         return (pack_ternary(ternary),), (w_scale, self.latent.shape[1])
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
-        if not self.config.ternary_all_gather:
+        if not self.gathers_quantized:
             (latent,) = outputs
             if out is not None:  # FSDP re-filled the storage of `out.latent` in place
                 return None

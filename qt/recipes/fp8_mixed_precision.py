@@ -31,9 +31,10 @@ GRAD_DTYPES = {"e4m3": E4M3, "e5m2": E5M2}
 class Fp8MixedPrecisionConfig(RecipeConfig):
     """`scaling`: "tensorwise" (one scale per operand: the fastest) or "rowwise" (a scale per row or column, as
     INT8: more accurate with outliers). `fp8_all_gather`: with tensor-wise scales, FSDP2 all-gathers the weights
-    in FP8 (half of BF16's bytes). Off by default: its casts run eagerly in FSDP2's hooks, twice a step for every
-    weight, and on 2 H100s (TinyLlama-1.1B shape, compiled) it scaled to 72% of twice the one-GPU speed, where
-    gathering the master scaled to 86.5%. (Its NaN loss on GPUs is gone since the gathered scale records the
+    in FP8 (half of BF16's bytes). Off by default: on 2 H100s (TinyLlama-1.1B shape, compiled) it scaled to 72%
+    of twice the one-GPU speed, where gathering the master scaled to 86.5%, with its casts in FSDP2's hooks twice
+    a step (since moved to once a step after the optimizer step, `qt.prepare_all_gathers`, not yet re-measured).
+    (Its NaN loss on GPUs is gone since the gathered scale records the
     stream that reads it: 30 steps trained on 2 H100s and on 2 H200s.) `grad_dtype`: the FP8 format
     of the output gradient, "e4m3" or "e5m2" (more range, less precision); "auto" takes E5M2 with tensor-wise
     scales and E4M3 with row-wise ones, whose per-row scales leave less range to cover.

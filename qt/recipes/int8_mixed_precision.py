@@ -29,9 +29,10 @@ class Int8MixedPrecisionConfig(RecipeConfig):
     matmuls, at the cost of more noise per step). `int8_all_gather`: under FSDP2, all-gather each weight as the
     forward quantizes it (INT8 rows with their scales, 1 + 4/in_features bytes an element against BF16's 2)
     instead of the master. The forward is unchanged (a row's scale is its own); grad_input then re-quantizes the
-    gathered weight column-wise instead of the master (a second rounding). Off by default: its quantization runs
-    eagerly in FSDP2's hooks, twice a step for every weight, and on 2 H100s (TinyLlama-1.1B shape, compiled) it
-    scaled to 82% of twice the one-GPU speed, where gathering the master has scaled to 90-92%."""
+    gathered weight column-wise instead of the master (a second rounding). Off by default: on 2 H100s
+    (TinyLlama-1.1B shape, compiled) it scaled to 82% of twice the one-GPU speed, where gathering the master has
+    scaled to 90-92%; that was with its quantization in FSDP2's hooks twice a step, since moved to once a step
+    after the optimizer step (`qt.prepare_all_gathers`) and not yet re-measured."""
 
     name = "int8_mixed_precision"
     output: bool = True

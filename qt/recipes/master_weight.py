@@ -59,15 +59,23 @@ class MasterWeight(QuantizedWeight):
 
     # FSDP2: all-gather the master shard (in FSDP's param dtype when it has one), or, where the config has an
     # `all_gather_plan`, the shard quantized as the forward quantizes the weight: one byte an element.
+    @property
+    def gathers_quantized(self) -> bool:
+        return self.config.all_gather_plan is not None
+
     def _gather_statistic_source(self):
         plan = self.config.all_gather_plan
         return (self.master, "abs_max") if plan is not None and plan.scaling == "tensorwise" else None
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
-        shard = self.master.to(mp_policy.param_dtype or self.master.dtype)
+        dtype = mp_policy.param_dtype or self.master.dtype
+        if not self.gathers_quantized:
+            return (self.master.to(dtype),), None
+        return self.quantized_gather_inputs(dtype, outer_size, mesh)
+
+    def _quantized_gather_inputs(self, dtype, outer_size, mesh):
+        shard = self.master.to(dtype)
         plan = self.config.all_gather_plan
-        if plan is None:
-            return (shard,), None
         if plan.scaling == "tensorwise":
             # The abs-max of the whole weight; rounding is monotonic, so that of the master rounded to the
             # param dtype is that of the rounded master. The one scale travels as metadata.

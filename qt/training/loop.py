@@ -21,7 +21,7 @@ import torch.distributed as torch_dist
 from torch.distributed.tensor import DTensor
 
 from qt.sqnr import forward_sqnr
-from qt.subclass import refresh_all_gather_statistics
+from qt.subclass import prepare_all_gathers
 from qt.training.checkpoint import Checkpointer, RunDirLock, refuse_existing_run
 from qt.training.config import RETUNABLE_ON_RESUME, TrainingError, save_config
 from qt.training.distributed import Dist, all_reduce_sum, autocast, barrier, gradient_sync, unwrap
@@ -223,7 +223,7 @@ def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cf
     stop = StopRequest(dist_info.world_size)
     profiler = _profiler(run_dir, dist_info, device) if cfg.profile else None
     watch_syncs = cfg.sync_debug and device.type == "cuda"
-    refresh_all_gather_statistics(model)  # of the weights as built or restored
+    prepare_all_gathers(model)  # of the weights as built or restored
     record, save_waiting, tokens_read = {}, False, 0.0
     model.train()
     interval_start, interval_tokens = time.perf_counter(), 0
@@ -266,7 +266,7 @@ def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cf
             if not skips_on_device and stats.found_nonfinite():
                 raise nonfinite_error(stats.read())
             optimizer.step()
-            refresh_all_gather_statistics(model)
+            prepare_all_gathers(model)
             optimizer.zero_grad(set_to_none=True)
             interval_steps += 1
             logger.step_done()
