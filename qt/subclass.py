@@ -116,7 +116,8 @@ class QuantizedWeight(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self = args[0]
-        if _writes_first_argument(func):
+        writes = _writes_first_argument(func)
+        if writes:
             for written in self if isinstance(self, (list, tuple)) else [self]:
                 if isinstance(written, QuantizedWeight):
                     written._gather_statistic = written._gather_inputs = None
@@ -142,7 +143,7 @@ class QuantizedWeight(torch.Tensor):
                     self._assign_(args[1].dequantize() if isinstance(args[1], QuantizedWeight) else args[1])
                 return self
 
-        if _writes_first_argument(func):
+        if writes:
             rest = tree_map_only(QuantizedWeight, lambda t: t.dequantize(), (args[1:], kwargs))
             if isinstance(self, QuantizedWeight):
                 self._update_(lambda hp: func(hp, *rest[0], **rest[1]))
@@ -282,10 +283,10 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def keep_for_current_stream(metadata: Tensor) -> Tensor:
-    """A tensor an FSDP2 `fsdp_pre_all_gather` made (on FSDP's all-gather stream) and handed to
-    `fsdp_post_all_gather` as metadata, marked as used by the current stream: otherwise, once its last reference
-    goes, its memory returns to the all-gather stream's pool while this stream may not have read it yet, and a
-    prefetched all-gather of the next layer may overwrite it."""
+    """A tensor made on another stream than the current one (an FSDP2 hook's metadata, made on FSDP's all-gather
+    stream; a cached all-gather input, made after the optimizer step), marked as used by the current stream:
+    otherwise, once its last reference goes, its memory returns to the making stream's pool while this stream may
+    not have read it yet, and a later allocation there (a prefetched all-gather) may overwrite it."""
     if metadata.is_cuda:
         metadata.record_stream(torch.cuda.current_stream(metadata.device))
     return metadata
