@@ -1,6 +1,11 @@
 """Checks and times qt's INT8 kernels on a CUDA GPU (written for an H100).
 
     PYTHONPATH=. python scripts/bench_kernels.py [--quick] [--m 16384] [--quantize_only] [--baseline FILE]
+    PYTHONPATH=. python scripts/bench_kernels.py --training_matmuls
+
+--training_matmuls: the three matmuls of each TinyLlama-1.1B linear in a training step, as the recipes run them
+(output, grad_input, and grad_weight, which reduces over the tokens), K-contiguous: qt's INT8 kernel against
+torch._scaled_mm in FP8 with row-wise scales (what fp8_mixed_precision rowwise runs) and bf16 torch.mm.
 
 scaled_int8_mm on Llama-1B linear shapes (M tokens x N outputs x K inputs) in three operand layouts,
 against torch._int_mm (the int32 product alone) and a bf16 torch.mm of the same shape; then
@@ -27,6 +32,11 @@ from qt.kernels.int8_mm import _scaled_int8_mm_kernel
 from qt.kernels.quantize import _torch_quantize_int8
 
 LLAMA_1B_NK = [(2048, 2048), (5632, 2048), (2048, 5632)]  # (N, K): q/o projections, MLP up, MLP down
+TRAINING_MATMULS = {  # name -> (M, N, K) of a linear with in_features K_in, out_features N_out, over T tokens
+    "output": lambda t, k_in, n_out: (t, n_out, k_in),
+    "grad_input": lambda t, k_in, n_out: (t, k_in, n_out),
+    "grad_weight": lambda t, k_in, n_out: (n_out, k_in, t),
+}
 LAYOUTS = {  # name -> (a row-major, b row-major); the first is the K-contiguous one the recipes use
     "a row, b col": (True, False),
     "a row, b row": (True, True),
@@ -81,6 +91,47 @@ def bench_matmul(m: int, n: int, k: int, layout: str) -> dict:
         "int_mm_layout": int_mm_layout,
         "bf16_tflops": ops / time_ms(lambda: torch.mm(a_bf16, b_bf16)) / 1e9,
     }  # fmt: skip
+
+
+def bench_training_matmul(matmul: str, m: int, n: int, k: int) -> dict:
+    """qt's INT8 matmul against FP8 torch._scaled_mm (row-wise scales) and bf16 torch.mm, K-contiguous operands."""
+    a, b = int8_matrix(m, k, True), int8_matrix(k, n, False)
+    row_scale = torch.rand(m, 1, device=DEVICE, dtype=torch.bfloat16) + 0.5
+    col_scale = torch.rand(1, n, device=DEVICE, dtype=torch.bfloat16) + 0.5
+    scaled_int8_mm(a, b, row_scale, col_scale)  # the first call autotunes
+    config = _scaled_int8_mm_kernel.best_config
+    a_fp8 = torch.randn(m, k, device=DEVICE).to(torch.float8_e4m3fn)
+    b_fp8 = torch.randn(n, k, device=DEVICE).to(torch.float8_e4m3fn).t()
+    fp8_row_scale, fp8_col_scale = row_scale.float(), col_scale.float()
+    a_bf16, b_bf16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    ops = 2 * m * n * k
+    return {
+        "matmul": matmul, "m": m, "n": n, "k": k,
+        "config": f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']} "
+                  f"w{config.num_warps} s{config.num_stages}",
+        "int8_tops": ops / time_ms(lambda: scaled_int8_mm(a, b, row_scale, col_scale)) / 1e9,
+        "fp8_tflops": ops / time_ms(lambda: torch._scaled_mm(a_fp8, b_fp8, fp8_row_scale, fp8_col_scale,
+                                                             out_dtype=torch.bfloat16)) / 1e9,
+        "bf16_tflops": ops / time_ms(lambda: torch.mm(a_bf16, b_bf16)) / 1e9,
+    }  # fmt: skip
+
+
+def training_matmuls_markdown(device: str, rows: list[dict]) -> str:
+    lines = [
+        f"## A training step's matmuls on {device} (torch {torch.__version__}, triton {triton.__version__})",
+        "",
+        "TinyLlama-1.1B linears over the tokens of one step, K-contiguous operands (the recipes' layout); "
+        "qt's scaled INT8 matmul, torch._scaled_mm FP8 E4M3 with row-wise scales, bf16 torch.mm; medians of "
+        "triton.testing.do_bench.",
+        "",
+        "| matmul | M x N x K | INT8 TOP/s | INT8 config | FP8 TFLOP/s | bf16 TFLOP/s | INT8 / FP8 | INT8 / bf16 |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['matmul']} | {r['m']} x {r['n']} x {r['k']} | {r['int8_tops']:.0f} | {r['config']} "
+                     f"| {r['fp8_tflops']:.0f} | {r['bf16_tflops']:.0f} | {r['int8_tops'] / r['fp8_tflops']:.2f} "
+                     f"| {r['int8_tops'] / r['bf16_tflops']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 QUANTIZE_SHAPES = [(2048, "nearest"), (2048, "stochastic"), (5632, "nearest"), (768, "nearest"), (256, "nearest")]  # (width, rounding)
@@ -179,11 +230,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only the first (N, K) shape and no stochastic rounding")
     parser.add_argument("--quantize_only", action="store_true", help="skip the matmuls")
     parser.add_argument("--baseline", help="another version of qt/kernels/quantize.py to time beside this one")
+    parser.add_argument("--training_matmuls", action="store_true",
+                        help="only a training step's matmuls: INT8 vs FP8 vs bf16")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
+    if args.training_matmuls:
+        rows = []
+        for k_in, n_out in [(2048, 2048), (2048, 5632), (5632, 2048)]:  # q/o, gate/up, down
+            for matmul, shape in TRAINING_MATMULS.items():
+                rows.append(bench_training_matmul(matmul, *shape(args.m, k_in, n_out)))
+                print(json.dumps(rows[-1]), flush=True)
+        table = training_matmuls_markdown(device, rows)
+        print(table)
+        if out_dir := os.environ.get("OUT"):
+            Path(out_dir, "bench_training_matmuls.md").write_text(table)
+        return
 
     matmuls = []
     for n, k in [] if args.quantize_only else LLAMA_1B_NK[:1] if args.quick else LLAMA_1B_NK:

@@ -89,7 +89,8 @@ def main():
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--compile", action="store_true", help="torch.compile each linear (all rows)")
     parser.add_argument("--out", default=os.environ.get("OUT"))
-    parser.add_argument("--profile", metavar="CASE", help="also print the CUDA kernel times of this case (per shape)")
+    parser.add_argument("--profile", metavar="CASES", default="",
+                        help="comma-separated cases whose CUDA kernel times to print too (per shape)")
     parser.add_argument("--cases", help="comma-separated case names to run (default: all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -102,6 +103,8 @@ def main():
         "qt int8_weight_only": qt_case("int8_weight_only"),
         "qt int8_weight_only + int8 activations": qt_case("int8_weight_only", int8_activations=True),
         "qt bitnet": qt_case("bitnet"),
+        "qt fp8_mixed_precision": qt_case("fp8_mixed_precision"),
+        "qt fp8_mixed_precision rowwise": qt_case("fp8_mixed_precision", scaling="rowwise"),
         **torchao_cases(),
     }
     if args.cases:
@@ -129,7 +132,7 @@ def main():
                 with torch.no_grad():
                     quality = sqnr_db(linear(x), reference)
                 ms = bench(step)
-                if name == args.profile:
+                if name in args.profile.split(","):
                     print_kernel_times(step, f"{name}, {args.tokens}x{k}->{n}")
                 rows.append(dict(shape=f"{args.tokens}x{k}->{n}", case=name, ms=ms, tflops=flops / ms / 1e9,
                                  sqnr_db=quality))
