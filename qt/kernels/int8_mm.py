@@ -1,11 +1,14 @@
 """Scaled INT8 matrix multiplication: ``(a @ b) * row_scale * col_scale``.
 
 ``a`` [M, K] and ``b`` [K, N] are int8, the product is accumulated exactly in int32, and the scales are
-applied in fp32 in the epilogue. CUDA tensors run the Triton kernel below; CPU tensors (or a machine
-without Triton) run ``torch._int_mm`` followed by the same fp32 epilogue. Both are wrapped in one
-``torch.library`` custom op so ``torch.compile`` treats the product as a single opaque node.
+applied in fp32 in the epilogue. CUDA tensors run one of two Triton kernels below (a persistent one fed by TMA
+on Hopper and later GPUs, the classic one elsewhere and for operands TMA cannot address; QT_INT8_MM_KERNEL
+overrides the choice); CPU tensors (or a machine without Triton) run ``torch._int_mm`` followed by the same
+fp32 epilogue. All are wrapped in one ``torch.library`` custom op so ``torch.compile`` treats the product as a
+single opaque node.
 """
 
+import functools
 import os
 
 import torch
@@ -106,10 +109,90 @@ def _torch_scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Te
     return (product * (row_scale.reshape(-1, 1).float() * col_scale.reshape(1, -1).float())).to(out_dtype)
 
 
+# QT_INT8_MM_KERNEL, read at every call, picks the Triton kernel: `auto` the persistent TMA kernel on GPUs that
+# have TMA (compute capability 9.0 and up, e.g. H100), else the classic one; `tma` the TMA kernel also elsewhere
+# (Triton's CPU interpreter runs it); `classic` the classic kernel everywhere. Operands TMA cannot address take
+# the classic kernel whatever the choice.
+_KERNEL_CHOICES = ("auto", "tma", "classic")
+# Programs of the persistent kernel under Triton's CPU interpreter: fewer than the tiles of a small test, so
+# programs loop over several tiles as they do on a GPU.
+_INTERPRETER_PROGRAMS = 3
+
+
 def _triton_scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
+    launch = _launch_tma_kernel if _use_tma_kernel(a, b, out) else _launch_classic_kernel
+    launch(a, b, row_scale, col_scale, out)
+    return out
+
+
+def _use_tma_kernel(a: Tensor, b: Tensor, out: Tensor) -> bool:
+    choice = os.environ.get("QT_INT8_MM_KERNEL", "auto")
+    if choice not in _KERNEL_CHOICES:
+        raise ValueError(f"QT_INT8_MM_KERNEL={choice!r}: use one of {', '.join(_KERNEL_CHOICES)}")
+    if choice == "classic" or (choice == "auto" and not (a.is_cuda and _compute_capability(a.device) >= (9, 0))):
+        return False
+    return _tma_can_address(a, b, out)
+
+
+def _tma_can_address(a: Tensor, b: Tensor, out: Tensor) -> bool:
+    """Whether TMA descriptors can address a [M, K], b through b.T [N, K] and out [M, N]: each contiguous along
+    its last dimension, with a 16-byte aligned start and row stride (TMA's requirements). The recipes' operands
+    are K-contiguous, a row-major and b column-major, so this holds where K is a multiple of 16 and N of 8."""
+    return all(
+        t.stride(1) == 1 and t.stride(0) * t.element_size() % 16 == 0 and _address(t) % 16 == 0
+        for t in (a, b.t(), out)
+    )
+
+
+def _address(t: Tensor) -> int:
+    # A traced (fake) tensor has no address. Its storage is taken to start aligned, as memory from torch's
+    # allocators does (512 bytes on CUDA), so only its offset into the storage counts.
+    return t.storage_offset() * t.element_size() if traced(t) else t.data_ptr()
+
+
+@functools.cache
+def _compute_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.cache
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of the persistent kernel: one per SM on a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRETER_PROGRAMS
+
+
+def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> Tensor:
+    # The CUDA caching allocator aligns to 512 bytes, more than the 128 TMA descriptors need.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _launch_tma_kernel(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, out: Tensor) -> None:
     m, k = a.shape
     n = b.shape[1]
-    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    programs = _persistent_programs(a.device)
+
+    def grid(meta):
+        return (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+
+    # The kernel writes its TMA descriptors to global memory that Triton asks this allocator for at each launch.
+    # The allocator is per thread (a ContextVar) and backward passes launch from autograd's threads: set it at
+    # every call. (In graphs compiled by Inductor, Inductor sets its own before each launch.)
+    triton.set_allocator(_descriptor_scratch)
+    wrap_triton(_persistent_tma_scaled_int8_mm_kernel)[grid](
+        a, b, row_scale, col_scale, out,
+        m, n, k, triton.next_power_of_2(m), triton.next_power_of_2(k),
+        a.stride(0), b.stride(1), out.stride(0),
+        _scale_stride(row_scale), _scale_stride(col_scale),
+        PROGRAMS=programs,
+    )  # fmt: skip
+
+
+def _launch_classic_kernel(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, out: Tensor) -> None:
+    m, k = a.shape
+    n = b.shape[1]
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -122,16 +205,19 @@ def _triton_scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: T
         out.stride(0), out.stride(1),
         EVEN_K=k % _LARGEST_BLOCK_K == 0,
     )  # fmt: skip
-    return out
 
 
 # Every config's BLOCK_K divides this, so one divisibility test (EVEN_K, passed in) serves them all.
 _LARGEST_BLOCK_K = 128
 
 
+def _interpreted() -> bool:
+    # The interpreter runs every config it is given in numpy, slowly: it gets one small tile, no tuning.
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _autotune_configs() -> list:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        # The interpreter runs every config it is given in numpy, slowly: one small tile, no tuning.
+    if _interpreted():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
     # Tiles known to run well for int8 wgmma on Hopper; a longer list only lengthens the first call.
     return [
@@ -143,7 +229,53 @@ def _autotune_configs() -> list:
     ]
 
 
+def _tma_autotune_configs() -> list:
+    """Tiles for the persistent TMA kernel. Triton (3.6) waits for each int8 wgmma before issuing the next K
+    step's (it keeps a wgmma in flight only for fp32 accumulators), so a BLOCK_K of 256 halves those waits at the
+    cost of a pipeline stage. EPILOGUE_SUBTILE stores each tile in two halves of BLOCK_N / 2 columns: the
+    shared buffer the TMA store goes through halves, leaving room for another stage of operands. All of these fit
+    the H100's 227 KiB of shared memory with a bf16 output; with an fp32 output only the first does, and the
+    autotuner skips the others."""
+    if _interpreted():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "EPILOGUE_SUBTILE": True})]
+
+    def config(block_m, block_n, block_k, subtile, num_stages):
+        return triton.Config(
+            {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "EPILOGUE_SUBTILE": subtile},
+            num_warps=8, num_stages=num_stages,
+        )  # fmt: skip
+
+    return [
+        config(128, 256, 128, True, 3),
+        config(128, 256, 128, True, 4),
+        config(256, 128, 128, True, 4),
+        config(128, 256, 256, True, 2),
+        config(256, 128, 256, True, 2),
+        config(128, 128, 256, False, 3),
+    ]
+
+
 if triton is not None:
+
+    @triton.jit
+    def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+        """(row, column) of output tile `tile_id` in grouped order: GROUP_M consecutive tiles walk down a column
+        of tiles, so the tiles of b they share are still in L2 when the next one needs them."""
+        num_pid_in_group = GROUP_M * num_pid_n
+        first_pid_m = (tile_id // num_pid_in_group) * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (tile_id % num_pid_in_group) % group_size_m
+        pid_n = (tile_id % num_pid_in_group) // group_size_m
+        return pid_m, pid_n
+
+    @triton.jit
+    def _scaled(acc, row_scale_ptr, col_scale_ptr, offs_m, offs_n, M, N, stride_row_scale, stride_col_scale):
+        """The fp32 epilogue of both kernels: the int32 sums `acc` of rows offs_m and columns offs_n, scaled."""
+        row_scale = tl.load(row_scale_ptr + offs_m * stride_row_scale, mask=offs_m < M).to(tl.float32)
+        col_scale = tl.load(col_scale_ptr + offs_n * stride_col_scale, mask=offs_n < N).to(tl.float32)
+        # The scales multiply each other first: the product of the two fits in fp32 wherever the result
+        # does, while the INT32 sum times one scale can overflow (inputs near 1e37).
+        return acc.to(tl.float32) * (row_scale[:, None] * col_scale[None, :])
 
     # M_BUCKET and K_BUCKET (rounded up to a power of two) stand in for M and K in the key: the token count,
     # which is M of the forward and grad_input matmuls and K of grad_weight's, changes from batch to batch
@@ -159,17 +291,8 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
     ):  # fmt: skip
-        # Grouped ordering: GROUP_M consecutive programs walk down a column of output tiles, so the
-        # tiles of b they share are still in L2 when the next program needs them.
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        first_pid_m = (pid // num_pid_in_group) * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-        pid_n = (pid % num_pid_in_group) // group_size_m
-
+        """The classic kernel: one program per output tile, operands loaded through pointers (any strides)."""
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -195,10 +318,67 @@ if triton is not None:
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
 
-        row_scale = tl.load(row_scale_ptr + offs_m * stride_row_scale, mask=m_in_bounds).to(tl.float32)
-        col_scale = tl.load(col_scale_ptr + offs_n * stride_col_scale, mask=n_in_bounds).to(tl.float32)
-        # The scales multiply each other first: the product of the two fits in fp32 wherever the result
-        # does, while the INT32 sum times one scale can overflow (inputs near 1e37).
-        out = acc.to(tl.float32) * (row_scale[:, None] * col_scale[None, :])
+        out = _scaled(acc, row_scale_ptr, col_scale_ptr, offs_m, offs_n, M, N, stride_row_scale, stride_col_scale)
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_in_bounds[:, None] & n_in_bounds[None, :])
+
+    @triton.jit
+    def _store_scaled_tile(
+        out_desc, acc, row_scale_ptr, col_scale_ptr, start_m, start_n, M, N, stride_row_scale, stride_col_scale
+    ):
+        offs_m = start_m + tl.arange(0, acc.shape[0])
+        offs_n = start_n + tl.arange(0, acc.shape[1])
+        out = _scaled(acc, row_scale_ptr, col_scale_ptr, offs_m, offs_n, M, N, stride_row_scale, stride_col_scale)
+        out_desc.store([start_m, start_n], out.to(out_desc.dtype))
+
+    @triton.autotune(configs=_tma_autotune_configs(), key=["M_BUCKET", "N", "K_BUCKET"])
+    @triton.jit
+    def _persistent_tma_scaled_int8_mm_kernel(
+        a_ptr, b_ptr, row_scale_ptr, col_scale_ptr, out_ptr,
+        M, N, K, M_BUCKET, K_BUCKET,
+        stride_am, stride_bn, stride_om,
+        stride_row_scale, stride_col_scale,
+        PROGRAMS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr,
+    ):  # fmt: skip
+        """The Hopper kernel: PROGRAMS programs (one per SM) loop over the output tiles; TMA copies the operand
+        tiles to shared memory and the scaled tiles back. a is row-major, b column-major (read as b.T [N, K])."""
+        # TMA reads past an edge of a tensor as zeros, which add nothing to the sums, and drops writes past one.
+        a_desc = tl.make_tensor_descriptor(
+            a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K]
+        )
+        b_desc = tl.make_tensor_descriptor(
+            b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K]
+        )
+        OUT_BLOCK_N: tl.constexpr = BLOCK_N // 2 if EPILOGUE_SUBTILE else BLOCK_N
+        out_desc = tl.make_tensor_descriptor(
+            out_ptr, shape=[M, N], strides=[stride_om, 1], block_shape=[BLOCK_M, OUT_BLOCK_N]
+        )
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        # The epilogue finds its tile from a counter of its own rather than from tile_id, as Triton's persistent
+        # matmul tutorial does to keep one value out of both the loads and the epilogue of the flattened,
+        # software-pipelined loop (a workaround it gives for a pipelining bug on Blackwell).
+        epilogue_tile_id = tl.program_id(0) - PROGRAMS
+        # flatten=True makes one loop of tiles x K steps, so the loads of the next tile overlap this tile's epilogue.
+        for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, PROGRAMS, flatten=True):
+            pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for k_tile in range(k_tiles):
+                a = a_desc.load([pid_m * BLOCK_M, k_tile * BLOCK_K])
+                b = b_desc.load([pid_n * BLOCK_N, k_tile * BLOCK_K])
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+
+            epilogue_tile_id += PROGRAMS
+            pid_m, pid_n = _grouped_tile(epilogue_tile_id, num_pid_m, num_pid_n, GROUP_M)
+            if EPILOGUE_SUBTILE:
+                left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                _store_scaled_tile(out_desc, left, row_scale_ptr, col_scale_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                                   M, N, stride_row_scale, stride_col_scale)  # fmt: skip
+                _store_scaled_tile(out_desc, right, row_scale_ptr, col_scale_ptr, pid_m * BLOCK_M,
+                                   pid_n * BLOCK_N + BLOCK_N // 2, M, N, stride_row_scale, stride_col_scale)  # fmt: skip
+            else:
+                _store_scaled_tile(out_desc, acc, row_scale_ptr, col_scale_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N,
+                                   M, N, stride_row_scale, stride_col_scale)  # fmt: skip

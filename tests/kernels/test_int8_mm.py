@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+import triton
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from qt.kernels import quantize_int8, scaled_int8_mm
+from qt.kernels import int8_mm, quantize_int8, scaled_int8_mm
 from tests.kernels.backends import through
 
 # (M, N, K): odd sizes that leave partial tiles in every dimension, including K < one 32-wide K step, and
@@ -173,3 +175,94 @@ def bad_mm_inputs() -> list:
 def test_bad_inputs_raise(args, error, message):
     with pytest.raises(error, match=message):
         scaled_int8_mm(*args)
+
+
+# The persistent TMA kernel (QT_INT8_MM_KERNEL=tma), which Triton's CPU interpreter runs with descriptors
+# emulated by masked loads and stores. Its operands must be K-contiguous with 16-byte aligned rows: K and the
+# output's row (N elements) multiples of 16 bytes. The odd M, N and K leave partial tiles in every dimension of
+# the interpreter's 32 x 32 x 32 tile, and more tiles than programs, so programs loop over several tiles.
+TMA_SHAPES = [(37, 48, 80), (70, 96, 48)]
+
+
+def kernel_output(monkeypatch, kernel: str, *args) -> torch.Tensor:
+    monkeypatch.setenv("QT_INT8_MM_KERNEL", kernel)
+    return through("triton", scaled_int8_mm)(*args)
+
+
+@pytest.mark.parametrize("epilogue_subtile", [True, False], ids=["subtiled_epilogue", "whole_epilogue"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("col_scale_shape", ["row", "tensor-wise"])
+@pytest.mark.parametrize(("m", "n", "k"), TMA_SHAPES)
+def test_tma_kernel_matches_the_classic_kernel_bit_for_bit(monkeypatch, m, n, k, col_scale_shape, dtype,
+                                                           epilogue_subtile):  # fmt: skip
+    kernel = int8_mm._persistent_tma_scaled_int8_mm_kernel
+    config = kernel.configs[0]
+    monkeypatch.setattr(kernel, "configs", [triton.Config({**config.kwargs, "EPILOGUE_SUBTILE": epilogue_subtile})])
+    torch.manual_seed(m + n + k)
+    a, b = random_operands(m, n, k)
+    row_scale = (torch.rand(m, 1) + 0.5).to(dtype)
+    col_scale = (torch.rand(1, n) if col_scale_shape == "row" else torch.rand(1)).add(0.5).to(dtype)
+    monkeypatch.setenv("QT_INT8_MM_KERNEL", "tma")
+    assert int8_mm._use_tma_kernel(a, b, torch.empty(m, n, dtype=dtype))
+    out = kernel_output(monkeypatch, "tma", a, b, row_scale, col_scale)
+    # The interpreter rounds to bf16 by truncation, so only an fp32 output can match torch's bf16 rounding.
+    assert torch.equal(out, kernel_output(monkeypatch, "classic", a, b, row_scale, col_scale))
+    if dtype == torch.float32:
+        assert torch.equal(out, through("torch", scaled_int8_mm)(a, b, row_scale, col_scale))
+
+
+def test_tma_kernel_sums_exactly_in_int32(monkeypatch):
+    m, n, k = 37, 48, 80
+    a = torch.where(random_int8(m, k, True) >= 0, 127, -127).to(torch.int8)
+    b = torch.where(random_int8(k, n, False) >= 0, 127, -127).to(torch.int8)
+    out = kernel_output(monkeypatch, "tma", a, b, torch.ones(m, 1), torch.ones(1, n))
+    assert torch.equal(out, (a.long() @ b.long()).float())
+
+
+def tma_operands(**change) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K-contiguous a [M, K] and b [K, N] and an output [M, N] that TMA can address, with one thing changed."""
+    m, n, k, dtype = change.get("m", 8), change.get("n", 16), change.get("k", 32), change.get("dtype", torch.bfloat16)
+    a, b = random_operands(m, n, k, change.get("layout", "a_row_b_col"))
+    if "a_offset" in change:  # a view starting a few bytes into its storage
+        a = torch.zeros(m * k + change["a_offset"], dtype=torch.int8)[change["a_offset"]:].view(m, k)
+    return a, b, torch.empty(m, n, dtype=dtype)
+
+
+@pytest.mark.parametrize(("change", "tma"), [
+    ({}, True),
+    ({"m": 1, "n": 8}, True),
+    ({"layout": "a_row_b_row"}, False),  # b N-contiguous
+    ({"layout": "a_col_b_col"}, False),  # a M-contiguous
+    ({"k": 40}, False),  # rows of 40 bytes
+    ({"a_offset": 8}, False),  # a starts 8 bytes into its storage
+    ({"a_offset": 16}, True),
+    ({"n": 12}, False),  # output rows of 24 bytes
+    ({"n": 12, "dtype": torch.float32}, True),  # 48 bytes
+], ids=["aligned", "one_row", "b_row_major", "a_col_major", "k_40", "a_8_bytes_off", "a_16_bytes_off",
+        "bf16_n_12", "fp32_n_12"])  # fmt: skip
+def test_tma_kernel_takes_only_operands_tma_can_address(monkeypatch, change, tma):
+    monkeypatch.setenv("QT_INT8_MM_KERNEL", "tma")
+    assert int8_mm._use_tma_kernel(*tma_operands(**change)) == tma
+
+
+def test_tma_alignment_of_traced_operands_comes_from_their_storage_offset():
+    # Under torch.compile the kernel is chosen on fake tensors, which have no address.
+    with FakeTensorMode():
+        for offset, aligned in ((8, False), (16, True)):
+            a = torch.empty(8 * 32 + offset, dtype=torch.int8)[offset:].view(8, 32)
+            b = torch.empty(16, 32, dtype=torch.int8).t()
+            assert int8_mm._tma_can_address(a, b, torch.empty(8, 16, dtype=torch.bfloat16)) == aligned
+
+
+@pytest.mark.parametrize(("choice", "tma"), [("auto", False), ("classic", False), ("tma", True)])
+def test_kernel_choice_on_the_cpu(monkeypatch, choice, tma):
+    """`auto` takes the TMA kernel only on a GPU with TMA, `classic` never, `tma` wherever the operands allow."""
+    monkeypatch.setenv("QT_INT8_MM_KERNEL", choice)
+    assert int8_mm._use_tma_kernel(*tma_operands()) == tma
+
+
+def test_invalid_kernel_choice_raises(monkeypatch):
+    monkeypatch.setenv("QT_INT8_MM_KERNEL", "wgmma")
+    a, b, _ = tma_operands()
+    with pytest.raises(ValueError, match="QT_INT8_MM_KERNEL='wgmma': use one of auto, tma, classic"):
+        through("triton", scaled_int8_mm)(a, b, torch.ones(8, 1), torch.ones(1, 16))
