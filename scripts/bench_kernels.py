@@ -28,7 +28,7 @@ import triton
 import triton.testing
 
 from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, scaled_int8_mm
-from qt.kernels.int8_mm import _scaled_int8_mm_kernel
+from qt.kernels import int8_mm
 from qt.kernels.quantize import _torch_quantize_int8
 
 LLAMA_1B_NK = [(2048, 2048), (5632, 2048), (2048, 5632)]  # (N, K): q/o projections, MLP up, MLP down
@@ -48,6 +48,16 @@ MAX_REL_ERR = 1e-2  # bf16 output rounding alone gives ~1e-3 (normwise)
 
 def time_ms(fn) -> float:
     return triton.testing.do_bench(fn, return_mode="median")
+
+
+def picked_config(a: torch.Tensor, b: torch.Tensor) -> str:
+    """The autotuned config of the kernel scaled_int8_mm ran for a @ b (call it first)."""
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.bfloat16, device=a.device)
+    tma = int8_mm._use_tma_kernel(a, b, out)
+    config = (int8_mm._persistent_tma_scaled_int8_mm_kernel if tma else int8_mm._scaled_int8_mm_kernel).best_config
+    kw = config.kwargs
+    return (("tma " if tma else "") + f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{config.num_warps} "
+            f"s{config.num_stages}" + (" halves" if kw.get("EPILOGUE_SUBTILE") else ""))
 
 
 def int8_matrix(rows: int, cols: int, row_major: bool) -> torch.Tensor:
@@ -72,7 +82,7 @@ def bench_matmul(m: int, n: int, k: int, layout: str) -> dict:
     col_scale = torch.rand(1, n, device=DEVICE, dtype=torch.bfloat16) + 0.5
 
     out = scaled_int8_mm(a, b, row_scale, col_scale)  # the first call autotunes
-    config = _scaled_int8_mm_kernel.best_config
+    config = picked_config(a, b)
     int_mm_a, int_mm_b, int_mm_layout = int_mm_operands(a, b)
     expected = torch._int_mm(int_mm_a, int_mm_b).float() * (row_scale.float() * col_scale.float())
     rel_err = ((out.float() - expected).norm() / expected.norm()).item()
@@ -84,8 +94,7 @@ def bench_matmul(m: int, n: int, k: int, layout: str) -> dict:
     ops = 2 * m * n * k
     return {
         "m": m, "n": n, "k": k, "layout": layout, "rel_err": rel_err, "mismatched": mismatched,
-        "config": f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']} "
-                  f"w{config.num_warps} s{config.num_stages}",
+        "config": config,
         "qt_tops": ops / time_ms(lambda: scaled_int8_mm(a, b, row_scale, col_scale)) / 1e9,
         "int_mm_tops": ops / time_ms(lambda: torch._int_mm(int_mm_a, int_mm_b)) / 1e9,
         "int_mm_layout": int_mm_layout,
@@ -98,17 +107,18 @@ def bench_training_matmul(matmul: str, m: int, n: int, k: int) -> dict:
     a, b = int8_matrix(m, k, True), int8_matrix(k, n, False)
     row_scale = torch.rand(m, 1, device=DEVICE, dtype=torch.bfloat16) + 0.5
     col_scale = torch.rand(1, n, device=DEVICE, dtype=torch.bfloat16) + 0.5
-    scaled_int8_mm(a, b, row_scale, col_scale)  # the first call autotunes
-    config = _scaled_int8_mm_kernel.best_config
+    out = scaled_int8_mm(a, b, row_scale, col_scale)  # the first call autotunes
+    expected = torch._int_mm(a, b).float() * (row_scale.float() * col_scale.float())
+    mismatched = (out != expected.to(out.dtype)).float().mean().item()
+    config = picked_config(a, b)
     a_fp8 = torch.randn(m, k, device=DEVICE).to(torch.float8_e4m3fn)
     b_fp8 = torch.randn(n, k, device=DEVICE).to(torch.float8_e4m3fn).t()
     fp8_row_scale, fp8_col_scale = row_scale.float(), col_scale.float()
     a_bf16, b_bf16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
     ops = 2 * m * n * k
     return {
-        "matmul": matmul, "m": m, "n": n, "k": k,
-        "config": f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']} "
-                  f"w{config.num_warps} s{config.num_stages}",
+        "matmul": matmul, "m": m, "n": n, "k": k, "kernel": os.environ.get("QT_INT8_MM_KERNEL", "auto"),
+        "config": config, "mismatched": mismatched,
         "int8_tops": ops / time_ms(lambda: scaled_int8_mm(a, b, row_scale, col_scale)) / 1e9,
         "fp8_tflops": ops / time_ms(lambda: torch._scaled_mm(a_fp8, b_fp8, fp8_row_scale, fp8_col_scale,
                                                              out_dtype=torch.bfloat16)) / 1e9,
@@ -124,11 +134,13 @@ def training_matmuls_markdown(device: str, rows: list[dict]) -> str:
         "qt's scaled INT8 matmul, torch._scaled_mm FP8 E4M3 with row-wise scales, bf16 torch.mm; medians of "
         "triton.testing.do_bench.",
         "",
-        "| matmul | M x N x K | INT8 TOP/s | INT8 config | FP8 TFLOP/s | bf16 TFLOP/s | INT8 / FP8 | INT8 / bf16 |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
+        "| matmul | M x N x K | QT_INT8_MM_KERNEL | INT8 TOP/s | INT8 config (bits differing from _int_mm) "
+        "| FP8 TFLOP/s | bf16 TFLOP/s | INT8 / FP8 | INT8 / bf16 |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(f"| {r['matmul']} | {r['m']} x {r['n']} x {r['k']} | {r['int8_tops']:.0f} | {r['config']} "
+        lines.append(f"| {r['matmul']} | {r['m']} x {r['n']} x {r['k']} | {r['kernel']} | {r['int8_tops']:.0f} "
+                     f"| {r['config']} ({r['mismatched']:.1%}) "
                      f"| {r['fp8_tflops']:.0f} | {r['bf16_tflops']:.0f} | {r['int8_tops'] / r['fp8_tflops']:.2f} "
                      f"| {r['int8_tops'] / r['bf16_tflops']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -232,6 +244,8 @@ def main() -> None:
     parser.add_argument("--baseline", help="another version of qt/kernels/quantize.py to time beside this one")
     parser.add_argument("--training_matmuls", action="store_true",
                         help="only a training step's matmuls: INT8 vs FP8 vs bf16")
+    parser.add_argument("--mm_kernels", default="auto",
+                        help="--training_matmuls: comma-separated QT_INT8_MM_KERNEL values to time, e.g. classic,tma")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
@@ -241,8 +255,10 @@ def main() -> None:
         rows = []
         for k_in, n_out in [(2048, 2048), (2048, 5632), (5632, 2048)]:  # q/o, gate/up, down
             for matmul, shape in TRAINING_MATMULS.items():
-                rows.append(bench_training_matmul(matmul, *shape(args.m, k_in, n_out)))
-                print(json.dumps(rows[-1]), flush=True)
+                for kernel in args.mm_kernels.split(","):
+                    os.environ["QT_INT8_MM_KERNEL"] = kernel
+                    rows.append(bench_training_matmul(matmul, *shape(args.m, k_in, n_out)))
+                    print(json.dumps(rows[-1]), flush=True)
         table = training_matmuls_markdown(device, rows)
         print(table)
         if out_dir := os.environ.get("OUT"):

@@ -152,14 +152,17 @@ def train_row(spec: dict) -> dict:
     parallelize(model, decoder_blocks(model), Dist(0, 1, device), compute_dtype=dtype, activation_checkpointing=False,
                 compile=spec["compile"], ddp=False)
     optimizer = build_optimizer(model, TrainConfig(lr=spec["lr"]))
-    losses, ends = [], []
-    for step in range(spec["steps"]):
+    def train_step(step: int) -> torch.Tensor:
         loss = next_token_loss(model, synthetic_batch(step, spec["batch_size"], spec["seq_len"], vocab_size, device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        return loss.detach()
+
+    losses, ends = [], []
+    for step in range(spec["steps"]):
+        losses.append(train_step(step))
         if device.type == "cuda":
             ends.append(torch.cuda.Event(enable_timing=True))
             ends[-1].record()
@@ -171,10 +174,25 @@ def train_row(spec: dict) -> dict:
     else:
         step_times = [b - a for a, b in zip(ends, ends[1:])]
     times = step_times[spec["warmup"] - 1:]  # the steps after the warmup
+    if spec.get("trace"):
+        profile_steps(train_step, spec["steps"], spec["trace"])
     losses = torch.stack(losses).float().tolist()
     return {"tokens_per_second": spec["batch_size"] * spec["seq_len"] / statistics.median(times),
             "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
             "final_loss": statistics.fmean(losses[-FINAL_LOSS_STEPS:]), "sqnr": sqnr}
+
+
+def profile_steps(train_step, first_step: int, trace: str, steps: int = 3) -> None:
+    """`steps` more steps under the profiler, after the timed ones (which it would slow): their GPU kernels as a
+    Chrome trace at `trace` and, in the row's log, the table of scripts/trace_summary.py."""
+    from scripts.trace_summary import load_events, markdown, summarize
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for step in range(first_step, first_step + steps):
+            train_step(step)
+        torch.cuda.synchronize()
+    profiler.export_chrome_trace(trace)
+    print(markdown(summarize(load_events(Path(trace)), steps), trace), flush=True)
 
 
 # ---- the calling process ----
@@ -250,6 +268,8 @@ def main(argv=None) -> str:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "peers.md")
     parser.add_argument("--report", nargs="+", type=Path, metavar="JSON", help="only join these calls' results")
     parser.add_argument("--smoke", action="store_true", help="CPU, the tiny model, 2 steps, the qt rows only")
+    parser.add_argument("--profile", action="store_true",
+                        help="per row, 3 more steps profiled: a trace beside its log, the kernel table in the log")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
@@ -292,11 +312,13 @@ def measure_call(args, argv: list[str]) -> dict:
             spec = {"model": model, "row": name, "seq_len": seq_len, "batch_size": batch_size, "steps": steps,
                     "warmup": warmup, "lr": args.lr, "compile": gpu, "smoke": args.smoke,
                     "small_linears": args.quantize_small_linears}
+            log = logs / f"{model}-{name.replace(' ', '_').replace(',', '')}.log"
+            if args.profile and gpu:
+                spec["trace"] = str(log.with_suffix(".trace.json"))
             if name.startswith("torchao") and torchao_reason:
                 result = {"skipped": f"skipped: {torchao_reason}"}
             else:
-                result = run_row(spec, logs / f"{model}-{name.replace(' ', '_').replace(',', '')}.log",
-                                 args.row_timeout_s)
+                result = run_row(spec, log, args.row_timeout_s)
             if name == baseline:
                 base_speed = result.get("tokens_per_second")
             if "tokens_per_second" in result:

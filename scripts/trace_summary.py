@@ -1,0 +1,105 @@
+"""Where a profiled step's GPU time goes: a table from the Chrome trace `llm_pretrain.py --profile` writes.
+
+    python scripts/trace_summary.py RUN_DIR/profile/trace_rank0.json [--steps 3]
+
+Groups the trace's GPU kernels by what they do (INT8 and cuBLAS matmuls, qt's quantize kernels, attention,
+Inductor's fused kernels, the optimizer, communication, the rest), per step (the profiler records --steps steps),
+and sets the time the GPU worked (the union of its kernels on every stream) against the wall time of the
+profiled steps: the difference is time the GPU waited, on the host or on nothing at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+# First match wins: (group, pattern on the kernel name).
+GROUPS = [
+    ("communication (NCCL)", r"nccl"),
+    ("INT8 matmuls (qt)", r"scaled_int8_mm"),
+    ("qt quantize kernels", r"_quantize|_tile_amax|int8_adam|_adam_kernel"),
+    ("attention", r"flash|fmha|attention|cudnn"),
+    ("cuBLAS / CUTLASS matmuls", r"nvjet|gemm|cutlass|sm90_xmma|ampere_|cublas"),
+    ("optimizer (torch fused / foreach)", r"multi_tensor_apply|fused_adam|FusedAdam|_foreach"),
+    ("Inductor's fused kernels", r"^triton_"),
+    ("copies and fills", r"copy|fill|Memset|Memcpy|elementwise_kernel"),
+]
+
+
+def group_of(name: str) -> str:
+    for group, pattern in GROUPS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return group
+    return "other"
+
+
+def load_events(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        trace = json.load(f)
+    return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of the [start, end) intervals."""
+    total, current_end = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if start > current_end:
+            total += end - start
+            current_end = end
+        elif end > current_end:
+            total += end - current_end
+            current_end = end
+    return total
+
+
+def summarize(events: list[dict], steps: int) -> dict:
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not kernels:
+        raise SystemExit("error: the trace holds no GPU kernels (was it recorded on a GPU with CUDA activity?)")
+    per_group = defaultdict(float)
+    top = defaultdict(lambda: [0.0, 0])
+    for kernel in kernels:
+        per_group[group_of(kernel["name"])] += kernel["dur"]
+        top[kernel["name"]][0] += kernel["dur"]
+        top[kernel["name"]][1] += 1
+    intervals = [(k["ts"], k["ts"] + k["dur"]) for k in kernels]
+    wall = max(end for _, end in intervals) - min(start for start, _ in intervals)
+    return {
+        "steps": steps,
+        "wall_ms": wall / 1e3 / steps,
+        "busy_ms": busy_time(intervals) / 1e3 / steps,
+        "groups_ms": {g: t / 1e3 / steps for g, t in sorted(per_group.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [(name, t / 1e3 / steps, calls // steps)
+                        for name, (t, calls) in sorted(top.items(), key=lambda kv: -kv[1][0])[:15]],
+    }
+
+
+def markdown(summary: dict, title: str) -> str:
+    lines = [f"{title}: {summary['steps']} profiled steps, per step", "",
+             "| | ms |", "| --- | ---: |",
+             f"| wall time (first kernel start to last kernel end) | {summary['wall_ms']:.1f} |",
+             f"| GPU busy (union of kernels) | {summary['busy_ms']:.1f} |",
+             f"| GPU idle | {summary['wall_ms'] - summary['busy_ms']:.1f} |"]
+    lines += [f"| {group} | {ms:.1f} |" for group, ms in summary["groups_ms"].items()]
+    lines += ["", "| kernel | ms | calls |", "| --- | ---: | ---: |"]
+    lines += [f"| `{name[:90]}` | {ms:.2f} | {calls} |" for name, ms, calls in summary["top_kernels"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("trace", type=Path)
+    parser.add_argument("--steps", type=int, default=3, help="steps the trace holds (llm_pretrain's profiler: 3)")
+    args = parser.parse_args()
+    if not args.trace.is_file():
+        raise SystemExit(f"error: no trace at {args.trace}: run llm_pretrain.py with --profile first")
+    print(markdown(summarize(load_events(args.trace), args.steps), str(args.trace)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+import json
+
+import pytest
+
+from scripts.trace_summary import busy_time, group_of, load_events, summarize
+
+
+def test_busy_time_is_the_union_of_overlapping_kernels():
+    assert busy_time([(0, 10), (5, 15), (20, 30), (22, 25)]) == 25
+    assert busy_time([]) == 0
+
+
+@pytest.mark.parametrize(("name", "group"), [
+    ("_persistent_tma_scaled_int8_mm_kernel", "INT8 matmuls (qt)"),
+    ("_tile_quantize_kernel", "qt quantize kernels"),
+    ("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NNT", "cuBLAS / CUTLASS matmuls"),
+    ("triton_red_fused__to_copy_abs_amax_t_0", "Inductor's fused kernels"),
+    ("ncclDevKernel_AllGather_RING_LL", "communication (NCCL)"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel", "optimizer (torch fused / foreach)"),
+    ("something_new", "other"),
+])
+def test_kernels_are_grouped_by_what_they_do(name, group):
+    assert group_of(name) == group
+
+
+def test_summary_per_step_from_a_trace(tmp_path):
+    kernel = {"ph": "X", "cat": "kernel"}
+    events = [{**kernel, "name": "_scaled_int8_mm_kernel", "ts": 0, "dur": 3000},
+              {**kernel, "name": "ncclDevKernel_AllGather", "ts": 1000, "dur": 4000},  # overlaps the matmul
+              {**kernel, "name": "triton_poi_fused_0", "ts": 8000, "dur": 2000},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 99000}]  # host ops are not GPU time
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    summary = summarize(load_events(path), steps=2)
+    assert summary["wall_ms"] == pytest.approx(10 / 2)
+    assert summary["busy_ms"] == pytest.approx(7 / 2)
+    assert summary["groups_ms"] == {"communication (NCCL)": 2.0, "INT8 matmuls (qt)": 1.5, "Inductor's fused kernels": 1.0}
