@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from qt.kernels import quantize_fp8, quantize_int8, quantize_int8_rows_and_cols, scaled_fp8_mm, scaled_int8_mm
-from qt.kernels.fp8 import E4M3, FP8_DTYPES, SCALINGS
+from qt.kernels.fp8 import E4M3, FP8_DTYPES, SCALINGS, abs_max
 
 FORMATS = (None, "int8", "fp8")
 
@@ -120,21 +120,40 @@ class QuantizedOperand(NamedTuple):
 Int8Operand = QuantizedOperand  # the name the INT8 recipes use
 
 
-def quantize_operand(t: Tensor, axis: int, matmul: MatmulPlan, kind: str) -> QuantizedOperand:
+def quantize_operand(t: Tensor, axis: int, matmul: MatmulPlan, kind: str,
+                     amax: Tensor | None = None) -> QuantizedOperand:
     """`t` [R, C] quantized for the (quantized) `matmul`, reducing `axis` (1: a left operand, 0: a right one).
-    `kind` is the operand's role, "activation", "weight" or "gradient": it picks the FP8 dtype."""
+    `kind` is the operand's role, "activation", "weight" or "gradient": it picks the FP8 dtype. `amax`: the abs-max
+    of all of `t`, already computed (FP8 tensor-wise scaling only)."""
     if matmul.int8:
         return QuantizedOperand(*quantize_int8(t, axis, matmul.stochastic_rounding))
-    dtype = matmul.grad_dtype if kind == "gradient" else E4M3
-    return QuantizedOperand(*quantize_fp8(t, axis, dtype, matmul.scaling, matmul.power_of_two_scales))
+    return QuantizedOperand(*quantize_fp8(t, axis, _fp8_dtype(matmul, kind), matmul.scaling,
+                                          matmul.power_of_two_scales, amax))
+
+
+def _fp8_dtype(matmul: MatmulPlan, kind: str) -> torch.dtype:
+    return matmul.grad_dtype if kind == "gradient" else E4M3
+
+
+def _tensorwise_fp8_alike(first: MatmulPlan, second: MatmulPlan, kind: str) -> bool:
+    """Whether both matmuls cast a `kind` operand to the same FP8 codes with one scale for the whole tensor: the
+    abs-max and the codes of one then serve the other, whatever the layout."""
+    return (first.fp8 and second.fp8 and first.scaling == second.scaling == "tensorwise"
+            and _fp8_dtype(first, kind) == _fp8_dtype(second, kind)
+            and first.power_of_two_scales == second.power_of_two_scales)
 
 
 def _quantize_operand_pair(t: Tensor, rows: MatmulPlan | None, cols: MatmulPlan | None):
     """The gradient `t` [R, C] quantized per row for the `rows` matmul and per column for the `cols` matmul
-    (either may be None: not needed). One op when both are INT8 and round alike."""
+    (either may be None: not needed). One op when both are INT8 and round alike; one FP8 cast, transposed for
+    the other layout, when both scale it tensor-wise alike."""
     if rows and cols and rows.int8 and cols.int8 and rows.stochastic_rounding == cols.stochastic_rounding:
         q_rows, row_scale, q_cols, col_scale = quantize_int8_rows_and_cols(t, rows.stochastic_rounding)
         return QuantizedOperand(q_rows, row_scale), QuantizedOperand(q_cols, col_scale)
+    if rows and cols and _tensorwise_fp8_alike(rows, cols, "gradient"):
+        # Transposing the 1-byte codes moves 2 bytes an element; a second cast would read t (2 bytes) twice more.
+        q_rows = quantize_operand(t, 1, rows, "gradient")
+        return q_rows, QuantizedOperand(q_rows.q.t().contiguous().t(), q_rows.scale)
     return (quantize_operand(t, 1, rows, "gradient") if rows else None,
             quantize_operand(t, 0, cols, "gradient") if cols else None)
 
@@ -154,12 +173,18 @@ class _QuantizedLinear(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
         w_operand, w_saved = weight._forward_operands(dtype, plan)
         with torch.autocast(x.device.type, enabled=False):
-            x_rows = quantize_operand(x2d, 1, plan.output, "activation") if plan.output.quantized else x2d
+            # Where the forward and grad_weight both scale X tensor-wise alike, X's abs-max is taken once and
+            # saved (one element), sparing the backward a pass over X.
+            x_amax = abs_max(x2d, None) if _tensorwise_fp8_alike(plan.output, plan.grad_weight, "activation") else None
+            x_rows = quantize_operand(x2d, 1, plan.output, "activation", x_amax) if plan.output.quantized else x2d
             out = _matmul(x_rows, w_operand, dtype, plan.output)
         if bias is not None:
             out = out + bias.to(dtype)
         # X itself is saved, not a quantized copy: the linears that share an input (q/k/v, gate/up) share it.
-        x_saved = tuple(x_rows) if plan.grad_weight_sees_quantized_input else (x2d,)
+        if plan.grad_weight_sees_quantized_input:
+            x_saved = tuple(x_rows)
+        else:
+            x_saved = (x2d,) if x_amax is None else (x2d, x_amax)
         ctx.save_for_backward(*x_saved, *w_saved)
         ctx.n_x_saved, ctx.weight_type, ctx.plan, ctx.dtype = len(x_saved), type(weight), plan, dtype
         ctx.has_bias, ctx.in_features = bias is not None, x.shape[-1]
@@ -183,7 +208,8 @@ class _QuantizedLinear(torch.autograd.Function):
                 grad_x = grad_x.view(*grad_output.shape[:-1], ctx.in_features)
             if need_w:
                 if plan.grad_weight.quantized:
-                    x_cols = quantize_operand(x_saved[0], 0, plan.grad_weight, "activation")
+                    x_amax = x_saved[1] if len(x_saved) > 1 else None
+                    x_cols = quantize_operand(x_saved[0], 0, plan.grad_weight, "activation", x_amax)
                     grad_w = _matmul(dy_cols.T, x_cols, dtype, plan.grad_weight)
                 elif plan.grad_weight_sees_quantized_input:
                     x_q, x_scale = x_saved

@@ -92,6 +92,28 @@ def test_fp8_mixed_precision_is_bit_exact_with_its_matmuls_written_out(scaling):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize(("scaling", "passes"), [("tensorwise", 4), ("rowwise", 6)])
+def test_fp8_tensorwise_takes_each_activation_abs_max_once(scaling, passes, monkeypatch):
+    """Tensor-wise, X's abs-max serves the forward and grad_weight, and dY is cast once for both backward matmuls:
+    the abs-max passes of one forward + backward are X once, W twice (its master is cast per matmul), dY once."""
+    import qt.kernels.fp8 as fp8
+    import qt.linear
+
+    calls = []
+
+    def counted(x, axis):
+        calls.append(tuple(x.shape))
+        return abs_max(x, axis)
+
+    abs_max = fp8.abs_max
+    monkeypatch.setattr(fp8, "abs_max", counted)
+    monkeypatch.setattr(qt.linear, "abs_max", counted)
+    linear, x, dy = make_case((33,), bias=False, in_features=48, out_features=40)
+    qt.quantize_(linear, "fp8_mixed_precision", scaling=scaling, filter_fn=lambda m, n: True)
+    run_linear(linear, x, dy)
+    assert len(calls) == passes, calls
+
+
 @pytest.mark.parametrize(("make", "message"), [
     (lambda: MatmulPlan("fp4"), "format 'fp4'"),
     (lambda: MatmulPlan(None, stochastic_rounding=True), "needs a quantized format"),
