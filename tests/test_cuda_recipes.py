@@ -1,5 +1,10 @@
 """The recipes on a GPU (skipped without one): the Triton kernels against the torch ops, and compiled
-graphs that launch the Triton kernels themselves (no qt op, hence no Python, between kernels)."""
+graphs that launch the Triton kernels themselves (no qt op, hence no Python, between kernels).
+
+Run them with `TRITON_INTERPRET=0 pytest tests/test_cuda_recipes.py`: the test suite's conftest turns Triton's
+CPU interpreter on unless told otherwise, and interpreted kernels are not what a GPU runs."""
+
+import os
 
 import pytest
 import torch
@@ -9,7 +14,11 @@ import qt
 from tests.kernels.backends import through
 from tests.reference import rel_err
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                       reason="runs the compiled kernels: set TRITON_INTERPRET=0 (Triton's interpreter is on)"),
+]
 
 RECIPES = [("int8_mixed_precision", {}), ("int8_mixed_precision", {"stochastic_rounding": True}),
            ("int8_weight_only", {}), ("int8_weight_only", {"int8_activations": True}), ("bitnet", {})]

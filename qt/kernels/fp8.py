@@ -202,7 +202,7 @@ def _scaled_mm(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, out_dtype
     """``torch._scaled_mm`` with its constraints met: ``a`` row-major and ``b`` column-major, K and N
     zero-padded to multiples of 16 (zeros add nothing to the sums; the padded columns are cut off), and
     bfloat16 output for rowwise scales."""
-    (m, k), n = a.shape, b.shape[1]
+    k, n = a.shape[1], b.shape[1]
     pad_k, pad_n = -k % _SCALED_MM_MULTIPLE, -n % _SCALED_MM_MULTIPLE
     a = _pad_fp8(a.contiguous(), 0, pad_k)
     b = _pad_fp8(b.t().contiguous(), pad_n, pad_k).t()

@@ -38,7 +38,8 @@ class BitNetConfig(RecipeConfig):
     weight's mean |W|), instead of the latent weight, which the forward then ternarizes as on one GPU. Off by
     default: on 2 H100s (TinyLlama-1.1B shape) it scaled to 69% of twice the one-GPU speed, against 92% for
     BF16, with its packing in FSDP2's hooks twice a step (since moved to once a step after the optimizer step,
-    `qt.prepare_all_gathers`, not yet re-measured) and its unpacking there at every all-gather."""
+    `qt.prepare_all_gathers`, not re-measured) and its unpacking there at every all-gather; gathering the latent
+    weight scaled to 90.2% (BF16: 91.5%, docs/scaling.md)."""
 
     name = "bitnet"
     ternary_all_gather: bool = False
