@@ -15,9 +15,11 @@ a latent ternary weight) and hands out the operands a plan asks for (`quantize_o
 for any plan). So a recipe is a plan plus a weight class.
 
 The output gradient dY, which both backward matmuls need quantized (along different axes), is quantized both
-ways by one INT8 op that shares the abs-max pass (FP8 casts are torch ops, which torch.compile fuses itself).
+ways by one INT8 op that shares the abs-max pass (FP8 casts are torch ops, which torch.compile fuses itself;
+with one scale for the whole tensor, dY is cast once and its codes transposed for the other layout).
 X and W are saved as they are, not as quantized copies: the linears that share an input (q/k/v, gate/up) then
-share its saved copy, and the peak memory stays below BF16's; each is quantized where its matmul runs.
+share its saved copy, and the peak memory stays below BF16's; each is quantized where its matmul runs (FP8
+tensor-wise saves X's abs-max from the forward with it, so the backward's cast needs no second pass over X).
 """
 
 from __future__ import annotations
