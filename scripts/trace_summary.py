@@ -21,10 +21,10 @@ from pathlib import Path
 GROUPS = [
     ("communication (NCCL)", r"nccl"),
     ("INT8 matmuls (qt)", r"scaled_int8_mm"),
-    ("qt quantize kernels", r"_quantize|_tile_amax|int8_adam|_adam_kernel"),
+    ("qt quantize kernels", r"_quantize|_tile_amax"),
     ("attention", r"flash|fmha|attention|cudnn"),
     ("cuBLAS / CUTLASS matmuls", r"nvjet|gemm|cutlass|sm90_xmma|ampere_|cublas"),
-    ("optimizer (torch fused / foreach)", r"multi_tensor_apply|fused_adam|FusedAdam|_foreach"),
+    ("optimizer (fused / foreach; qt's INT8 Adam)", r"multi_tensor_apply|fused_adam|FusedAdam|_foreach|_adam_kernel"),
     ("Inductor's fused kernels", r"^triton_"),
     ("copies and fills", r"copy|fill|Memset|Memcpy|elementwise_kernel"),
 ]

@@ -16,7 +16,8 @@ def test_busy_time_is_the_union_of_overlapping_kernels():
     ("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NNT", "cuBLAS / CUTLASS matmuls"),
     ("triton_red_fused__to_copy_abs_amax_t_0", "Inductor's fused kernels"),
     ("ncclDevKernel_AllGather_RING_LL", "communication (NCCL)"),
-    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel", "optimizer (torch fused / foreach)"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel", "optimizer (fused / foreach; qt's INT8 Adam)"),
+    ("_int8_rows_adam_kernel", "optimizer (fused / foreach; qt's INT8 Adam)"),
     ("something_new", "other"),
 ])
 def test_kernels_are_grouped_by_what_they_do(name, group):
