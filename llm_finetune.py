@@ -85,13 +85,7 @@ def prepare_model(model: nn.Module, cfg: FinetuneConfig, announce: bool = False)
         model.config.tie_word_embeddings = False
     if cfg.freeze_embedding_layer:
         embedding.weight.requires_grad_(False)
-    if cfg.quantize == "bitnet":
-        import qt
-        try:
-            qt.convert_llama_to_bitnet(model)
-        except ValueError as e:
-            raise ConfigError(f"--quantize bitnet: {e}") from None
-    quantize_model(model, cfg, announce=announce)
+    quantize_model(model, cfg, announce=announce, bitnet_surgery=True)
 
 
 def finetune(cfg: FinetuneConfig, dist_info: Dist) -> dict:

@@ -89,11 +89,8 @@ def pretrain(cfg: PretrainConfig, dist_info: Dist, data: tuple) -> dict:
     model = build_causal_lm(cfg.model, cfg.init_from, train_shards.vocab_size, cfg.seq_len, device)
     flops = flops_per_token(model, cfg.seq_len)  # before quantization replaces the Linear layers
     weight_dtype, compute_dtype = resolve_dtypes(cfg.dtype, device)
-    if cfg.quantize == "bitnet":
-        import qt
-        qt.convert_llama_to_bitnet(model)
     model.to(weight_dtype)
-    quantize_model(model, cfg, announce=dist_info.is_main)
+    quantize_model(model, cfg, announce=dist_info.is_main, bitnet_surgery=True)
     training_model, optimizer = parallelize_with_optimizer(model, decoder_blocks(model), cfg, dist_info, compute_dtype)
     if dist_info.is_main:
         n_params = sum(p.numel() for p in model.parameters())

@@ -93,10 +93,10 @@ def apply_row(model, row: str, small_linears: bool) -> None:
     not_head = lambda module, name: isinstance(module, torch.nn.Linear) and name != "lm_head"  # noqa: E731
     if row.startswith("qt "):
         recipe, options = qt_rows(small_linears)[row]
-        if recipe == "bitnet":
-            qt.convert_llama_to_bitnet(model)
         qt.quantize_(model, recipe, min_shape=None if small_linears else "auto", **options)
         print(qt.quantization_summary(model), flush=True)
+        if recipe == "bitnet":
+            qt.convert_llama_to_bitnet(model)  # the layers with a BitNet linear
     elif row.startswith("torchao float8 "):
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
         recipe = row.removeprefix("torchao float8 ")
@@ -108,7 +108,7 @@ def apply_row(model, row: str, small_linears: bool) -> None:
     elif row == "torchao bitnet":
         from torchao import quantize_
         from torchao.prototype.quantized_training import bitnet_training
-        qt.convert_llama_to_bitnet(model)
+        qt.convert_llama_to_bitnet(model, layers="all")  # torchao's BitNet takes every linear
         quantize_(model, bitnet_training(), filter_fn=not_head)
 
 

@@ -8,10 +8,9 @@ from tests.tiny_models import tiny_llama
 
 
 def grads(recipe, checkpointing, **recipe_kwargs):
-    model = tiny_llama()
+    model = qt.quantize_(tiny_llama(), recipe, **recipe_kwargs)
     if recipe == "bitnet":
         qt.convert_llama_to_bitnet(model)
-    qt.quantize_(model, recipe, **recipe_kwargs)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

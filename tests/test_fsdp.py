@@ -26,10 +26,8 @@ RUNS = {**{recipe: (recipe, {}) for recipe in qt.RECIPES},
 
 def build(run):
     recipe, options = RUNS[run]
-    model = tiny_llama()
-    if recipe == "bitnet":
-        qt.convert_llama_to_bitnet(model)
-    return qt.quantize_(model, recipe, **options)
+    model = qt.quantize_(tiny_llama(), recipe, **options)
+    return qt.convert_llama_to_bitnet(model) if recipe == "bitnet" else model
 
 
 def train(model, run, rank=0, world_size=1, prepare=True):

@@ -26,10 +26,10 @@ def train(recipe=None, steps=40, lr=3e-3, only_linears=False, **recipe_kwargs):
     """Returns the losses. `only_linears` trains the decoder linears alone, so whatever the recipe
     does to their updates is all that moves the loss."""
     model = tiny_llama()
-    if recipe == "bitnet":
-        qt.convert_llama_to_bitnet(model)
     if recipe is not None:
         qt.quantize_(model, recipe, **recipe_kwargs)
+    if recipe == "bitnet":
+        qt.convert_llama_to_bitnet(model)
     if only_linears:
         for name, param in model.named_parameters():
             param.requires_grad_("_proj" in name)

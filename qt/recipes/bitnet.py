@@ -11,13 +11,15 @@ Backward: the straight-through estimator treats both quantizers as the identity,
 which is exactly the gradient of the reference `x + (quant(x) - x).detach()` formulation. In
 qt/linear.py's terms: `BITNET_PLAN`, with the weight operands below.
 
-`convert_llama_to_bitnet` does the model surgery the training tips call for: an RMSNorm before
-each quantized linear (BitNet's "SubLN"), and the decoder layers' own RMSNorms removed.
+`convert_llama_to_bitnet` does the model surgery the training tips call for, after `quantize_`: in each decoder
+layer with a BitNet linear, an RMSNorm before each linear (BitNet's "SubLN") and the layer's own RMSNorms removed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -208,13 +210,55 @@ def unpack_ternary(packed: Tensor, cols: int) -> Tensor:
 
 _LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# The key of a converted layer's first SubLN in a state dict: `model.layers.3.self_attn.q_proj.0.weight`.
+_CONVERTED_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.q_proj\.0\.weight$")
 
 
-def convert_llama_to_bitnet(model: nn.Module) -> nn.Module:
-    """BitNet model surgery for a Hugging Face `LlamaForCausalLM` (or `LlamaModel`), in place:
-    every decoder-layer linear becomes `nn.Sequential(RMSNorm, linear)` and the layers'
-    `input_layernorm` / `post_attention_layernorm` become identities. Call before
-    `quantize_(model, "bitnet")`. Returns the model."""
+def convert_llama_to_bitnet(model: nn.Module, layers: str | Iterable[int] = "quantized") -> nn.Module:
+    """BitNet model surgery for a Hugging Face `LlamaForCausalLM` (or `LlamaModel`), in place, on the decoder
+    layers that run BitNet: each of their linears becomes `nn.Sequential(RMSNorm, linear)` (BitNet's SubLN), and
+    their `input_layernorm` / `post_attention_layernorm` become identities. Returns the model.
+
+    `layers="quantized"` (the default) converts the layers with at least one linear holding a BitNet weight, so
+    call it after `quantize_(model, "bitnet")`: a layer whose linears all stayed in high precision (on a GPU,
+    quantize_ leaves linears too small for the recipe in BF16) is no BitNet layer and stays a plain Llama layer,
+    its two norms and no SubLN. A model quantize_ has not seen raises a ValueError. `layers="all"` converts every
+    layer whatever its linears hold (e.g. for another library's BitNet linears), and a collection of layer
+    indices converts those: `converted_layers(state_dict)` gives the layers of a saved converted model, to
+    rebuild its structure before loading the state dict."""
+    decoder_layers = _llama_layers(model)
+    if any(isinstance(layer.self_attn.q_proj, nn.Sequential) for layer in decoder_layers):
+        raise ValueError("this model has already been converted for BitNet")
+    if layers == "quantized":
+        linears = [[layer.get_submodule(path) for path in _LLAMA_LINEARS] for layer in decoder_layers]
+        if not any(_seen_by_quantize(linear) for layer_linears in linears for linear in layer_linears):
+            raise ValueError("convert_llama_to_bitnet converts the layers that quantize_ made BitNet: call "
+                             "qt.quantize_(model, \"bitnet\") first, then this (or pass layers=\"all\" to convert "
+                             "every layer whatever its linears hold)")
+        chosen = {i for i, layer_linears in enumerate(linears) if any(map(_holds_bitnet_weight, layer_linears))}
+    elif layers == "all":
+        chosen = set(range(len(decoder_layers)))
+    elif isinstance(layers, str):
+        raise ValueError(f"layers={layers!r}: pass \"quantized\", \"all\" or the indices of the layers to convert")
+    else:
+        chosen = set(layers)
+        if not chosen <= set(range(len(decoder_layers))):
+            raise ValueError(f"layers: the model has decoder layers 0 to {len(decoder_layers) - 1}, not "
+                             f"{sorted(chosen - set(range(len(decoder_layers))))}")
+    eps = getattr(getattr(model, "config", None), "rms_norm_eps", 1e-6)
+    for index in sorted(chosen):
+        _convert_layer(decoder_layers[index], eps)
+    return model
+
+
+def converted_layers(state_dict: Mapping[str, object]) -> list[int]:
+    """The indices of the decoder layers that `convert_llama_to_bitnet` converted in the model that `state_dict`
+    (its keys) comes from: `convert_llama_to_bitnet(fresh_model, layers=converted_layers(state_dict))` gives a
+    fresh model that structure."""
+    return sorted({int(match[1]) for key in state_dict if (match := _CONVERTED_LAYER_KEY.search(key))})
+
+
+def _llama_layers(model: nn.Module) -> nn.ModuleList:
     decoder = getattr(model, "model", model)
     layers = getattr(decoder, "layers", None)
     if layers is None or not all(_is_llama_layer(layer) for layer in layers):
@@ -222,20 +266,28 @@ def convert_llama_to_bitnet(model: nn.Module) -> nn.Module:
             f"convert_llama_to_bitnet supports Hugging Face LlamaForCausalLM / LlamaModel "
             f"(decoder layers with q/k/v/o_proj, gate/up/down_proj and two RMSNorms); got {type(model).__name__}"
         )
-    if any(isinstance(layer.self_attn.q_proj, nn.Sequential) for layer in layers):
-        raise ValueError("this model has already been converted for BitNet")
-    eps = getattr(getattr(model, "config", None), "rms_norm_eps", 1e-6)
-    for layer in layers:
-        norm_cls = type(layer.input_layernorm)
-        for path in _LLAMA_LINEARS:
-            parent_name, name = path.split(".")
-            parent = getattr(layer, parent_name)
-            linear = getattr(parent, name)
-            norm = norm_cls(linear.in_features, eps=eps).to(device=linear.weight.device, dtype=linear.weight.dtype)
-            setattr(parent, name, nn.Sequential(norm, linear))
-        layer.input_layernorm = nn.Identity()
-        layer.post_attention_layernorm = nn.Identity()
-    return model
+    return layers
+
+
+def _convert_layer(layer: nn.Module, eps: float) -> None:
+    norm_cls = type(layer.input_layernorm)
+    for path in _LLAMA_LINEARS:
+        parent_name, name = path.split(".")
+        parent = getattr(layer, parent_name)
+        linear = getattr(parent, name)
+        norm = norm_cls(linear.in_features, eps=eps).to(device=linear.weight.device, dtype=linear.weight.dtype)
+        setattr(parent, name, nn.Sequential(norm, linear))
+    layer.input_layernorm = nn.Identity()
+    layer.post_attention_layernorm = nn.Identity()
+
+
+def _holds_bitnet_weight(linear: nn.Linear) -> bool:
+    return isinstance(linear.weight, (BitNetWeight, BitNetTernaryWeight))
+
+
+def _seen_by_quantize(linear: nn.Linear) -> bool:
+    """Whether quantize_ has decided about `linear`: quantized it, or recorded why it left it."""
+    return isinstance(linear.weight, QuantizedWeight) or hasattr(linear, "qt_unquantized_reason")
 
 
 def _is_llama_layer(layer: nn.Module) -> bool:

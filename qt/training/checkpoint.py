@@ -5,7 +5,8 @@
     RUN_DIR/checkpoints/step_00000500/.metadata        model and optimizer states: a torch.distributed.checkpoint
     RUN_DIR/checkpoints/step_00000500/__R_0.distcp ... (DCP) checkpoint, the tensors each rank R held
     RUN_DIR/checkpoints/step_00000500/rank_R.pt ...    each rank's RNG states and the loop's position
-    RUN_DIR/checkpoints/step_00000500/manifest.json    each file's size and SHA-256, the step, the run's config
+    RUN_DIR/checkpoints/step_00000500/manifest.json    each file's size and SHA-256, the step, the run's config and
+                                                       device type
     RUN_DIR/checkpoints/latest                         the name of the newest complete checkpoint
 
 One process trains in a run directory at a time: rank 0 locks RUN_DIR/.lock (lockf) before writing anything,
@@ -613,6 +614,7 @@ class Checkpointer:
         if failure is None and self.dist.is_main:
             try:
                 self._publish(tmp, final, {"step": step, "world_size": self.dist.world_size, "config": config,
+                                           "device": self.dist.device.type,
                                            "files": {n: e for entries, _ in outcomes for n, e in entries.items()}})
             except OSError as e:
                 failure = _describe(e)
@@ -750,15 +752,17 @@ class Checkpointer:
             if optimizer is not None:
                 optimizer.load_state_dict(replica["optimizer"])
         else:
-            self._restore_dcp(path, read.metadata, read.rank_files["rank_0.pt"], model, optimizer)
+            self._restore_dcp(path, read.metadata, read.rank_files["rank_0.pt"], model, optimizer,
+                              saved_on=read.manifest.get("device"))
         set_rng_state(own["rng"], self.dist.device)
         self.last_good = path
         return Restored(own["step"], own["extra"], path, read.manifest and read.manifest.get("config"),
                         own["world_size"])
 
-    def _restore_dcp(self, path: Path, metadata, rank_0: dict, model, optimizer) -> None:
+    def _restore_dcp(self, path: Path, metadata, rank_0: dict, model, optimizer, saved_on: str | None) -> None:
         """DCP loads into the tensors of the model's own state dict (and of its optimizer's, created by a step
-        at lr 0 if it has none yet), whatever pieces this rank holds of them."""
+        at lr 0 if it has none yet), whatever pieces this rank holds of them. `saved_on`: the device type of
+        the run that saved it (None before manifests named it)."""
         states = {"model": _flatten_subclasses(get_model_state_dict(model))}
         by_name = optimizer is not None and _steps_model_parameters(model, optimizer)
         if by_name:
@@ -774,7 +778,11 @@ class Checkpointer:
             failure = _first_failure(e)
             if isinstance(failure, pickle.UnpicklingError):
                 raise _refusal(path, failure) from None
-            raise CheckpointError(f"cannot load {path} into this model: {_describe(failure)}") from None
+            here, problem = self.dist.device.type, _describe(failure).rstrip(".")
+            hint = (f"; it was saved on {saved_on} and this run is on {here}, where quantize_ may leave other linears "
+                    f"in high precision (its small-layer rule applies on GPUs only): resume it on {saved_on}"
+                    if saved_on not in (None, here) else "")
+            raise CheckpointError(f"cannot load {path} into this model: {problem}{hint}") from None
         if by_name:  # not strict: a parameter may have no state
             set_optimizer_state_dict(model, optimizer, states["optimizer"], options=StateDictOptions(strict=False))
         elif optimizer is not None:

@@ -5,11 +5,12 @@ RUN_DIR/hf_model/ holds the tokenizer, config.json (whose `dtype` is the saved t
 
 - for every recipe but bitnet, `model.safetensors`: the weights dequantized to BF16, a plain checkpoint
   that transformers' `AutoModelForCausalLM.from_pretrained` loads;
-- for bitnet, which changes the architecture (an RMSNorm before each linear), `bitnet.safetensors`: the
-  converted model's latent weights in the training weight dtype (each forward ternarizes them, and rounding
-  them to BF16 could flip ternary values), and `qt_recipe` in config.json (the recipe and the linears it
-  quantized). transformers alone cannot load
-  it (it finds no model.safetensors): `load_finetuned` rebuilds the BitNet model.
+- for bitnet, which changes the architecture (an RMSNorm before each linear of the decoder layers with a
+  BitNet linear, whose keys show which layers those are), `bitnet.safetensors`: the converted model's latent
+  weights in the training weight dtype (each forward ternarizes them, and rounding them to BF16 could flip
+  ternary values), and `qt_recipe` in config.json (the recipe and the linears it quantized: on a GPU the
+  small-layer rule left some in BF16, and a CPU would quantize them all). transformers alone cannot load it
+  (it finds no model.safetensors): `load_finetuned` rebuilds the BitNet model.
 
     from qt.training.export import load_finetuned
     model, tokenizer = load_finetuned("runs/RUN_NAME")  # either kind
@@ -88,8 +89,8 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer) from an llm_finetune.py export: RUN_DIR/hf_model or the RUN_DIR holding it. The
     model is in eval mode on `device`, ready for evaluation and `model.generate`. A BitNet export is rebuilt
-    as it was trained (converted, its linears quantized with the bitnet recipe, so every forward ternarizes
-    the latent weights): its logits are those of the trained model."""
+    as it was trained (the same layers converted, the same linears quantized with the bitnet recipe, so every
+    forward ternarizes the latent weights), wherever it is loaded: its logits are those of the trained model."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     folder = Path(path)
     if (folder / EXPORT_DIR).is_dir():
@@ -105,9 +106,12 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
         import qt
         from safetensors.torch import load_file
         dtype = getattr(torch, config.dtype) if isinstance(config.dtype, str) else config.dtype
+        from qt.recipes.bitnet import converted_layers
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        qt.convert_llama_to_bitnet(model)
-        model.load_state_dict(load_file(folder / BITNET_WEIGHTS))
+        state = load_file(folder / BITNET_WEIGHTS)
+        # The layers the run converted (on a GPU, those with a BitNet linear), as the saved keys show.
+        qt.convert_llama_to_bitnet(model, layers=converted_layers(state))
+        model.load_state_dict(state)
         if "linears" in recipe:
             quantized = set(recipe["linears"])
             qt.quantize_(model, recipe["name"], filter_fn=lambda module, name: name in quantized)

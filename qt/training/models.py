@@ -129,9 +129,10 @@ def resolve_recipe(cfg):
         return qt.resolve_recipe(cfg.quantize, **cfg.quantize_kwargs)
 
 
-def quantize_model(model: nn.Module, cfg, announce: bool = False) -> None:
+def quantize_model(model: nn.Module, cfg, announce: bool = False, *, bitnet_surgery: bool = False) -> None:
     """Apply the recipe --quantize in place (nothing for the baseline); `announce` prints which linears
-    were quantized and which were left in high precision."""
+    were quantized and which were left in high precision. `bitnet_surgery` (a Llama causal LM): with bitnet, then
+    convert the decoder layers that have a BitNet linear (qt.convert_llama_to_bitnet), the others staying plain."""
     recipe = resolve_recipe(cfg)
     if recipe is not None and cfg.quantize_lm_head and getattr(model.config, "tie_word_embeddings", False):
         raise ConfigError(
@@ -139,15 +140,27 @@ def quantize_model(model: nn.Module, cfg, announce: bool = False) -> None:
             "and quantizing the head would untie them; drop the flag or use a model config with "
             "tie_word_embeddings false"
         )
-    if recipe is not None:
-        import qt
-        with _recipe_errors(cfg):
-            qt.quantize_(model, recipe, include_head=cfg.quantize_lm_head,
-                         min_shape=None if cfg.quantize_small_linears else "auto")
-        if announce:
-            summary = qt.quantization_summary(model)
-            hint = " (--quantize_small_linears quantizes them too)" if "too small for" in summary else ""
-            print(f"{cfg.run_name}: {summary}{hint}", flush=True)
+    if recipe is None:
+        return
+    import qt
+    with _recipe_errors(cfg):
+        qt.quantize_(model, recipe, include_head=cfg.quantize_lm_head,
+                     min_shape=None if cfg.quantize_small_linears else "auto")
+        summary = qt.quantization_summary(model)  # before the surgery, which nests the linears it converts
+        if "too small for" in summary:
+            summary += " (--quantize_small_linears quantizes them too)"
+        if bitnet_surgery and recipe.name == "bitnet":
+            qt.convert_llama_to_bitnet(model)
+            summary += f"; {_bitnet_layers_summary(model)}"
+    if announce:
+        print(f"{cfg.run_name}: {summary}", flush=True)
+
+
+def _bitnet_layers_summary(model: nn.Module) -> str:
+    from qt.recipes.bitnet import converted_layers
+    converted, total = len(converted_layers(model.state_dict())), model.config.num_hidden_layers
+    plain = f" ({total - converted} with no BitNet linear stay plain Llama layers)" if converted < total else ""
+    return f"BitNet's SubLN in {converted} of {total} decoder layers{plain}"
 
 
 @contextmanager

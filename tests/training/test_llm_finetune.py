@@ -8,7 +8,7 @@ import torch
 
 import llm_finetune
 from conftest import quantized_weights_saved, read_metrics
-from qt.training.checkpoint import Checkpointer
+from qt.training.checkpoint import CheckpointError, Checkpointer
 from qt.training.distributed import Dist
 from qt.training.export import load_finetuned
 from qt.training.instruct_data import IGNORE_INDEX, InstructBatches, collate, split_validation, tokenize_examples
@@ -364,3 +364,52 @@ def test_a_bitnet_export_loads_with_the_linears_the_run_quantized(model_dirs, tm
     tokens = torch.arange(12).view(1, 12)
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, trained.eval()(tokens).logits)
+
+
+def test_a_bitnet_run_with_plain_layers_resumes_and_exports_with_its_structure(model_dirs, data_file, tmp_path,
+                                                                               monkeypatch, capsys):
+    """A run whose quantize_ left every linear of layer 1 in high precision (as the small-layer rule does on a GPU)
+    trains layer 1 as a plain Llama layer, resumes exactly, and loads back with the same structure where every
+    linear would be quantized (quantize_ as it is on the CPU)."""
+    import qt
+    from transformers import AutoModelForCausalLM
+    quantize_ = qt.quantize_
+    like_a_gpu = lambda model, recipe, **kwargs: quantize_(  # noqa: E731
+        model, recipe, **kwargs, filter_fn=lambda module, name: name.startswith("model.layers.0."))
+    monkeypatch.setattr(qt, "quantize_", like_a_gpu)
+    flags = ["--quantize", "bitnet", "--n_steps", "6", "--log_interval", "1", "--eval_interval", "3"]
+    whole = tmp_path / "whole"
+    llm_finetune.main(finetune_args(model_dirs["llama"], data_file, whole, *flags))
+    summary = capsys.readouterr().out.splitlines()[0]
+    assert summary.startswith("llama-reverse-bitnet: bitnet on 7 of 15 linears; left in high precision: ")
+    assert summary.endswith("; BitNet's SubLN in 1 of 2 decoder layers (1 with no BitNet linear stay plain Llama "
+                            "layers)")
+    stopped = tmp_path / "stopped"
+    with monkeypatch.context() as stop:
+        sigterm_during_step(stop, InstructBatches, 4)
+        with pytest.raises(SystemExit):
+            llm_finetune.main(finetune_args(model_dirs["llama"], data_file, stopped, *flags))
+    llm_finetune.main(["--run_dir", str(stopped), "--resume"])
+    assert without_speed(read_metrics(stopped)) == without_speed(read_metrics(whole))
+
+    trained = trained_model(model_dirs["llama"], whole, quantize="bitnet").eval()
+    assert "model.layers.1.input_layernorm.weight" in trained.state_dict()
+    assert "model.layers.0.self_attn.k_proj.0.weight" in trained.state_dict()
+    monkeypatch.undo()
+    model, _ = load_finetuned(whole)
+    assert model.state_dict().keys() == trained.state_dict().keys()
+    quantized = lambda m: {name for name, module in m.named_modules()  # noqa: E731
+                           if isinstance(getattr(module, "weight", None), qt.QuantizedWeight)}
+    assert quantized(model) == quantized(trained) == {f"model.layers.0.{path}.1" for path in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")}
+    tokens = torch.arange(12).view(1, 12)
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, trained(tokens).logits)
+
+    # A checkpoint of a GPU run does not resume on the CPU, where quantize_ takes every linear: a clear error.
+    manifest = whole / "checkpoints" / "step_00000006" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"device": "cpu"', '"device": "cuda"'))
+    with pytest.raises(CheckpointError, match=r"Missing key .*model.layers.1.self_attn.q_proj.0.weight; it was saved "
+                                              r"on cuda and this run is on cpu, .*: resume it on cuda$"):
+        trained_model(model_dirs["llama"], whole, quantize="bitnet")
