@@ -49,18 +49,19 @@ class MinShape:
 # default (`min_shape="auto"`) `quantize_` leaves such a linear in the compute dtype. Measured on CUDA GPUs only
 # (SMALL_LINEAR_DEVICES): on the CPU every linear is quantized, and so is every linear of a recipe without a row.
 #
-# Source, provisional: whole-model training on one H100 (docs/benchmarks.md, speed round 1, torch 2.11): with
-# 768-wide layers (llama-120m, 16k tokens a step) the recipes ran at 0.67-0.76x BF16, with 2048-wide ones
-# (TinyLlama-1.1B) at 0.85-0.92x while their INT8 matmuls alone ran at 1.22-1.58x cuBLAS BF16: 1024 keeps the
-# 768-wide layers in BF16 and quantizes the 2048-wide ones (TinyLlama's 256-wide k/v projections stay in BF16).
-# fp8_mixed_precision takes the same thresholds, which agree with torchao's float8 filter measured on H100 (it
-# keeps layers with K <= 4096 and N <= 1024 in BF16). Not yet measured per layer: scripts/bench_small_layers.py
-# on the device prints the MinShape of each recipe to put here.
+# Source: scripts/bench_small_layers.py on one H100 (docs/benchmarks.md, round 5; torch 2.11): the GPU time of one
+# compiled linear's forward + backward against BF16's, at 16384 and 4096 tokens, K and N from 512 to 5632.
+# - int8_mixed_precision, bitnet, fp8_mixed_precision: with K or N below 2048, 0.31-0.96x BF16 at every shape
+#   measured (best: fp8 0.94x, bitnet 0.96x at 1024 x 4096); with both from 2048, 0.65-1.31x, and in
+#   TinyLlama-1.1B (2048/5632-wide linears) the whole step runs at 0.95-1.17x. These shapes do not all win yet: leaving every losing one in BF16 would leave int8_mixed_precision
+#   and bitnet quantizing nothing at TinyLlama's size (only 4096 x 4096 won at 16384 tokens), a recipe silently
+#   training in BF16. So the rule drops the sizes that lose at every shape, and the rest is the recipes' speed work.
+# - int8_weight_only: 0.93-1.04x at every shape (it only upcasts its weight); 1024 keeps 768-wide models in BF16.
 SMALL_LINEAR_MIN_SHAPE: dict[str, MinShape] = {
-    "int8_mixed_precision": MinShape(in_features=1024, out_features=1024),
+    "int8_mixed_precision": MinShape(in_features=2048, out_features=2048),
     "int8_weight_only": MinShape(in_features=1024, out_features=1024),
-    "bitnet": MinShape(in_features=1024, out_features=1024),
-    "fp8_mixed_precision": MinShape(in_features=1024, out_features=1024),
+    "bitnet": MinShape(in_features=2048, out_features=2048),
+    "fp8_mixed_precision": MinShape(in_features=2048, out_features=2048),
 }
 SMALL_LINEAR_DEVICES = ("cuda",)
 

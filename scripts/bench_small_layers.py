@@ -9,8 +9,11 @@ Times one linear's forward + backward (`linear(x).backward(dy)`, x: [tokens, K] 
 shapes) in BF16 and with each recipe (its default options, applied to every linear: min_shape=None), for K
 (in_features) and N (out_features) each in --sizes (256 to 8192) and the --shapes of the models we train
 (llama-120m's 768/2560, ViT-B/16's 768/2304/3072, TinyLlama-1.1B's 2048/256/5632), at 16384 and 4096 tokens. A
-time is that of --iters calls back to back between two CUDA events (the steady state of a training loop, where
-the host runs ahead while the GPU is the bottleneck, and shows where it is not), the median of 3 such.
+time is the GPU time of one call (`--timing gpu`, the default: the kernels' summed durations over --iters calls, from
+the profiler), the median of 3 such. In a compiled model the host runs ahead of the GPU (a TinyLlama step on an H100
+leaves the GPU idle 5-11 ms of 200-240, docs/benchmarks.md), so what a linear costs a step is its kernels' time;
+one lone linear called back to back is host-bound below ~2048 x 2048 at 16384 tokens (BF16 took ~0.5 ms a call
+whatever its size there), which `--timing wall` (--iters calls between two CUDA events) shows.
 
 Prints and writes to OUT/bench_small_layers.md, per recipe, the speedup over BF16 of every shape and the MinShape
 to put in qt/quantize.py's SMALL_LINEAR_MIN_SHAPE: the thresholds (K >= a and N >= b) that quantize the most
@@ -45,7 +48,7 @@ BASELINE = "baseline"  # the linear without a recipe, in BF16 (FP32 on the CPU)
 
 
 def measure(recipe: str | None, k: int, n: int, tokens: int, device: torch.device, compile: bool,
-            warmup: int, iters: int) -> float:
+            warmup: int, iters: int, timing: str = "gpu") -> float:
     """Median ms of one forward + backward of an nn.Linear(k, n) without (recipe None) or with `recipe`."""
     torch.manual_seed(0)
     dtype = baseline_dtype(device)
@@ -62,7 +65,21 @@ def measure(recipe: str | None, k: int, n: int, tokens: int, device: torch.devic
 
     for _ in range(warmup):
         step()
-    return statistics.median(back_to_back_ms(step, iters, device) for _ in range(3))
+    timer = gpu_ms if timing == "gpu" and device.type == "cuda" else back_to_back_ms
+    return statistics.median(timer(step, iters, device) for _ in range(3))
+
+
+def gpu_ms(step, iters: int, device: torch.device) -> float:
+    """ms of GPU kernel time per call of step(), summed over `iters` calls from the profiler's kernel records."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    kernel_us = sum(event.self_device_time_total for event in profile.key_averages())
+    if kernel_us <= 0:
+        raise RuntimeError("the profiler recorded no GPU kernel: rerun with --timing wall")
+    return kernel_us / 1e3 / iters
 
 
 def back_to_back_ms(step, iters: int, device: torch.device) -> float:
@@ -87,7 +104,7 @@ def baseline_dtype(device: torch.device) -> torch.dtype:
 
 
 def run(recipes: list[str], shapes: list[tuple[int, int]], tokens_list: list[int], device: torch.device,
-        compile: bool, warmup: int, iters: int, time_budget_s: float) -> tuple[list[dict], bool]:
+        compile: bool, warmup: int, iters: int, time_budget_s: float, timing: str) -> tuple[list[dict], bool]:
     """(measurements, complete): one dict per (case, tokens, K, N) with its ms or error."""
     started, rows = time.monotonic(), []
     for tokens in tokens_list:
@@ -97,7 +114,7 @@ def run(recipes: list[str], shapes: list[tuple[int, int]], tokens_list: list[int
             for case in [None, *recipes]:
                 row = {"case": case or BASELINE, "tokens": tokens, "K": k, "N": n}
                 try:
-                    row["ms"] = measure(case, k, n, tokens, device, compile, warmup, iters)
+                    row["ms"] = measure(case, k, n, tokens, device, compile, warmup, iters, timing)
                 except Exception as error:  # noqa: BLE001 (a failing shape is a row of the table)
                     row["error"] = f"{type(error).__name__}: {error}"[:200]
                 rows.append(row)
@@ -173,6 +190,8 @@ def main(argv=None) -> str:
     parser.add_argument("--min_speedup", type=float, default=1.0, help="what counts as a win over BF16")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10, help="calls timed back to back (3 times)")
+    parser.add_argument("--timing", choices=("gpu", "wall"), default="gpu",
+                        help="gpu: the kernels' time per call (a step that keeps the GPU busy); wall: calls back to back")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--time_budget_s", type=float, default=540.0, help="start no new shape after this")
     parser.add_argument("--report", nargs="+", type=Path, metavar="JSON", help="only report these measurements")
@@ -191,11 +210,13 @@ def main(argv=None) -> str:
         device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
         shapes = list(dict.fromkeys([(k, n) for k in args.sizes for n in args.sizes] + args.shapes))
         rows, complete = run(args.recipes, shapes, args.tokens, device, args.compile, args.warmup, args.iters,
-                             args.time_budget_s)
+                             args.time_budget_s, args.timing)
         where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+        timed = (f"GPU kernel time of {args.iters} calls" if args.timing == "gpu" and device.type == "cuda"
+                 else f"{args.iters} calls back to back")
         header = (f"`{' '.join(['python', *sys.argv])}`: {where}, torch {torch.__version__}, baseline "
                   f"{str(baseline_dtype(device)).removeprefix('torch.')}, {'compiled' if args.compile else 'eager'}, "
-                  f"{args.iters} calls back to back, median of 3"
+                  f"{timed}, median of 3"
                   + ("" if complete else f"; stopped after {args.time_budget_s:g} s: shapes are missing"))
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_small_layers.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
