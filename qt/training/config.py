@@ -45,9 +45,9 @@ class TrainConfig:
     run_dir: str | None = flag(None, "directory for config, metrics.jsonl, checkpoints (default runs/RUN_NAME)")
     run_name: str | None = flag(None, "name of the run (default derived from the model and recipe)")
     resume: bool = flag(False, "continue the run in --run_dir from its last checkpoint (starts fresh if it has none); "
-                               "the flags it may change: the logging and checkpoint ones, and (e.g. after a "
-                               "divergence) --lr, --clip_grad_norm, --warmup_steps, --schedule, --decay_fraction, "
-                               "--min_lr_ratio")
+                               "the flags it may change: the logging and checkpoint ones, --grad_accum and "
+                               "--fsdp_prefetch, and (e.g. after a divergence) --lr, --clip_grad_norm, "
+                               "--warmup_steps, --schedule, --decay_fraction, --min_lr_ratio")
     wandb: str = flag("auto", "wandb mode; auto = online if an API key is configured, else offline",
                       ("auto", "online", "offline", "disabled"))
     project: str = flag("qt", "wandb project")
@@ -99,6 +99,10 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile each block")
     activation_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass")
     ddp: bool = flag(False, "under torchrun, replicate the model with DDP instead of sharding it with FSDP2")
+    fsdp_prefetch: int = flag(0, "under torchrun with FSDP2, how many blocks ahead to all-gather explicitly: each "
+                                 "block starts the all-gathers of the next N in the forward and of the previous N "
+                                 "in the backward (more memory: up to N + 1 blocks' gathered weights); 0 = FSDP2's "
+                                 "implicit prefetching. No effect on one process; not with --ddp")
 
 
 # --quantize names of the unquantized baseline -> the --dtype values that compute in that dtype (the first is
@@ -111,10 +115,11 @@ def is_baseline(quantize: str) -> bool:
 
 
 # Settings that may differ when a run is resumed: they change neither the model nor the loss curve (grad_accum
-# splits the same global batch into other micro-steps, e.g. to continue on fewer GPUs).
+# splits the same global batch into other micro-steps, e.g. to continue on fewer GPUs; fsdp_prefetch only moves
+# all-gathers earlier).
 RESUMABLE_CHANGES = {"run_dir", "resume", "wandb", "project", "run_name", "log_interval", "eval_interval",
                      "ckpt_interval", "keep_checkpoints", "save_checkpoints", "async_checkpoint", "profile",
-                     "sync_debug", "grad_accum"}
+                     "sync_debug", "grad_accum", "fsdp_prefetch"}
 # What a run saved before a setting existed did, where that is not the setting's default.
 SETTINGS_BEFORE_THEY_EXISTED = {"quantize_small_linears": True}
 # The optimisation settings a user changes after a divergence: a resume may change them too (the loop notes it in
@@ -305,7 +310,7 @@ def check_train_flags(cfg, world_size: int, positive: tuple[str, ...] = ()) -> N
     for name in ("n_steps", "batch_size", "grad_accum", "log_interval", "keep_checkpoints", *positive):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, not {getattr(cfg, name)}")
-    for name in ("warmup_steps", "eval_interval", "ckpt_interval", "weight_decay"):
+    for name in ("warmup_steps", "eval_interval", "ckpt_interval", "weight_decay", "fsdp_prefetch"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name} must be at least 0, not {getattr(cfg, name)}")
     ranges = {"lr": (0 < cfg.lr < MAX_LR, f"a positive number below {MAX_LR:g}"),
@@ -323,6 +328,9 @@ def check_train_flags(cfg, world_size: int, positive: tuple[str, ...] = ()) -> N
                           f"x {world_size} processes; e.g. --batch_size {-(-cfg.batch_size // per_step) * per_step}")
     if len(cfg.betas) != 2:
         raise ConfigError(f"--betas takes two numbers, e.g. --betas 0.9 0.95 (got {cfg.betas})")
+    if cfg.fsdp_prefetch and cfg.ddp:
+        raise ConfigError(f"--fsdp_prefetch {cfg.fsdp_prefetch} prefetches FSDP2's all-gathers, and --ddp has none "
+                          f"(it replicates the weights): drop one of the two")
     if cfg.offload_optimizer and world_size > 1:
         raise ConfigError("--offload_optimizer runs on one process: drop it under torchrun (FSDP2 shards the "
                           "optimizer states over the GPUs instead)")
@@ -360,8 +368,8 @@ def merge_for_resume(cfg, explicit: set[str], saved: dict):
     if changed:
         details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
         raise ConfigError(f"cannot resume with a different config ({details}); a resume may change only "
-                          f"{', '.join('--' + k for k in RETUNABLE_ON_RESUME)} and the logging and checkpoint "
-                          f"flags: drop the others to continue the run, or start a new run with another --run_dir")
+                          f"{', '.join('--' + k for k in RETUNABLE_ON_RESUME)}, the logging and checkpoint flags, "
+                          f"--grad_accum and --fsdp_prefetch: drop the others to continue the run, or start a new run with another --run_dir")
     merged = {k: v for k, v in {**SETTINGS_BEFORE_THEY_EXISTED, **saved}.items() if k in current}
     merged.update({k: current[k] for k in explicit & may_change})
     return type(cfg)(**merged)

@@ -117,9 +117,10 @@ def autocast(device: torch.device, weight_dtype: torch.dtype, compute_dtype: tor
 
 
 def parallelize(model: nn.Module, blocks: list[nn.Module], dist_info: Dist, *, compute_dtype: torch.dtype,
-                activation_checkpointing: bool, compile: bool, ddp: bool) -> nn.Module:
+                activation_checkpointing: bool, compile: bool, ddp: bool, fsdp_prefetch: int = 0) -> nn.Module:
     """Wrap a (possibly quantized) model for training. Returns the module to call: DDP wraps the model,
-    the other transformations work in place and keep the state_dict keys."""
+    the other transformations work in place and keep the state_dict keys. `blocks` are in the order the
+    forward runs them; `fsdp_prefetch` (FSDP2 only): see `prefetch_blocks`."""
     for block in blocks:
         if activation_checkpointing:
             # Overriding forward (instead of wrapping the block) keeps parameter names unchanged.
@@ -132,10 +133,36 @@ def parallelize(model: nn.Module, blocks: list[nn.Module], dist_info: Dist, *, c
         device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for block in blocks:
-        fully_shard(block, mp_policy=policy)
+    for i, block in enumerate(blocks):
+        # The last block stays gathered after its forward (as in torchtitan): the backward needs it first, right
+        # after the output layer's, so FSDP2 would free it only to all-gather it again at once. Keeping it saves
+        # that all-gather every micro-step for one block's gathered weights held through the output layer and
+        # the loss, and changes no number (a re-gather gives the same weights: a quantized all-gather reuses the
+        # step's gather inputs). Always on, not tied to --fsdp_prefetch: implicit prefetching gains as much.
+        # Like the root (FSDP2 never reshards it after forward), it also stays gathered after a forward without
+        # gradients until the next backward; the loop validates after the optimizer step, so the next forward
+        # still sees current weights (a forward without gradients before the optimizer step would leave both
+        # stale).
+        fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mp_policy=policy)
+    if fsdp_prefetch:
+        prefetch_blocks(model, blocks, fsdp_prefetch)
     return model
+
+
+def prefetch_blocks(root: nn.Module, blocks: list[nn.Module], depth: int) -> None:
+    """Explicit FSDP2 prefetching, `depth` blocks ahead: block i starts the all-gathers of blocks i+1 .. i+depth
+    when its forward starts, and of blocks i-1 .. i-depth (in that order) when its backward starts, so each
+    all-gather has `depth` blocks' compute to hide behind, where FSDP2's implicit prefetching has one (and in the
+    forward issues each all-gather only once the CPU has launched the block before). The root, whose forward starts before block 0
+    and whose backward starts before the last block's, prefetches the first `depth` blocks and the last `depth`
+    (last first). Each all-gather in flight holds its block's gathered weights: up to `depth` + 1 blocks' at a
+    time."""
+    root.set_modules_to_forward_prefetch(blocks[:depth])
+    root.set_modules_to_backward_prefetch(blocks[::-1][:depth])
+    for i, block in enumerate(blocks):
+        block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + depth])
+        block.set_modules_to_backward_prefetch(blocks[max(i - depth, 0):i][::-1])
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -68,6 +68,14 @@ def test_resume_may_change_the_optimisation_settings_a_divergence_calls_for():
             merged.min_lr_ratio, merged.n_steps) == (3e-4, 0.5, 300, "wsd", 0.3, 0.05, 100)
 
 
+def test_resume_may_change_how_the_same_steps_are_computed():
+    saved = TrainConfig(run_dir="runs/a", n_steps=100).__dict__
+    cfg, explicit = parse_config(TrainConfig, ["--run_dir", "runs/a", "--resume", "--grad_accum", "4",
+                                               "--fsdp_prefetch", "2"], "test")
+    merged = merge_for_resume(cfg, explicit, saved)
+    assert (merged.grad_accum, merged.fsdp_prefetch, merged.n_steps) == (4, 2, 100)
+
+
 def test_schedules():
     cosine = TrainConfig(lr=1.0, warmup_steps=10, n_steps=110, min_lr_ratio=0.1)
     assert lr_at(5, cosine) == 0.5 and lr_at(10, cosine) == 1.0

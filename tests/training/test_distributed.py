@@ -1,15 +1,30 @@
-"""Two CPU processes (gloo) under torchrun: FSDP2 and DDP train on the same data as one process does,
-and an FSDP2 run resumes bit-exactly from its sharded checkpoint."""
+"""Two CPU processes (gloo): under torchrun, FSDP2 and DDP train on the same data as one process does, and an
+FSDP2 run resumes bit-exactly from its sharded checkpoint; FSDP2's explicit prefetching (--fsdp_prefetch) and the
+last block kept gathered after the forward change no number."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from conftest import REPO, pretrain_args, read_metrics
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 import llm_pretrain
+import qt
+from qt.training.config import TrainConfig
+from qt.training.distributed import Dist
+from qt.training.models import decoder_blocks
+from qt.training.optimizer import build_optimizer, parallelize_with_optimizer
+from tests.rendezvous import end_worker, rendezvous_file
+from tests.test_training_parity import markov_batches
+from tests.tiny_models import tiny_llama
 
 N_STEPS = 6
 
@@ -59,3 +74,109 @@ def test_ddp_matches_one_process(dataset_dir, single_process_run, tmp_path):
     run_dir = tmp_path / "ddp"
     torchrun(*pretrain_args(dataset_dir, run_dir, "--n_steps", str(N_STEPS), "--ddp", "--grad_accum", "2"))
     assert_same_losses(run_dir, single_process_run)
+
+
+# The baseline, and a recipe whose weights all-gather in INT8 from gather inputs prepare_all_gathers stores per step.
+PREFETCH_RECIPES = {"fp32": None, "int8_mixed_precision int8_all_gather": {"int8_all_gather": True}}
+# How the model is wrapped: as parallelize did before --fsdp_prefetch (every block resharded after its forward),
+# and through the run config.
+PREFETCH_SETTINGS = {"before": None, "prefetch 0": {}, "prefetch 2": {"fsdp_prefetch": 2},
+                     "prefetch 2, activation checkpointing": {"fsdp_prefetch": 2, "activation_checkpointing": True}}
+BLOCKS = 4
+
+
+def wrapped(recipe_options, settings, dist_info):
+    """(model, its blocks, optimizer): a 4-block tiny Llama, quantized or not, sharded as `settings` say."""
+    model = tiny_llama(num_hidden_layers=BLOCKS)
+    if recipe_options is not None:
+        qt.quantize_(model, "int8_mixed_precision", **recipe_options)
+    blocks = decoder_blocks(model)
+    if settings is None:
+        policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        for block in blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model, blocks, build_optimizer(model, TrainConfig(lr=3e-3))
+    model, optimizer = parallelize_with_optimizer(model, blocks, TrainConfig(lr=3e-3, **settings), dist_info,
+                                                  torch.float32)
+    return model, blocks, optimizer
+
+
+def train_and_evaluate(model, blocks, optimizer, rank):
+    """As the training loop does: 4 steps, each followed by prepare_all_gathers and a validation forward without
+    gradients (after which a block kept gathered must still hold the current weights). This rank's (training loss,
+    validation loss) per step, and which blocks hold gathered weights at the end of the first forward."""
+    torch.manual_seed(1)  # the same stochastic rounding draws for every wrapping
+    batches = markov_batches(5, batch=8, seed=1)
+    validation = next(batches).chunk(2)[rank]
+    qt.prepare_all_gathers(model)
+    losses, gathered = [], None
+    for tokens in batches:
+        shard = tokens.chunk(2)[rank]
+        loss = model(input_ids=shard, labels=shard).loss
+        gathered = gathered or [not isinstance(block.mlp.up_proj.weight, DTensor) for block in blocks]
+        loss.backward()
+        optimizer.step()
+        qt.prepare_all_gathers(model)
+        optimizer.zero_grad()
+        with torch.no_grad():
+            losses.append((loss.item(), model(input_ids=validation, labels=validation).loss.item()))
+    return losses, gathered
+
+
+def prefetched(module, blocks):
+    """The indices of the blocks `module` prefetches in the forward and in the backward. FSDP2 has no public getter:
+    this reads what FSDPModule.set_modules_to_forward_prefetch / _backward_prefetch stored."""
+    states = [block._get_fsdp_state() for block in blocks]
+    state = module._get_fsdp_state()
+    return ([states.index(s) for s in state._states_to_forward_prefetch],
+            [states.index(s) for s in state._states_to_backward_prefetch])
+
+
+def prefetch_worker(rank, init_method, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    dist_info = Dist(rank, 2, torch.device("cpu"))
+    results = {}
+    for recipe, options in PREFETCH_RECIPES.items():
+        for setting, settings in PREFETCH_SETTINGS.items():
+            model, blocks, optimizer = wrapped(options, settings, dist_info)
+            losses, gathered = train_and_evaluate(model, blocks, optimizer, rank)
+            results[f"{recipe}, {setting}"] = {"losses": losses, "gathered after forward": gathered}
+            if setting == "prefetch 2" and options is None:
+                results["lists"] = {"root": prefetched(model, blocks),
+                                    "blocks": [prefetched(block, blocks) for block in blocks]}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    end_worker()
+
+
+@pytest.fixture(scope="module")
+def prefetch_results(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("prefetch"))
+    mp.spawn(prefetch_worker, args=(rendezvous_file(out_dir), out_dir), nprocs=2, join=True)
+    return [json.loads(open(os.path.join(out_dir, f"rank{rank}.json")).read()) for rank in range(2)]
+
+
+@pytest.mark.parametrize("recipe", PREFETCH_RECIPES)
+def test_prefetching_and_the_last_block_kept_gathered_change_no_loss(recipe, prefetch_results):
+    for results in prefetch_results:
+        before = results[f"{recipe}, before"]
+        assert before["gathered after forward"] == [False] * BLOCKS
+        assert before["losses"][-1][1] < before["losses"][0][1] - 0.1  # the weights change: a stale gather would show
+        for setting in PREFETCH_SETTINGS:
+            run = results[f"{recipe}, {setting}"]
+            # Bit for bit: prefetching only moves all-gathers earlier, and the kept block holds what a
+            # re-gather would give (the INT8 gather reuses the step's gather inputs).
+            assert run["losses"] == before["losses"], setting
+            if setting != "before":
+                assert run["gathered after forward"] == [False] * (BLOCKS - 1) + [True], setting
+
+
+def test_each_block_prefetches_the_next_and_previous_blocks_asked_for(prefetch_results):
+    for results in prefetch_results:
+        # --fsdp_prefetch 2 on 4 blocks: block i prefetches i+1, i+2 in the forward and i-1, i-2 in the backward
+        # (as far as there are blocks); the root, which runs before block 0 and is differentiated before block 3,
+        # prefetches the first two and the last two.
+        assert results["lists"]["blocks"] == [[[1, 2], []], [[2, 3], [0]], [[3], [1, 0]], [[], [2, 1]]]
+        assert results["lists"]["root"] == [[0, 1], [3, 2]]

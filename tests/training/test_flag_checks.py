@@ -29,6 +29,8 @@ def checked(argv, cls=TrainConfig):
     (["--decay_fraction", "2"], "--decay_fraction must be between 0 and 1"),
     (["--keep_checkpoints", "0"], "--keep_checkpoints must be at least 1"),
     (["--ckpt_interval", "-1"], "--ckpt_interval must be at least 0"),
+    (["--fsdp_prefetch", "-1"], "--fsdp_prefetch must be at least 0, not -1"),
+    (["--fsdp_prefetch", "2", "--ddp"], "--fsdp_prefetch 2 prefetches FSDP2's all-gathers, and --ddp has none"),
 ])
 def test_out_of_range_flags_are_refused(flags, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -41,6 +43,18 @@ def test_out_of_range_flag_from_the_command_line_is_one_line(capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --clip_grad_norm must be at least 0 (0: no clipping), not -1.0"]
+
+
+def test_fsdp_prefetch_is_a_whole_number_and_runs_on_one_process_where_it_does_nothing(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("fsdp_prefetch: 1.5\n")
+    with pytest.raises(ConfigError, match=re.escape(f"--config {config}: fsdp_prefetch must be an integer, not 1.5")):
+        checked(["--config", str(config)])
+    with pytest.raises(SystemExit):
+        checked(["--fsdp_prefetch", "two"])
+    assert "argument --fsdp_prefetch: fsdp_prefetch must be an integer, not 'two'" in capsys.readouterr().err
+    # A config written for several GPUs also runs (and resumes) on one, where nothing is all-gathered.
+    assert checked(["--fsdp_prefetch", "2"]).fsdp_prefetch == 2
 
 
 def test_integers_written_as_floats_are_read_exactly(tmp_path):
