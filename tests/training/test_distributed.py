@@ -114,7 +114,8 @@ def train_and_evaluate(model, blocks, optimizer, rank):
     for tokens in batches:
         shard = tokens.chunk(2)[rank]
         loss = model(input_ids=shard, labels=shard).loss
-        gathered = gathered or [not isinstance(block.mlp.up_proj.weight, DTensor) for block in blocks]
+        if gathered is None:
+            gathered = [not isinstance(block.mlp.up_proj.weight, DTensor) for block in blocks]
         loss.backward()
         optimizer.step()
         qt.prepare_all_gathers(model)
