@@ -99,10 +99,10 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile each block")
     activation_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass")
     ddp: bool = flag(False, "under torchrun, replicate the model with DDP instead of sharding it with FSDP2")
-    fsdp_prefetch: int = flag(0, "under torchrun with FSDP2, how many blocks ahead to all-gather explicitly: each "
+    fsdp_prefetch: int = flag(2, "under torchrun with FSDP2, how many blocks ahead to all-gather explicitly: each "
                                  "block starts the all-gathers of the next N in the forward and of the previous N "
                                  "in the backward (more memory: up to N + 1 blocks' gathered weights); 0 = FSDP2's "
-                                 "implicit prefetching. No effect on one process; not with --ddp")
+                                 "implicit prefetching. No effect on one process or with --ddp")
 
 
 # --quantize names of the unquantized baseline -> the --dtype values that compute in that dtype (the first is
@@ -328,9 +328,6 @@ def check_train_flags(cfg, world_size: int, positive: tuple[str, ...] = ()) -> N
                           f"x {world_size} processes; e.g. --batch_size {-(-cfg.batch_size // per_step) * per_step}")
     if len(cfg.betas) != 2:
         raise ConfigError(f"--betas takes two numbers, e.g. --betas 0.9 0.95 (got {cfg.betas})")
-    if cfg.fsdp_prefetch and cfg.ddp:
-        raise ConfigError(f"--fsdp_prefetch {cfg.fsdp_prefetch} prefetches FSDP2's all-gathers, and --ddp has none "
-                          f"(it replicates the weights): drop one of the two")
     if cfg.offload_optimizer and world_size > 1:
         raise ConfigError("--offload_optimizer runs on one process: drop it under torchrun (FSDP2 shards the "
                           "optimizer states over the GPUs instead)")

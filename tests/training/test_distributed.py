@@ -80,7 +80,7 @@ def test_ddp_matches_one_process(dataset_dir, single_process_run, tmp_path):
 PREFETCH_RECIPES = {"fp32": None, "int8_mixed_precision int8_all_gather": {"int8_all_gather": True}}
 # How the model is wrapped: as parallelize did before --fsdp_prefetch (every block resharded after its forward),
 # and through the run config.
-PREFETCH_SETTINGS = {"before": None, "prefetch 0": {}, "prefetch 2": {"fsdp_prefetch": 2},
+PREFETCH_SETTINGS = {"before": None, "prefetch 0": {"fsdp_prefetch": 0}, "prefetch 2 (the default)": {},
                      "prefetch 2, activation checkpointing": {"fsdp_prefetch": 2, "activation_checkpointing": True}}
 BLOCKS = 4
 
@@ -144,7 +144,7 @@ def prefetch_worker(rank, init_method, out_dir):
             model, blocks, optimizer = wrapped(options, settings, dist_info)
             losses, gathered = train_and_evaluate(model, blocks, optimizer, rank)
             results[f"{recipe}, {setting}"] = {"losses": losses, "gathered after forward": gathered}
-            if setting == "prefetch 2" and options is None:
+            if setting == "prefetch 2 (the default)" and options is None:
                 results["lists"] = {"root": prefetched(model, blocks),
                                     "blocks": [prefetched(block, blocks) for block in blocks]}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

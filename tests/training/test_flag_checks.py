@@ -30,7 +30,6 @@ def checked(argv, cls=TrainConfig):
     (["--keep_checkpoints", "0"], "--keep_checkpoints must be at least 1"),
     (["--ckpt_interval", "-1"], "--ckpt_interval must be at least 0"),
     (["--fsdp_prefetch", "-1"], "--fsdp_prefetch must be at least 0, not -1"),
-    (["--fsdp_prefetch", "2", "--ddp"], "--fsdp_prefetch 2 prefetches FSDP2's all-gathers, and --ddp has none"),
 ])
 def test_out_of_range_flags_are_refused(flags, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -53,8 +52,10 @@ def test_fsdp_prefetch_is_a_whole_number_and_runs_on_one_process_where_it_does_n
     with pytest.raises(SystemExit):
         checked(["--fsdp_prefetch", "two"])
     assert "argument --fsdp_prefetch: fsdp_prefetch must be an integer, not 'two'" in capsys.readouterr().err
-    # A config written for several GPUs also runs (and resumes) on one, where nothing is all-gathered.
-    assert checked(["--fsdp_prefetch", "2"]).fsdp_prefetch == 2
+    # A config written for several GPUs also runs (and resumes) on one, where nothing is all-gathered, and with DDP,
+    # which replicates the weights (the default prefetches, so refusing it would refuse every --ddp run).
+    assert checked(["--fsdp_prefetch", "3"]).fsdp_prefetch == 3
+    assert checked(["--ddp"]).fsdp_prefetch == 2
 
 
 def test_integers_written_as_floats_are_read_exactly(tmp_path):

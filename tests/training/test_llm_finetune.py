@@ -372,7 +372,6 @@ def test_a_bitnet_run_with_plain_layers_resumes_and_exports_with_its_structure(m
     trains layer 1 as a plain Llama layer, resumes exactly, and loads back with the same structure where every
     linear would be quantized (quantize_ as it is on the CPU)."""
     import qt
-    from transformers import AutoModelForCausalLM
     quantize_ = qt.quantize_
     like_a_gpu = lambda model, recipe, **kwargs: quantize_(  # noqa: E731
         model, recipe, **kwargs, filter_fn=lambda module, name: name.startswith("model.layers.0."))
