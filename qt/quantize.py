@@ -53,9 +53,10 @@ class MinShape:
 # compiled linear's forward + backward against BF16's, at 16384 and 4096 tokens, K and N from 512 to 5632.
 # - int8_mixed_precision, bitnet, fp8_mixed_precision: with K or N below 2048, 0.31-0.96x BF16 at every shape
 #   measured (best: fp8 0.94x, bitnet 0.96x at 1024 x 4096); with both from 2048, 0.65-1.31x, and in
-#   TinyLlama-1.1B (2048/5632-wide linears) the whole step runs at 0.95-1.17x. These shapes do not all win yet: leaving every losing one in BF16 would leave int8_mixed_precision
-#   and bitnet quantizing nothing at TinyLlama's size (only 4096 x 4096 won at 16384 tokens), a recipe silently
-#   training in BF16. So the rule drops the sizes that lose at every shape, and the rest is the recipes' speed work.
+#   TinyLlama-1.1B (2048/5632-wide linears) the whole step runs at 0.95-1.17x. These shapes do not all win yet:
+#   leaving every losing one in BF16 would leave int8_mixed_precision and bitnet quantizing nothing at
+#   TinyLlama's size (only 4096 x 4096 won at 16384 tokens), a recipe silently training in BF16. So the rule
+#   drops the sizes that lose at every shape, and the rest is the recipes' speed work.
 # - int8_weight_only: 0.93-1.04x at every shape (it only upcasts its weight); 1024 keeps 768-wide models in BF16.
 SMALL_LINEAR_MIN_SHAPE: dict[str, MinShape] = {
     "int8_mixed_precision": MinShape(in_features=2048, out_features=2048),
