@@ -160,8 +160,9 @@ def _quantize_operand_pair(t: Tensor, rows: MatmulPlan | None, cols: MatmulPlan 
             quantize_operand(t, 0, cols, "gradient") if cols else None)
 
 
-def _matmul(a: Tensor | QuantizedOperand, b: Tensor | QuantizedOperand, dtype: torch.dtype,
-            matmul: MatmulPlan) -> Tensor:
+def planned_matmul(a: Tensor | QuantizedOperand, b: Tensor | QuantizedOperand, dtype: torch.dtype,
+                   matmul: MatmulPlan) -> Tensor:
+    """a @ b in `dtype`, as the `matmul` plan says (quantized operands for an INT8 or FP8 matmul)."""
     if matmul.int8:
         return scaled_int8_mm(a.q, b.q, a.scale, b.scale, dtype)
     if matmul.fp8:
@@ -179,7 +180,7 @@ class _QuantizedLinear(torch.autograd.Function):
             # saved (one element), sparing the backward a pass over X.
             x_amax = abs_max(x2d, None) if _tensorwise_fp8_alike(plan.output, plan.grad_weight, "activation") else None
             x_rows = quantize_operand(x2d, 1, plan.output, "activation", x_amax) if plan.output.quantized else x2d
-            out = _matmul(x_rows, w_operand, dtype, plan.output)
+            out = planned_matmul(x_rows, w_operand, dtype, plan.output)
         if bias is not None:
             out = out + bias.to(dtype)
         # X itself is saved, not a quantized copy: the linears that share an input (q/k/v, gate/up) share it.
@@ -205,14 +206,14 @@ class _QuantizedLinear(torch.autograd.Function):
                 dy, plan.grad_input if need_x and plan.grad_input.quantized else None,
                 plan.grad_weight if need_w and plan.grad_weight.quantized else None)
             if need_x:
-                w_operand = ctx.weight_type._grad_input_operand(w_saved, dtype, plan)
-                grad_x = _matmul(dy_rows if plan.grad_input.quantized else dy, w_operand, dtype, plan.grad_input)
+                dy_for_input = dy_rows if plan.grad_input.quantized else dy
+                grad_x = ctx.weight_type._grad_input(w_saved, dy_for_input, dtype, plan)
                 grad_x = grad_x.view(*grad_output.shape[:-1], ctx.in_features)
             if need_w:
                 if plan.grad_weight.quantized:
                     x_amax = x_saved[1] if len(x_saved) > 1 else None
                     x_cols = quantize_operand(x_saved[0], 0, plan.grad_weight, "activation", x_amax)
-                    grad_w = _matmul(dy_cols.T, x_cols, dtype, plan.grad_weight)
+                    grad_w = planned_matmul(dy_cols.T, x_cols, dtype, plan.grad_weight)
                 elif plan.grad_weight_sees_quantized_input:
                     x_q, x_scale = x_saved
                     grad_w = dy.T @ (x_q.to(dtype) * x_scale)
@@ -225,5 +226,6 @@ class _QuantizedLinear(torch.autograd.Function):
 
 def quantized_linear(x: Tensor, weight, bias: Tensor | None, plan: LinearPlan, dtype: torch.dtype) -> Tensor:
     """`F.linear(x, weight, bias)` computed in `dtype` the way `plan` says, with `weight` a recipe's
-    weight (a `qt.subclass.QuantizedWeight` implementing `_forward_operands` / `_grad_input_operand`)."""
+    weight (a `qt.subclass.QuantizedWeight` implementing `_forward_operands` / `_grad_input_operand`, or
+    `_grad_input`)."""
     return _QuantizedLinear.apply(x, weight, bias, plan, dtype)

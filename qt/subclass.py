@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torch.utils._pytree import tree_map_only
 
-from qt.linear import quantized_linear
+from qt.linear import planned_matmul, quantized_linear
 
 aten = torch.ops.aten
 
@@ -56,7 +56,9 @@ class QuantizedWeight(torch.Tensor):
     - `dequantize(dtype=None)`, `_update_(fn)`, `_to(device, dtype)`, `_new_zeros(size, device)`;
     - `plan` (a `qt.linear.LinearPlan`; by default the config's) and the operands its matmuls take:
       `_forward_operands(dtype, plan)` -> (the forward's right operand [in, out], tensors to save) and
-      `_grad_input_operand(saved, dtype, plan)` -> grad_input's right operand [out, in].
+      `_grad_input_operand(saved, dtype, plan)` -> grad_input's right operand [out, in];
+    - optionally `_grad_input(saved, dy, dtype, plan)` -> grad_input itself, where it cannot be a matmul with that
+      operand (by default it is).
     """
 
     _inner_names: tuple[str, ...] = ()
@@ -66,6 +68,11 @@ class QuantizedWeight(torch.Tensor):
     _gather_statistic: Tensor | None = None
     _gather_inputs: tuple | None = None
     _gather_args: tuple | None = None
+
+    @classmethod
+    def _grad_input(cls, saved: tuple[Tensor, ...], dy, dtype: torch.dtype, plan) -> Tensor:
+        """grad_input = dy @ W, `dy` as the plan quantized it for grad_input."""
+        return planned_matmul(dy, cls._grad_input_operand(saved, dtype, plan), dtype, plan.grad_input)
 
     @staticmethod
     def _wrapper(cls, like: Tensor, dtype: torch.dtype) -> Tensor:

@@ -120,6 +120,17 @@ def quantize_int8_rows_and_cols(x: Tensor, stochastic_rounding: bool = False) ->
         return _quantize_int8_rows_and_cols(x, seeds)
 
 
+def dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``q * scale`` in ``dtype``: int8 ``q`` [R, C] with one float32 scale per row ([R, 1]), the product taken in
+    float32 and rounded once to ``dtype``. One pass on a GPU (reading 1 byte an element, where the torch ops take
+    three); traced by torch.compile, torch ops, which Inductor fuses into the op that uses the result."""
+    if (not traced(q, scale) and use_triton(q, triton is not None) and q.is_contiguous() and scale.is_contiguous()
+            and scale.dtype == torch.float32 and q.numel()):
+        with eager_launch():
+            return _triton_dequantize_rows(q, scale, dtype)
+    return (q.to(torch.float32) * scale).to(dtype)
+
+
 def _in_torch_ops_when_compiled(x: Tensor) -> bool:
     """``QT_COMPILED_QUANTIZE=inductor``: under torch.compile, quantize in torch ops instead of calling the
     kernels, so that Inductor generates the kernels, fuses them into the ops that produce ``x`` (an RMSNorm,
@@ -253,6 +264,15 @@ def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None) -> tuple[Tensor,
     return q, scale
 
 
+def _triton_dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    n_rows, n_cols = q.shape
+    block_r, block_c = (32, 32) if os.environ.get("TRITON_INTERPRET") == "1" else (16, 256)
+    _dequantize_rows_kernel[(triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c))](
+        q, scale, out, n_rows, n_cols, OUT_IS_BF16=dtype == torch.bfloat16, BLOCK_R=block_r, BLOCK_C=block_c)
+    return out
+
+
 def _triton_quantize_tiles(x, q_rows, row_scale, q_cols, col_scale, seeds) -> None:
     """Writes whichever of the row-wise (``q_rows``, ``row_scale``) and column-wise (``q_cols``,
     ``col_scale``) outputs are given: one abs-max pass over ``x``, then one quantize pass per output."""
@@ -295,7 +315,7 @@ if triton is not None:
 
     @triton.jit
     def _round_to_bfloat16(v):
-        """Rounds positive fp32 values to the nearest bfloat16 (ties to even), kept in fp32.
+        """Rounds fp32 values to the nearest bfloat16 (ties to even; the sign bit plays no part), kept in fp32.
 
         A plain ``.to(tl.bfloat16)`` rounds this way on the GPU, but Triton's interpreter truncates,
         which would make the CPU tests disagree with torch; after this the cast is exact on both.
@@ -356,6 +376,20 @@ if triton is not None:
         q = _quantize_values(x, scale[:, None], seed, random_offsets, STOCHASTIC)
         q_block = q_ptr + row_start.to(tl.int64) * n_cols
         tl.store(q_block + r[:, None] * n_cols + cols[None, :], q, mask=in_bounds)
+
+    @triton.jit
+    def _dequantize_rows_kernel(q_ptr, scale_ptr, out_ptr, n_rows, n_cols,
+                                OUT_IS_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+        q = tl.load(q_ptr + offsets, mask=in_bounds, other=0)
+        scale = tl.load(scale_ptr + rows, mask=rows < n_rows, other=0.0)
+        out = q.to(tl.float32) * scale[:, None]
+        if OUT_IS_BF16:
+            out = _round_to_bfloat16(out)
+        tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=in_bounds)
 
     @triton.jit
     def _tile_coordinates(n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):

@@ -17,7 +17,9 @@ from torch import Tensor
 
 from qt.config import RecipeConfig
 from qt.kernels import quantize_int8
+from qt.kernels.backend import traced
 from qt.kernels.int8_adam import fused_step_supported, int8_rows_adam_step_
+from qt.kernels.quantize import dequantize_rows
 from qt.linear import HIGH_PRECISION, Int8Operand, LinearPlan, MatmulPlan
 from qt.subclass import QuantizedWeight
 
@@ -41,9 +43,15 @@ class Int8WeightOnlyConfig(RecipeConfig):
         return LinearPlan(output=MatmulPlan("int8") if self.int8_activations else HIGH_PRECISION)
 
 
-def dequantize_rows(int_data: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    # One rounding, from the exact FP32 product to `dtype`.
-    return (int_data.to(torch.float32) * scale).to(dtype)
+@torch.library.custom_op("qt::matmul_dequantized_rows", mutates_args=())
+def _matmul_dequantized_rows(a: Tensor, int_data: Tensor, scale: Tensor) -> Tensor:
+    """a @ (int_data * scale), the dequantized weight made here and dropped after the matmul."""
+    return a @ dequantize_rows(int_data, scale, a.dtype)
+
+
+@_matmul_dequantized_rows.register_fake
+def _(a: Tensor, int_data: Tensor, scale: Tensor) -> Tensor:
+    return a.new_empty((a.shape[0], int_data.shape[1]))
 
 
 class Int8WeightOnlyWeight(QuantizedWeight):
@@ -76,6 +84,16 @@ class Int8WeightOnlyWeight(QuantizedWeight):
     @staticmethod
     def _grad_input_operand(saved: tuple[Tensor, ...], dtype: torch.dtype, plan: LinearPlan):
         return dequantize_rows(*saved, dtype)
+
+    @classmethod
+    def _grad_input(cls, saved: tuple[Tensor, ...], dy: Tensor, dtype: torch.dtype, plan: LinearPlan) -> Tensor:
+        # Compiled, the backward's dequantized weight is the forward's (the same op on the same tensors), and
+        # torch.compile's partitioner, which never recomputes a tensor a matmul reads, keeps that BF16 copy of every
+        # weight from the forward to the backward: 2 bytes a parameter on top of the INT8 rows, which put the
+        # recipe's peak memory above BF16's. An op that takes dy can only run in the backward.
+        if traced(dy):
+            return torch.ops.qt.matmul_dequantized_rows(dy, *saved)
+        return dy @ dequantize_rows(*saved, dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return dequantize_rows(self.int_data, self.scale, dtype or self.dtype)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qt.kernels import quantize_int8, quantize_int8_rows_and_cols
-from qt.kernels.quantize import scale_dtype
+from qt.kernels.quantize import dequantize_rows, scale_dtype
 from tests.kernels.backends import through
 from tests.reference import rel_err
 
@@ -203,3 +203,14 @@ def test_opcheck(axis, stochastic):
 def test_bad_inputs_raise(x, axis, error, message):
     with pytest.raises(error, match=message):
         quantize_int8(x, axis)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(37, 91), (1, 300), (70, 1)])
+def test_dequantize_rows_kernel_is_the_float32_product_rounded_once(dtype, shape):
+    torch.manual_seed(0)
+    q = torch.randint(-127, 128, shape, dtype=torch.int8)
+    scale = torch.logspace(-6, 2, shape[0])[:, None] * torch.rand(shape[0], 1)  # scales over decades
+    expected = (q.double() * scale.double()).float().to(dtype)  # exact product, rounded to fp32, then to dtype
+    for backend in ("triton", "torch"):
+        assert torch.equal(through(backend, dequantize_rows)(q, scale, dtype), expected), backend
