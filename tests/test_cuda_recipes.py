@@ -1,10 +1,12 @@
 """The recipes on a GPU (skipped without one): the Triton kernels against the torch ops, and compiled
-graphs that launch the Triton kernels themselves (no qt op, hence no Python, between kernels).
+graphs that launch the Triton kernels themselves (no qt op, hence no Python, between kernels, but the one
+int8_weight_only's grad_input keeps opaque).
 
 Run them with `TRITON_INTERPRET=0 pytest tests/test_cuda_recipes.py`: the test suite's conftest turns Triton's
 CPU interpreter on unless told otherwise, and interpreted kernels are not what a GPU runs."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -65,7 +67,10 @@ def test_compiled_graph_launches_the_kernels_directly(recipe, kwargs):
     compiled = torch.compile(linear, fullgraph=True)
     result, sources = run_and_get_code(forward_backward, compiled, x, dy)
     code = "\n".join(sources)
-    assert "torch.ops.qt" not in code
+    # The one qt op a compiled graph calls (through Python): int8_weight_only's grad_input, opaque so that the
+    # compiler's partitioner cannot keep a dequantized copy of every weight for the backward (its peak memory
+    # above BF16's otherwise; qt/recipes/int8_weight_only.py). Every other qt kernel is launched directly.
+    assert set(re.findall(r"torch\.ops\.qt\.(\w+)", code)) <= {"matmul_dequantized_rows"}
     plan = linear.weight.plan
     if any(matmul.int8 for matmul in (plan.output, plan.grad_input, plan.grad_weight)):
         assert "_scaled_int8_mm_kernel" in code
