@@ -267,7 +267,7 @@ def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None) -> tuple[Tensor,
 def _triton_dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     n_rows, n_cols = q.shape
-    block_r, block_c = (32, 32) if os.environ.get("TRITON_INTERPRET") == "1" else (16, 256)
+    block_r, block_c = (16, 256)  # also few programs for the interpreter, which runs them one by one
     _dequantize_rows_kernel[(triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c))](
         q, scale, out, n_rows, n_cols, OUT_IS_BF16=dtype == torch.bfloat16, BLOCK_R=block_r, BLOCK_C=block_c)
     return out
