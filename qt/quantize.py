@@ -201,9 +201,12 @@ def quantization_summary(model: nn.Module, max_listed: int = 6) -> str:
 
 
 def _name_patterns(names: list[str], max_listed: int) -> str:
-    """Module names with their layer numbers as `*`, each once, the prefix they share written once:
-    `model.layers.*.mlp.{gate_proj, up_proj}`."""
-    patterns = [p.split(".") for p in dict.fromkeys(re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name) for name in names)]
+    """Module names with their layer numbers as `*` where names differ only by them, each once, the prefix they
+    share written once: `model.layers.*.mlp.{gate_proj, up_proj}`, but `model.layers.1.mlp.gate_proj` alone."""
+    alike: dict[str, set[str]] = {}
+    for name in names:
+        alike.setdefault(re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name), set()).add(name)
+    patterns = [(pattern if len(members) > 1 else min(members)).split(".") for pattern, members in alike.items()]
     shared = 0
     while len(patterns) > 1 and all(len(p) > shared + 1 and p[shared] == patterns[0][shared] for p in patterns):
         shared += 1

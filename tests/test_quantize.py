@@ -206,6 +206,14 @@ def test_the_summary_lists_names_past_the_limit_as_a_count_and_gives_each_reason
         "another module (tied embeddings?); quantizing it would untie them)")
 
 
+def test_the_summary_keeps_the_layer_number_of_a_name_no_other_layer_shares():
+    model = qt.quantize_(tiny_llama(num_hidden_layers=3), "int8_weight_only", include_head=True,
+                         filter_fn=lambda m, name: not name.startswith("model.layers.1.") and "k_proj" not in name)
+    assert qt.quantization_summary(model, max_listed=3) == (
+        "int8_weight_only on 13 of 22 linears; left in high precision: excluded by filter_fn: 9 x model.layers.{"
+        "*.self_attn.k_proj, 1.self_attn.q_proj, 1.self_attn.v_proj, 4 more}")
+
+
 def test_a_layer_quantized_later_no_longer_reports_why_it_was_left(size_rule_on_cpu):
     model = qt.quantize_(linears_around(qt.MinShape(64, 32)), "int8_mixed_precision", min_shape=(64, 32))
     qt.quantize_(model, "int8_mixed_precision", filter_fn=lambda m, name: name != "at")
