@@ -122,8 +122,8 @@ def quantize_int8_rows_and_cols(x: Tensor, stochastic_rounding: bool = False) ->
 
 def dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     """``q * scale`` in ``dtype``: int8 ``q`` [R, C] with one float32 scale per row ([R, 1]), the product taken in
-    float32 and rounded once to ``dtype``. One pass on a GPU (reading 1 byte an element, where the torch ops take
-    three); traced by torch.compile, torch ops, which Inductor fuses into the op that uses the result."""
+    float32 and rounded once to ``dtype``. One pass on a GPU (the torch ops take three, through a float32 copy);
+    traced by torch.compile, torch ops, which Inductor fuses into the op that uses the result."""
     if (not traced(q, scale) and use_triton(q, triton is not None) and q.is_contiguous() and scale.is_contiguous()
             and scale.dtype == torch.float32 and q.numel()):
         with eager_launch():
