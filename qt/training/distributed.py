@@ -154,10 +154,10 @@ def prefetch_blocks(root: nn.Module, blocks: list[nn.Module], depth: int) -> Non
     """Explicit FSDP2 prefetching, `depth` blocks ahead: block i starts the all-gathers of blocks i+1 .. i+depth
     when its forward starts, and of blocks i-1 .. i-depth (in that order) when its backward starts, so each
     all-gather has `depth` blocks' compute to hide behind, where FSDP2's implicit prefetching has one (and in the
-    forward issues each all-gather only once the CPU has launched the block before). The root, whose forward starts before block 0
-    and whose backward starts before the last block's, prefetches the first `depth` blocks and the last `depth`
-    (last first). Each all-gather in flight holds its block's gathered weights: up to `depth` + 1 blocks' at a
-    time."""
+    forward issues each all-gather only once the CPU has launched the block before). The root, whose forward
+    starts before block 0 and whose backward starts before the last block's, prefetches the first `depth` blocks
+    and the last `depth` (last first). Each all-gather in flight holds its block's gathered weights: up to
+    `depth` + 1 blocks' at a time."""
     root.set_modules_to_forward_prefetch(blocks[:depth])
     root.set_modules_to_backward_prefetch(blocks[::-1][:depth])
     for i, block in enumerate(blocks):
