@@ -111,6 +111,6 @@ def parallelize_with_optimizer(model: nn.Module, blocks: list[nn.Module], cfg, d
     from qt.training.distributed import parallelize
 
     training_model = parallelize(model, blocks, dist_info, compute_dtype=compute_dtype,
-                                 activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile, ddp=cfg.ddp,
-                                 fsdp_prefetch=cfg.fsdp_prefetch)
+                                 activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+                                 ddp=cfg.ddp, fsdp_prefetch=cfg.fsdp_prefetch)
     return training_model, build_optimizer(model, cfg)
