@@ -56,9 +56,8 @@ class QuantizedWeight(torch.Tensor):
     - `dequantize(dtype=None)`, `_update_(fn)`, `_to(device, dtype)`, `_new_zeros(size, device)`;
     - `plan` (a `qt.linear.LinearPlan`; by default the config's) and the operands its matmuls take:
       `_forward_operands(dtype, plan)` -> (the forward's right operand [in, out], tensors to save) and
-      `_grad_input_operand(saved, dtype, plan)` -> grad_input's right operand [out, in];
-    - optionally `_grad_input(saved, dy, dtype, plan)` -> grad_input itself, where it cannot be a matmul with that
-      operand (by default it is).
+      `_grad_input_operand(saved, dtype, plan)` -> grad_input's right operand [out, in], or instead
+      `_grad_input(saved, dy, dtype, plan)` -> grad_input itself, where it is not that plain matmul.
     """
 
     _inner_names: tuple[str, ...] = ()

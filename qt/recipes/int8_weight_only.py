@@ -43,15 +43,14 @@ class Int8WeightOnlyConfig(RecipeConfig):
         return LinearPlan(output=MatmulPlan("int8") if self.int8_activations else HIGH_PRECISION)
 
 
-@torch.library.custom_op("qt::matmul_dequantized_rows", mutates_args=())
-def _matmul_dequantized_rows(a: Tensor, int_data: Tensor, scale: Tensor) -> Tensor:
+def matmul_dequantized_rows(a: Tensor, int_data: Tensor, scale: Tensor) -> Tensor:
     """a @ (int_data * scale), the dequantized weight made here and dropped after the matmul."""
     return a @ dequantize_rows(int_data, scale, a.dtype)
 
 
-@_matmul_dequantized_rows.register_fake
-def _(a: Tensor, int_data: Tensor, scale: Tensor) -> Tensor:
-    return a.new_empty((a.shape[0], int_data.shape[1]))
+# The same as an op opaque to torch.compile (see Int8WeightOnlyWeight._grad_input).
+torch.library.custom_op("qt::matmul_dequantized_rows", matmul_dequantized_rows, mutates_args=()).register_fake(
+    lambda a, int_data, scale: a.new_empty((a.shape[0], int_data.shape[1])))
 
 
 class Int8WeightOnlyWeight(QuantizedWeight):
@@ -81,19 +80,13 @@ class Int8WeightOnlyWeight(QuantizedWeight):
         forward = Int8Operand(self.int_data, self.scale).T if plan.output.int8 else self.dequantize(dtype).T
         return forward, (self.int_data, self.scale)
 
-    @staticmethod
-    def _grad_input_operand(saved: tuple[Tensor, ...], dtype: torch.dtype, plan: LinearPlan):
-        return dequantize_rows(*saved, dtype)
-
     @classmethod
     def _grad_input(cls, saved: tuple[Tensor, ...], dy: Tensor, dtype: torch.dtype, plan: LinearPlan) -> Tensor:
         # Compiled, the backward's dequantized weight is the forward's (the same op on the same tensors), and
         # torch.compile's partitioner, which never recomputes a tensor a matmul reads, keeps that BF16 copy of every
         # weight from the forward to the backward: 2 bytes a parameter on top of the INT8 rows, which put the
         # recipe's peak memory above BF16's. An op that takes dy can only run in the backward.
-        if traced(dy):
-            return torch.ops.qt.matmul_dequantized_rows(dy, *saved)
-        return dy @ dequantize_rows(*saved, dtype)
+        return (torch.ops.qt.matmul_dequantized_rows if traced(dy) else matmul_dequantized_rows)(dy, *saved)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return dequantize_rows(self.int_data, self.scale, dtype or self.dtype)
