@@ -92,10 +92,10 @@ def test_fp8_mixed_precision_is_bit_exact_with_its_matmuls_written_out(scaling):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize(("scaling", "passes"), [("tensorwise", 4), ("rowwise", 6)])
-def test_fp8_tensorwise_takes_each_activation_abs_max_once(scaling, passes, monkeypatch):
-    """Tensor-wise, X's abs-max serves the forward and grad_weight, and dY is cast once for both backward matmuls:
-    the abs-max passes of one forward + backward are X once, W twice (its master is cast per matmul), dY once."""
+@pytest.mark.parametrize(("scaling", "passes"), [("tensorwise", 3), ("rowwise", 6)])
+def test_fp8_tensorwise_takes_each_abs_max_once(scaling, passes, monkeypatch):
+    """Tensor-wise, X's abs-max serves the forward and grad_weight, W's the forward and grad_input, and dY is cast
+    once for both backward matmuls: the abs-max passes of one forward + backward are X, W and dY once each."""
     import qt.kernels.fp8 as fp8
     import qt.linear
 
@@ -112,6 +112,24 @@ def test_fp8_tensorwise_takes_each_activation_abs_max_once(scaling, passes, monk
     qt.quantize_(linear, "fp8_mixed_precision", scaling=scaling, filter_fn=lambda m, n: True)
     run_linear(linear, x, dy)
     assert len(calls) == passes, calls
+
+
+@pytest.mark.parametrize("stochastic_rounding", [False, True])
+def test_int8_mixed_precision_reads_each_operand_twice_a_step(stochastic_rounding, monkeypatch):
+    """X, W and dY are each quantized by rows in one read that also takes the column maxima, and by columns in one
+    more read: no abs-max pass of its own (the Triton path, in the interpreter on CPU)."""
+    import qt.kernels.quantize as quantize
+
+    passes = []
+    for name in ("_triton_tile_abs_maxima", "_triton_quantize_whole_rows", "_triton_tile_quantize"):
+        def counted(*args, _name=name, _fn=getattr(quantize, name), **kwargs):
+            passes.append(_name)
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(quantize, name, counted)
+    linear, x, dy = make_case((33,), bias=False, in_features=48, out_features=40)
+    qt.quantize_(linear, "int8_mixed_precision", stochastic_rounding=stochastic_rounding, filter_fn=lambda m, n: True)
+    through("triton", run_linear)(linear, x, dy)
+    assert sorted(passes) == ["_triton_quantize_whole_rows"] * 3 + ["_triton_tile_quantize"] * 3, passes
 
 
 @pytest.mark.parametrize(("make", "message"), [

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from qt.config import RecipeConfig
 from qt.kernels.fp8 import E4M3, quantize_fp8
-from qt.linear import LinearPlan, QuantizedOperand, quantize_operand
+from qt.linear import LinearPlan, QuantizedOperand, quantize_operand, quantize_rows_keeping_statistic
 from qt.subclass import QuantizedWeight, keep_for_current_stream
 
 
@@ -34,13 +34,15 @@ class MasterWeight(QuantizedWeight):
 
     def _forward_operands(self, dtype: torch.dtype, plan: LinearPlan):
         w = self.master.to(dtype)
-        forward = quantize_operand(w, 1, plan.output, "weight").T if plan.output.quantized else w.T
-        return forward, (self.master,)
+        if not plan.output.quantized:
+            return w.T, (self.master,)
+        w_rows, amax = quantize_rows_keeping_statistic(w, plan.output, plan.grad_input, "weight")
+        return w_rows.T, (self.master,) if amax is None else (self.master, amax)
 
     @staticmethod
     def _grad_input_operand(saved: tuple[Tensor, ...], dtype: torch.dtype, plan: LinearPlan):
-        w = saved[0].to(dtype)
-        return quantize_operand(w, 0, plan.grad_input, "weight") if plan.grad_input.quantized else w
+        w, amax = saved[0].to(dtype), saved[1] if len(saved) > 1 else None
+        return quantize_operand(w, 0, plan.grad_input, "weight", amax) if plan.grad_input.quantized else w
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return self.master if dtype is None else self.master.to(dtype)
