@@ -16,8 +16,9 @@ Two ways, picked by shape (three Triton kernels):
   with atomics, then a pass per output re-reads the tiles and writes it, the column-wise one
   transposed in the store. Every axis and shape gets a full grid this way.
 
-So both axes take two reads of ``x`` where rows fit in registers (the whole-row pass, then the column-wise
-tile pass), and a column-wise quantization with its maxima known takes one.
+So both axes take two reads of ``x`` where rows fit in registers and fold well (the whole-row pass, then the
+column-wise tile pass; ``_MAX_FOLDED_ROW``), three otherwise, and a column-wise quantization with its maxima
+known takes one.
 
 The ops are ``torch.library.triton_op``s: torch.compile sees the Triton launches themselves and calls
 them from its generated code, with no Python between kernels. CPU tensors (and ``QT_KERNEL_BACKEND=torch``)
@@ -46,8 +47,13 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Whole rows in registers up to this width (8192 fp32 values over 8 warps: 32 registers a thread a row;
 # the autotuner also tries 4 and 16 warps).
 _MAX_WHOLE_ROW = 8192
+# The whole-row kernel also takes the column maxima for rows up to this width; wider rows take the tile passes.
+# Measured on an H100 for 16384 rows of bf16 (docs/kernels.md, round 6): both axes of 2048-wide rows in 138 us
+# against the tile passes' 180-190; of 5632-wide rows in 489 us against 368 (rows this wide fill 69% of their
+# power-of-two block, and the kernel quantizes them at half the card's bandwidth).
+_MAX_FOLDED_ROW = 2048
 # Rows a program of the whole-row kernel covers when it also takes the column maxima (one atomic per column a
-# program): 512 programs for 16384 tokens.
+# program): 512 programs for 16384 tokens. 32 measured best of 16-128 (H100, 2048-wide rows).
 _COL_AMAX_ROWS_PER_PROGRAM = 32
 
 
@@ -125,9 +131,9 @@ def quantize_int8_rows_keeping_col_amax(x: Tensor, stochastic_rounding: bool = F
 
 
 def quantize_int8_rows_and_cols(x: Tensor, stochastic_rounding: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``quantize_int8(x, 1) + quantize_int8(x, 0)`` sharing the abs-max pass: on a GPU, two reads of ``x`` where
-    rows fit in registers (the row-wise pass also takes the column maxima), three otherwise (one pass for both
-    maxima, one per output), against the two calls' four.
+    """``quantize_int8(x, 1) + quantize_int8(x, 0)`` sharing the abs-max pass: on a GPU, two reads of ``x`` for
+    rows up to 2048 wide (the row-wise pass also takes the column maxima), three otherwise (one pass for both
+    maxima, one per output), against the two calls' three or four.
 
     Returns ``(q_rows, row_scale, q_cols, col_scale)``, laid out as ``quantize_int8`` lays out each.
     With stochastic rounding the two results round independently.
@@ -206,7 +212,7 @@ def _quantize_int8(x: Tensor, axis: int, seed: Tensor | None, col_amax: Tensor |
 def _quantize_int8_rows_keeping_col_amax(x: Tensor, seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     if not use_triton(x, triton is not None) or x.numel() == 0:
         return _torch_quantize_int8_rows_keeping_col_amax(x, seed)
-    if x.shape[1] <= _MAX_WHOLE_ROW:
+    if x.shape[1] <= _MAX_FOLDED_ROW:
         # atomic_max needs a starting value: 0 is below every abs-max.
         col_amax = torch.zeros((1, x.shape[1]), dtype=torch.float32, device=x.device)
         return (*_triton_quantize_whole_rows(x, seed, col_amax), col_amax)
