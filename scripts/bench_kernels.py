@@ -153,12 +153,15 @@ def _rows_then_columns(x, stochastic):
     return q_rows, row_scale, *quantize_int8(x, 0, stochastic, col_amax=col_amax)
 
 
+FOLDING_MODES = ("both", "rows, keeping column maxima", "rows, then columns")
 QUANTIZE_SHAPES = [(2048, "nearest"), (2048, "stochastic"), (5632, "nearest"), (768, "nearest"), (256, "nearest")]  # (width, rounding)
 QUANTIZE_MODES = {  # name -> (qt function, the same math in torch ops) on x
     "rows": (lambda x, sr: quantize_int8(x, 1, sr), lambda x: _torch_quantize_int8(x, 1, None)),
     "columns": (lambda x, sr: quantize_int8(x, 0, sr), lambda x: _torch_quantize_int8(x, 0, None)),
     "both": (quantize_int8_rows_and_cols,
              lambda x: (*_torch_quantize_int8(x, 1, None), *_torch_quantize_int8(x, 0, None))),
+    "rows, keeping column maxima": (lambda x, sr: quantize_int8_rows_keeping_col_amax(x, sr)[:2],
+                                    lambda x: _torch_quantize_int8(x, 1, None)),
     # What a linear does with X and W: by rows in the forward, keeping the column maxima, by columns in the backward.
     "rows, then columns": (_rows_then_columns,
                            lambda x: (*_torch_quantize_int8(x, 1, None), *_torch_quantize_int8(x, 0, None))),
@@ -200,6 +203,7 @@ def bench_quantize(x: torch.Tensor, mode: str, stochastic: bool, baseline=None) 
         baseline_fn = {"rows": lambda: baseline.quantize_int8(x, 1, stochastic),
                        "columns": lambda: baseline.quantize_int8(x, 0, stochastic),
                        "both": lambda: baseline.quantize_int8_rows_and_cols(x, stochastic),
+                       "rows, keeping column maxima": lambda: baseline.quantize_int8(x, 1, stochastic),
                        "rows, then columns": lambda: (baseline.quantize_int8(x, 1, stochastic),
                                                       baseline.quantize_int8(x, 0, stochastic))}[mode]
         baseline_ms = time_ms(baseline_fn)
@@ -213,7 +217,7 @@ def bench_quantize(x: torch.Tensor, mode: str, stochastic: bool, baseline=None) 
 
 
 def _rows_per_program(result: dict) -> str:
-    uses_it = result["mode"] in ("both", "rows, then columns")
+    uses_it = result["mode"] in FOLDING_MODES
     return f" ({result['col_amax_rows_per_program']} rows a program)" if uses_it else ""
 
 
@@ -301,7 +305,7 @@ def main() -> None:
         x = torch.randn(args.m, width, device=DEVICE, dtype=torch.bfloat16)
         for mode in QUANTIZE_MODES:
             # The modes that take column maxima in the row-wise pass, at each number of rows a program covers.
-            for rows_per_program in args.col_amax_rows if mode in ("both", "rows, then columns") else [None]:
+            for rows_per_program in args.col_amax_rows if mode in FOLDING_MODES else [None]:
                 if rows_per_program is not None:
                     qt_quantize._COL_AMAX_ROWS_PER_PROGRAM = rows_per_program
                 quantizes.append(bench_quantize(x, mode, rounding == "stochastic", baseline))

@@ -324,8 +324,9 @@ def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None, col_amax: Tensor
     q, scale = _empty_outputs(x, 1)
     n_rows, n_cols = x.shape
     block_cols = max(triton.next_power_of_2(n_cols), 16)
-    block_rows = max(1, min(16, 2048 // block_cols))
-    # Folding column maxima takes one atomic per column a program: each program then covers many rows.
+    # Folding column maxima takes one atomic per column a program: each program then covers many rows, in blocks
+    # of several rows at once (its loads of one block in flight together).
+    block_rows = max(1, min(16, (8192 if col_amax is not None else 2048) // block_cols))
     blocks_per_program = max(1, _COL_AMAX_ROWS_PER_PROGRAM // block_rows) if col_amax is not None else 1
     wrap_triton(_quantize_whole_rows_kernel)[(triton.cdiv(n_rows, block_rows * blocks_per_program),)](
         x, q, scale, seed, col_amax,

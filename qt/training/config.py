@@ -103,6 +103,12 @@ class TrainConfig:
                                  "block starts the all-gathers of the next N in the forward and of the previous N "
                                  "in the backward (more memory: up to N + 1 blocks' gathered weights); 0 = FSDP2's "
                                  "implicit prefetching. No effect on one process or with --ddp")
+    fsdp_reshard_after_forward: bool = flag(True, "under torchrun with FSDP2, free each block's gathered weights "
+                                                  "after its forward and all-gather them again for its backward; "
+                                                  "--no-fsdp_reshard_after_forward keeps them from the forward to "
+                                                  "the backward: a third less all-gather traffic for every block's "
+                                                  "gathered weights held through the step. No effect on one "
+                                                  "process or with --ddp")
 
 
 # --quantize names of the unquantized baseline -> the --dtype values that compute in that dtype (the first is
@@ -115,11 +121,11 @@ def is_baseline(quantize: str) -> bool:
 
 
 # Settings that may differ when a run is resumed: they change neither the model nor the loss curve (grad_accum
-# splits the same global batch into other micro-steps, e.g. to continue on fewer GPUs; fsdp_prefetch only moves
-# all-gathers earlier).
+# splits the same global batch into other micro-steps, e.g. to continue on fewer GPUs; fsdp_prefetch and
+# fsdp_reshard_after_forward only move or skip all-gathers).
 RESUMABLE_CHANGES = {"run_dir", "resume", "wandb", "project", "run_name", "log_interval", "eval_interval",
                      "ckpt_interval", "keep_checkpoints", "save_checkpoints", "async_checkpoint", "profile",
-                     "sync_debug", "grad_accum", "fsdp_prefetch"}
+                     "sync_debug", "grad_accum", "fsdp_prefetch", "fsdp_reshard_after_forward"}
 # What a run saved before a setting existed did, where that is not the setting's default.
 SETTINGS_BEFORE_THEY_EXISTED = {"quantize_small_linears": True}
 # The optimisation settings a user changes after a divergence: a resume may change them too (the loop notes it in

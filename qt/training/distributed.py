@@ -117,10 +117,13 @@ def autocast(device: torch.device, weight_dtype: torch.dtype, compute_dtype: tor
 
 
 def parallelize(model: nn.Module, blocks: list[nn.Module], dist_info: Dist, *, compute_dtype: torch.dtype,
-                activation_checkpointing: bool, compile: bool, ddp: bool, fsdp_prefetch: int = 0) -> nn.Module:
+                activation_checkpointing: bool, compile: bool, ddp: bool, fsdp_prefetch: int = 0,
+                reshard_after_forward: bool = True) -> nn.Module:
     """Wrap a (possibly quantized) model for training. Returns the module to call: DDP wraps the model,
     the other transformations work in place and keep the state_dict keys. `blocks` are in the order the
-    forward runs them; `fsdp_prefetch` (FSDP2 only): see `prefetch_blocks`."""
+    forward runs them; `fsdp_prefetch` (FSDP2 only): see `prefetch_blocks`; `reshard_after_forward` (FSDP2
+    only): False keeps every block's gathered weights from its forward to its backward (no all-gather in the
+    backward)."""
     for block in blocks:
         if activation_checkpointing:
             # Overriding forward (instead of wrapping the block) keeps parameter names unchanged.
@@ -143,7 +146,7 @@ def parallelize(model: nn.Module, blocks: list[nn.Module], dist_info: Dist, *, c
         # gradients until the next backward; the loop validates after the optimizer step, so the next forward
         # still sees current weights (a forward without gradients before the optimizer step would leave both
         # stale).
-        fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
     fully_shard(model, mp_policy=policy)
     if fsdp_prefetch:
         prefetch_blocks(model, blocks, fsdp_prefetch)

@@ -112,5 +112,6 @@ def parallelize_with_optimizer(model: nn.Module, blocks: list[nn.Module], cfg, d
 
     training_model = parallelize(model, blocks, dist_info, compute_dtype=compute_dtype,
                                  activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
-                                 ddp=cfg.ddp, fsdp_prefetch=cfg.fsdp_prefetch)
+                                 ddp=cfg.ddp, fsdp_prefetch=cfg.fsdp_prefetch,
+                                 reshard_after_forward=cfg.fsdp_reshard_after_forward)
     return training_model, build_optimizer(model, cfg)

@@ -1,6 +1,6 @@
 """Two CPU processes (gloo): under torchrun, FSDP2 and DDP train on the same data as one process does, and an
 FSDP2 run resumes bit-exactly from its sharded checkpoint; FSDP2's explicit prefetching (--fsdp_prefetch) and the
-last block kept gathered after the forward change no number."""
+last block kept gathered after the forward, like every block with --no-fsdp_reshard_after_forward, change no number."""
 
 import json
 import os
@@ -81,7 +81,8 @@ PREFETCH_RECIPES = {"fp32": None, "int8_mixed_precision int8_all_gather": {"int8
 # How the model is wrapped: as parallelize did before --fsdp_prefetch (every block resharded after its forward),
 # and through the run config.
 PREFETCH_SETTINGS = {"before": None, "prefetch 0": {"fsdp_prefetch": 0}, "prefetch 2 (the default)": {},
-                     "prefetch 2, activation checkpointing": {"fsdp_prefetch": 2, "activation_checkpointing": True}}
+                     "prefetch 2, activation checkpointing": {"fsdp_prefetch": 2, "activation_checkpointing": True},
+                     "kept gathered from forward to backward": {"fsdp_reshard_after_forward": False}}
 BLOCKS = 4
 
 
@@ -160,7 +161,7 @@ def prefetch_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("recipe", PREFETCH_RECIPES)
-def test_prefetching_and_the_last_block_kept_gathered_change_no_loss(recipe, prefetch_results):
+def test_prefetching_and_blocks_kept_gathered_change_no_loss(recipe, prefetch_results):
     for results in prefetch_results:
         before = results[f"{recipe}, before"]
         assert before["gathered after forward"] == [False] * BLOCKS
@@ -170,7 +171,9 @@ def test_prefetching_and_the_last_block_kept_gathered_change_no_loss(recipe, pre
             # Bit for bit: prefetching only moves all-gathers earlier, and the kept block holds what a
             # re-gather would give (the INT8 gather reuses the step's gather inputs).
             assert run["losses"] == before["losses"], setting
-            if setting != "before":
+            if setting == "kept gathered from forward to backward":
+                assert run["gathered after forward"] == [True] * BLOCKS
+            elif setting != "before":
                 assert run["gathered after forward"] == [False] * (BLOCKS - 1) + [True], setting
 
 
