@@ -13,16 +13,19 @@ qt/linear.py's terms: `BITNET_PLAN`, with the weight operands below.
 
 `convert_llama_to_bitnet` does the model surgery the training tips call for, after `quantize_`: in each decoder
 layer with a BitNet linear, an RMSNorm before each linear (BitNet's "SubLN") and the layer's own RMSNorms removed.
+A SubLN before a linear left in high precision does not keep its output for the backward (`SubLNLinear`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from qt.config import RecipeConfig
 from qt.linear import Int8Operand, LinearPlan, MatmulPlan
@@ -214,10 +217,37 @@ _LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "s
 _CONVERTED_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.q_proj\.0\.weight$")
 
 
+def _save_only_rstd(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    # The norm's per-token rstd is kept (4 bytes a token), so the backward recomputes the norm's output in one
+    # pointwise pass over its input, with the forward's bits and without redoing the reduction.
+    return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.rsqrt.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_recompute_all_but_rstd = functools.partial(create_selective_checkpoint_contexts, _save_only_rstd)
+
+
+class SubLNLinear(nn.Sequential):
+    """BitNet's SubLN and the linear it feeds: `nn.Sequential(norm, linear)` with the same numbers and state dict,
+    and less memory before a linear with a plain high-precision weight. That linear would save the norm's output
+    for its grad_weight; here the backward recomputes it from the norm's input, which the decoder layer keeps
+    anyway (its residual stream), and the saved rstd. Selective activation checkpointing does it: torch.compile's
+    partitioner follows its tags, where by itself it keeps any tensor that a backward matmul reads.
+
+    On TinyLlama-1.1B's shape on a GPU, the small-layer rule leaves the k/v projections (2048 -> 256) in BF16, and
+    their SubLNs' outputs, 2 x 2048 BF16 values a token a layer, put bitnet's peak memory above BF16's. A BitNet
+    linear saves its input's INT8 rows instead, so its SubLN's output is not kept in any case."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm, linear = self
+        if torch.is_grad_enabled() and type(linear.weight) in (nn.Parameter, Tensor):
+            return linear(checkpoint(norm, x, use_reentrant=False, context_fn=_recompute_all_but_rstd))
+        return linear(norm(x))
+
+
 def convert_llama_to_bitnet(model: nn.Module, layers: str | Iterable[int] = "quantized") -> nn.Module:
     """BitNet model surgery for a Hugging Face `LlamaForCausalLM` (or `LlamaModel`), in place, on the decoder
-    layers that run BitNet: each of their linears becomes `nn.Sequential(RMSNorm, linear)` (BitNet's SubLN), and
-    their `input_layernorm` / `post_attention_layernorm` become identities. Returns the model.
+    layers that run BitNet: each of their linears becomes `SubLNLinear(RMSNorm, linear)` (BitNet's SubLN; an
+    `nn.Sequential`), and their `input_layernorm` / `post_attention_layernorm` become identities. Returns the model.
 
     `layers="quantized"` (the default) converts the layers with at least one linear holding a BitNet weight, so
     call it after `quantize_(model, "bitnet")`: a layer whose linears all stayed in high precision (on a GPU,
@@ -276,7 +306,7 @@ def _convert_layer(layer: nn.Module, eps: float) -> None:
         parent = getattr(layer, parent_name)
         linear = getattr(parent, name)
         norm = norm_cls(linear.in_features, eps=eps).to(device=linear.weight.device, dtype=linear.weight.dtype)
-        setattr(parent, name, nn.Sequential(norm, linear))
+        setattr(parent, name, SubLNLinear(norm, linear))
     layer.input_layernorm = nn.Identity()
     layer.post_attention_layernorm = nn.Identity()
 
