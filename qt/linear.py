@@ -18,9 +18,9 @@ The output gradient dY, which both backward matmuls need quantized (along differ
 ways by one INT8 op that shares the abs-max pass (FP8 casts are torch ops, which torch.compile fuses itself;
 with one scale for the whole tensor, dY is cast once and its codes transposed for the other layout).
 X and W are saved as they are, not as quantized copies: the linears that share an input (q/k/v, gate/up) then
-share its saved copy, and the peak memory stays below BF16's; each is quantized where its matmul runs. The
-forward's quantization of each keeps the statistic the backward's needs (INT8: each column's abs-max, FP8
-tensor-wise: the tensor's), saved with it, so the backward's quantization of X and W is one pass, not two.
+share its saved copy, and the peak memory stays below BF16's; each is quantized where its matmul runs (FP8
+tensor-wise saves the abs-max of X and of W from the forward with them, so the backward's casts need no second
+pass over either).
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from qt.kernels import (quantize_fp8, quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax,
-                        scaled_fp8_mm, scaled_int8_mm)
+from qt.kernels import quantize_fp8, quantize_int8, quantize_int8_rows_and_cols, scaled_fp8_mm, scaled_int8_mm
 from qt.kernels.fp8 import E4M3, FP8_DTYPES, SCALINGS, abs_max
 
 FORMATS = (None, "int8", "fp8")
@@ -127,10 +126,10 @@ Int8Operand = QuantizedOperand  # the name the INT8 recipes use
 def quantize_operand(t: Tensor, axis: int, matmul: MatmulPlan, kind: str,
                      amax: Tensor | None = None) -> QuantizedOperand:
     """`t` [R, C] quantized for the (quantized) `matmul`, reducing `axis` (1: a left operand, 0: a right one).
-    `kind` is the operand's role, "activation", "weight" or "gradient": it picks the FP8 dtype. `amax`: the
-    statistic of `t` its scales come from, already computed (`quantize_rows_keeping_statistic`)."""
+    `kind` is the operand's role, "activation", "weight" or "gradient": it picks the FP8 dtype. `amax`: the abs-max
+    of all of `t`, already computed (FP8 tensor-wise scaling only)."""
     if matmul.int8:
-        return QuantizedOperand(*quantize_int8(t, axis, matmul.stochastic_rounding, col_amax=amax))
+        return QuantizedOperand(*quantize_int8(t, axis, matmul.stochastic_rounding))
     return QuantizedOperand(*quantize_fp8(t, axis, _fp8_dtype(matmul, kind), matmul.scaling,
                                           matmul.power_of_two_scales, amax))
 
@@ -147,16 +146,12 @@ def _tensorwise_fp8_alike(first: MatmulPlan, second: MatmulPlan, kind: str) -> b
             and first.power_of_two_scales == second.power_of_two_scales)
 
 
-def quantize_rows_keeping_statistic(t: Tensor, first: MatmulPlan, later: MatmulPlan,
-                                    kind: str) -> tuple[QuantizedOperand, Tensor | None]:
-    """`t` quantized by rows for the (quantized) `first` matmul, and the statistic that quantizing `t` by columns
-    for the `later` one can reuse through `quantize_operand`'s `amax`, or None: where both are INT8, each column's
-    abs-max, taken in the same read of `t`; where both scale it tensor-wise alike in FP8, the abs-max of all of
-    `t`, taken once. A linear keeps X's from the forward for grad_weight, and a master weight its own for
-    grad_input: one pass less over each in the backward, for a few bytes saved."""
-    if first.int8 and later.int8:
-        q, scale, col_amax = quantize_int8_rows_keeping_col_amax(t, first.stochastic_rounding)
-        return QuantizedOperand(q, scale), col_amax
+def quantize_rows_keeping_amax(t: Tensor, first: MatmulPlan, later: MatmulPlan,
+                               kind: str) -> tuple[QuantizedOperand, Tensor | None]:
+    """`t` quantized by rows for the (quantized) `first` matmul, and, where the `later` matmul scales `t` tensor-wise
+    alike in FP8, the abs-max of all of `t` (else None), for `quantize_operand` to reuse: a linear keeps X's from the
+    forward for grad_weight, and a master weight its own for grad_input, one element each, which spares the
+    backward a pass over each."""
     amax = abs_max(t, None) if _tensorwise_fp8_alike(first, later, kind) else None
     return quantize_operand(t, 1, first, kind, amax), amax
 
@@ -192,7 +187,7 @@ class _QuantizedLinear(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
         w_operand, w_saved = weight._forward_operands(dtype, plan)
         with torch.autocast(x.device.type, enabled=False):
-            x_rows, x_amax = (quantize_rows_keeping_statistic(x2d, plan.output, plan.grad_weight, "activation")
+            x_rows, x_amax = (quantize_rows_keeping_amax(x2d, plan.output, plan.grad_weight, "activation")
                               if plan.output.quantized else (x2d, None))
             out = planned_matmul(x_rows, w_operand, dtype, plan.output)
         if bias is not None:

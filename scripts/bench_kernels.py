@@ -9,8 +9,7 @@ torch._scaled_mm in FP8 with row-wise scales (what fp8_mixed_precision rowwise r
 
 scaled_int8_mm on Llama-1B linear shapes (M tokens x N outputs x K inputs) in three operand layouts,
 against torch._int_mm (the int32 product alone) and a bf16 torch.mm of the same shape; then
-quantize_int8 on [16384, width] bf16 activations: by rows, by columns, both axes (a gradient), and by rows keeping
-the column maxima then by columns (X and W), with and without stochastic rounding,
+quantize_int8 on a [16384, 2048] bf16 activation, both axes, with and without stochastic rounding,
 against the same math in eager torch. Each case is first checked against its torch counterpart.
 --baseline FILE times another version of qt/kernels/quantize.py beside the current one (e.g.
 `git show REV:qt/kernels/quantize.py > FILE`), in the same process, for before/after figures.
@@ -28,9 +27,8 @@ import torch
 import triton
 import triton.testing
 
-from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax, scaled_int8_mm
+from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, scaled_int8_mm
 from qt.kernels import int8_mm
-from qt.kernels import quantize as qt_quantize
 from qt.kernels.quantize import _torch_quantize_int8
 
 LLAMA_1B_NK = [(2048, 2048), (5632, 2048), (2048, 5632)]  # (N, K): q/o projections, MLP up, MLP down
@@ -148,23 +146,12 @@ def training_matmuls_markdown(device: str, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _rows_then_columns(x, stochastic):
-    q_rows, row_scale, col_amax = quantize_int8_rows_keeping_col_amax(x, stochastic)
-    return q_rows, row_scale, *quantize_int8(x, 0, stochastic, col_amax=col_amax)
-
-
-FOLDING_MODES = ("both", "rows, keeping column maxima", "rows, then columns")
 QUANTIZE_SHAPES = [(2048, "nearest"), (2048, "stochastic"), (5632, "nearest"), (768, "nearest"), (256, "nearest")]  # (width, rounding)
 QUANTIZE_MODES = {  # name -> (qt function, the same math in torch ops) on x
     "rows": (lambda x, sr: quantize_int8(x, 1, sr), lambda x: _torch_quantize_int8(x, 1, None)),
     "columns": (lambda x, sr: quantize_int8(x, 0, sr), lambda x: _torch_quantize_int8(x, 0, None)),
     "both": (quantize_int8_rows_and_cols,
              lambda x: (*_torch_quantize_int8(x, 1, None), *_torch_quantize_int8(x, 0, None))),
-    "rows, keeping column maxima": (lambda x, sr: quantize_int8_rows_keeping_col_amax(x, sr)[:2],
-                                    lambda x: _torch_quantize_int8(x, 1, None)),
-    # What a linear does with X and W: by rows in the forward, keeping the column maxima, by columns in the backward.
-    "rows, then columns": (_rows_then_columns,
-                           lambda x: (*_torch_quantize_int8(x, 1, None), *_torch_quantize_int8(x, 0, None))),
 }
 
 
@@ -202,23 +189,14 @@ def bench_quantize(x: torch.Tensor, mode: str, stochastic: bool, baseline=None) 
     if baseline is not None:
         baseline_fn = {"rows": lambda: baseline.quantize_int8(x, 1, stochastic),
                        "columns": lambda: baseline.quantize_int8(x, 0, stochastic),
-                       "both": lambda: baseline.quantize_int8_rows_and_cols(x, stochastic),
-                       "rows, keeping column maxima": lambda: baseline.quantize_int8(x, 1, stochastic),
-                       "rows, then columns": lambda: (baseline.quantize_int8(x, 1, stochastic),
-                                                      baseline.quantize_int8(x, 0, stochastic))}[mode]
+                       "both": lambda: baseline.quantize_int8_rows_and_cols(x, stochastic)}[mode]
         baseline_ms = time_ms(baseline_fn)
     return {
         "shape": list(x.shape), "mode": mode, "stochastic": stochastic, "ok": bool(ok),
         "qt_us": qt_ms * 1e3, "qt_gbps": bytes_moved / qt_ms / 1e6,
         "inductor_us": compiled_ms * 1e3, "inductor_gbps": bytes_moved / compiled_ms / 1e6,
         "inductor_ok": compiled_ok, "baseline_us": baseline_ms * 1e3,
-        "col_amax_rows_per_program": qt_quantize._COL_AMAX_ROWS_PER_PROGRAM,
     }  # fmt: skip
-
-
-def _rows_per_program(result: dict) -> str:
-    uses_it = result["mode"] in FOLDING_MODES
-    return f" ({result['col_amax_rows_per_program']} rows a program)" if uses_it else ""
 
 
 def markdown(device: str, matmuls: list[dict], quantizes: list[dict]) -> str:
@@ -251,7 +229,7 @@ def markdown(device: str, matmuls: list[dict], quantizes: list[dict]) -> str:
     for r in quantizes:
         rounding = "stochastic" if r["stochastic"] else "nearest"
         lines.append(
-            f"| {r['shape'][0]} x {r['shape'][1]} bf16 | {r['mode']}{_rows_per_program(r)} | {rounding} | {r['qt_us']:.1f} "
+            f"| {r['shape'][0]} x {r['shape'][1]} bf16 | {r['mode']} | {rounding} | {r['qt_us']:.1f} "
             f"| {r['qt_gbps']:.0f} | {r['baseline_us']:.1f} | {r['inductor_us']:.1f} | {r['inductor_gbps']:.0f} | {'yes' if r['ok'] else 'NO'} "
             f"| {'yes' if r['inductor_ok'] else 'no'} |"
         )
@@ -265,9 +243,6 @@ def main() -> None:
     parser.add_argument("--quantize_only", action="store_true", help="skip the matmuls")
     parser.add_argument("--baseline", help="another version of qt/kernels/quantize.py to time beside this one")
     parser.add_argument("--widths", type=int, nargs="+", help="only the quantize shapes of these widths")
-    parser.add_argument("--col_amax_rows", type=int, nargs="+",
-                        help="rows a program of the whole-row quantize kernel covers when it also takes the column "
-                             "maxima: values to time (default: qt's)")
     parser.add_argument("--training_matmuls", action="store_true",
                         help="only a training step's matmuls: INT8 vs FP8 vs bf16")
     parser.add_argument("--mm_kernels", default="auto",
@@ -297,20 +272,13 @@ def main() -> None:
             matmuls.append(bench_matmul(args.m, n, k, layout))
             print(json.dumps(matmuls[-1]), flush=True)
     baseline = load_baseline(args.baseline) if args.baseline else None
-    default_rows_per_program = qt_quantize._COL_AMAX_ROWS_PER_PROGRAM
-    args.col_amax_rows = args.col_amax_rows or [default_rows_per_program]
     quantizes = []
     shapes = QUANTIZE_SHAPES[:1] if args.quick else QUANTIZE_SHAPES
     for width, rounding in [s for s in shapes if not args.widths or s[0] in args.widths]:
         x = torch.randn(args.m, width, device=DEVICE, dtype=torch.bfloat16)
         for mode in QUANTIZE_MODES:
-            # The modes that take column maxima in the row-wise pass, at each number of rows a program covers.
-            for rows_per_program in args.col_amax_rows if mode in FOLDING_MODES else [None]:
-                if rows_per_program is not None:
-                    qt_quantize._COL_AMAX_ROWS_PER_PROGRAM = rows_per_program
-                quantizes.append(bench_quantize(x, mode, rounding == "stochastic", baseline))
-                print(json.dumps(quantizes[-1]), flush=True)
-            qt_quantize._COL_AMAX_ROWS_PER_PROGRAM = default_rows_per_program
+            quantizes.append(bench_quantize(x, mode, rounding == "stochastic", baseline))
+            print(json.dumps(quantizes[-1]), flush=True)
 
     table = markdown(device, matmuls, quantizes)
     print(table)

@@ -114,24 +114,6 @@ def test_fp8_tensorwise_takes_each_abs_max_once(scaling, passes, monkeypatch):
     assert len(calls) == passes, calls
 
 
-@pytest.mark.parametrize("stochastic_rounding", [False, True])
-def test_int8_mixed_precision_reads_each_operand_twice_a_step(stochastic_rounding, monkeypatch):
-    """X, W and dY are each quantized by rows in one read that also takes the column maxima, and by columns in one
-    more read: no abs-max pass of its own (the Triton path, in the interpreter on CPU)."""
-    import qt.kernels.quantize as quantize
-
-    passes = []
-    for name in ("_triton_tile_abs_maxima", "_triton_quantize_whole_rows", "_triton_tile_quantize"):
-        def counted(*args, _name=name, _fn=getattr(quantize, name), **kwargs):
-            passes.append(_name)
-            return _fn(*args, **kwargs)
-        monkeypatch.setattr(quantize, name, counted)
-    linear, x, dy = make_case((33,), bias=False, in_features=48, out_features=40)
-    qt.quantize_(linear, "int8_mixed_precision", stochastic_rounding=stochastic_rounding, filter_fn=lambda m, n: True)
-    through("triton", run_linear)(linear, x, dy)
-    assert sorted(passes) == ["_triton_quantize_whole_rows"] * 3 + ["_triton_tile_quantize"] * 3, passes
-
-
 @pytest.mark.parametrize(("make", "message"), [
     (lambda: MatmulPlan("fp4"), "format 'fp4'"),
     (lambda: MatmulPlan(None, stochastic_rounding=True), "needs a quantized format"),

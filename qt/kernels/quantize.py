@@ -4,23 +4,16 @@
 axis: ``axis=1`` gives one scale per row, ``axis=0`` one per column. The int8 result is laid out with
 the reduced axis contiguous, which is the K-contiguous layout ``scaled_int8_mm`` is fastest on.
 ``quantize_int8_rows_and_cols(x)`` gives both at once: a linear's backward needs its output gradient
-quantized per row (for grad_input) and per column (for grad_weight). ``quantize_int8_rows_keeping_col_amax(x)``
-quantizes by rows and also returns each column's abs-max, so a later ``quantize_int8(x, 0, col_amax=...)``
-reads ``x`` once: a linear's forward quantizes X by rows, its backward by columns.
+quantized per row (for grad_input) and per column (for grad_weight), and this shares one abs-max pass.
 
 Two ways, picked by shape (three Triton kernels):
 - whole rows: each program holds whole rows in registers (rows up to ``_MAX_WHOLE_ROW`` wide), so a
-  row-wise quantize reads ``x`` once; it can fold each column's abs-max into a per-column maximum with
-  atomics in the same read;
+  row-wise quantize reads ``x`` once;
 - tiles: a first pass takes the abs-max of each tile and folds it into per-row and per-column maxima
   with atomics, then a pass per output re-reads the tiles and writes it, the column-wise one
   transposed in the store. Every axis and shape gets a full grid this way.
 
-So both axes take two reads of ``x`` where rows fit in registers and fold well (the whole-row pass, then the
-column-wise tile pass; ``_MAX_FOLDED_ROW``), three otherwise, and a column-wise quantization with its maxima
-known takes one.
-
-The ops are ``torch.library.triton_op``s: torch.compile sees the Triton launches themselves and calls
+Both ops are ``torch.library.triton_op``s: torch.compile sees the Triton launches themselves and calls
 them from its generated code, with no Python between kernels. CPU tensors (and ``QT_KERNEL_BACKEND=torch``)
 run the same math in torch ops, which torch.compile traces and fuses like any other.
 
@@ -47,14 +40,6 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Whole rows in registers up to this width (8192 fp32 values over 8 warps: 32 registers a thread a row;
 # the autotuner also tries 4 and 16 warps).
 _MAX_WHOLE_ROW = 8192
-# The whole-row kernel also takes the column maxima for rows up to this width; wider rows take the tile passes.
-# Measured on an H100 for 16384 rows of bf16 (docs/kernels.md, round 6): both axes of 2048-wide rows in 138 us
-# against the tile passes' 180-190; of 5632-wide rows in 489 us against 368 (rows this wide fill 69% of their
-# power-of-two block, and the kernel quantizes them at half the card's bandwidth).
-_MAX_FOLDED_ROW = 2048
-# Rows a program of the whole-row kernel covers when it also takes the column maxima (one atomic per column a
-# program): 512 programs for 16384 tokens. 32 measured best of 16-128 (H100, 2048-wide rows).
-_COL_AMAX_ROWS_PER_PROGRAM = 32
 
 
 def _tile_configs() -> list:
@@ -90,8 +75,7 @@ def _draw_seeds(x: Tensor, count: int, stochastic_rounding: bool) -> Tensor | No
     return torch.randint(0, 2**31 - 1, (count,), device=x.device) if stochastic_rounding else None
 
 
-def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False,
-                  col_amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False) -> tuple[Tensor, Tensor]:
     """Quantizes ``x`` to int8 with one abs-max scale per slice along the axis that is not reduced.
 
     Args:
@@ -100,8 +84,6 @@ def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False,
         stochastic_rounding: round up with probability equal to the fractional part (unbiased)
             instead of to the nearest integer. The random numbers come from torch's generator on
             ``x.device``, so ``torch.manual_seed`` reproduces them.
-        col_amax: ``axis=0`` only: the abs-max of each column of ``x``, as
-            ``quantize_int8_rows_keeping_col_amax`` returns it, which spares the pass that finds it.
 
     Returns:
         ``(q, scale)``: ``q`` int8 [R, C] with the reduced axis contiguous (strides (C, 1) for
@@ -111,49 +93,31 @@ def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False,
     _check_input(x, "quantize_int8")
     if axis not in (0, 1):
         raise ValueError(f"quantize_int8: axis must be 0 (one scale per column) or 1 (one scale per row), got {axis}")
-    if col_amax is not None and (axis != 0 or col_amax.shape != (1, x.shape[1]) or col_amax.dtype != torch.float32):
-        raise ValueError(f"quantize_int8: col_amax must be float32 [1, {x.shape[1]}] and axis 0, got "
-                         f"{col_amax.dtype} {list(col_amax.shape)} with axis {axis}")
     seed = _draw_seeds(x, 1, stochastic_rounding)
-    return _dispatch(_torch_quantize_int8, torch.ops.qt.quantize_int8, _quantize_int8, x, axis, seed, col_amax)
-
-
-def quantize_int8_rows_keeping_col_amax(x: Tensor, stochastic_rounding: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """``quantize_int8(x, 1)``, and the abs-max of each column of ``x`` (float32 [1, C], NaN counted as inf) taken
-    in the same read of ``x``: ``quantize_int8(x, 0, col_amax=...)`` then quantizes by columns in one more read
-    instead of two (a linear keeps it from the forward's quantization of X for grad_weight's).
-
-    Returns ``(q_rows, row_scale, col_amax)``."""
-    _check_input(x, "quantize_int8_rows_keeping_col_amax")
-    seed = _draw_seeds(x, 1, stochastic_rounding)
-    return _dispatch(_torch_quantize_int8_rows_keeping_col_amax, torch.ops.qt.quantize_int8_rows_keeping_col_amax,
-                     _quantize_int8_rows_keeping_col_amax, x, seed)
+    if _in_torch_ops_when_compiled(x):
+        return _torch_quantize_int8(x, axis, seed)
+    # The op is what torch.compile traces; eager calls skip its dispatch (tens of µs a call).
+    if traced(x):
+        return torch.ops.qt.quantize_int8(x, axis, seed)
+    with eager_launch():
+        return _quantize_int8(x, axis, seed)
 
 
 def quantize_int8_rows_and_cols(x: Tensor, stochastic_rounding: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``quantize_int8(x, 1) + quantize_int8(x, 0)`` sharing the abs-max pass: on a GPU, two reads of ``x`` for
-    rows up to 2048 wide (the row-wise pass also takes the column maxima), three otherwise (one pass for both
-    maxima, one per output), against the two calls' three or four.
+    """``quantize_int8(x, 1) + quantize_int8(x, 0)`` sharing one abs-max pass (three reads of ``x``, as the two
+    calls make on a GPU, in three launches instead of four).
 
     Returns ``(q_rows, row_scale, q_cols, col_scale)``, laid out as ``quantize_int8`` lays out each.
     With stochastic rounding the two results round independently.
     """
     _check_input(x, "quantize_int8_rows_and_cols")
     seeds = _draw_seeds(x, 2, stochastic_rounding)
-    return _dispatch(_quantize_int8_rows_and_cols_in_torch, torch.ops.qt.quantize_int8_rows_and_cols,
-                     _quantize_int8_rows_and_cols, x, seeds)
-
-
-def _dispatch(in_torch, op, implementation, x: Tensor, *args):
-    """Under torch.compile, the op (which it traces into its Triton launches) or, with
-    ``QT_COMPILED_QUANTIZE=inductor``, the torch ops; eager, the op's implementation, skipping the op's dispatch
-    (tens of µs a call)."""
     if _in_torch_ops_when_compiled(x):
-        return in_torch(x, *args)
+        return _quantize_int8_rows_and_cols_in_torch(x, seeds)
     if traced(x):
-        return op(x, *args)
+        return torch.ops.qt.quantize_int8_rows_and_cols(x, seeds)
     with eager_launch():
-        return implementation(x, *args)
+        return _quantize_int8_rows_and_cols(x, seeds)
 
 
 def dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -197,56 +161,34 @@ def _min_amax(dtype: torch.dtype) -> float:
     return max(1e-12, QUANT_MAX * smallest_subnormal)
 
 
-def _quantize_int8(x: Tensor, axis: int, seed: Tensor | None, col_amax: Tensor | None) -> tuple[Tensor, Tensor]:
+def _quantize_int8(x: Tensor, axis: int, seed: Tensor | None) -> tuple[Tensor, Tensor]:
     if not use_triton(x, triton is not None) or x.numel() == 0:
-        return _torch_quantize_int8(x, axis, seed, col_amax)
+        return _torch_quantize_int8(x, axis, seed)
     if axis == 1 and x.shape[1] <= _MAX_WHOLE_ROW:
         return _triton_quantize_whole_rows(x, seed)
-    if col_amax is None:
-        col_amax = _triton_tile_abs_maxima(x, rows=axis == 1, cols=axis == 0)[1 - axis]
     q, scale = _empty_outputs(x, axis)
-    _triton_tile_quantize(x, q, scale, col_amax, axis == 1, seed, 0)
+    outputs = (q, scale, None, None) if axis == 1 else (None, None, q, scale)
+    _triton_quantize_tiles(x, *outputs, seed)
     return q, scale
-
-
-def _quantize_int8_rows_keeping_col_amax(x: Tensor, seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    if not use_triton(x, triton is not None) or x.numel() == 0:
-        return _torch_quantize_int8_rows_keeping_col_amax(x, seed)
-    if x.shape[1] <= _MAX_FOLDED_ROW:
-        # atomic_max needs a starting value: 0 is below every abs-max.
-        col_amax = torch.zeros((1, x.shape[1]), dtype=torch.float32, device=x.device)
-        return (*_triton_quantize_whole_rows(x, seed, col_amax), col_amax)
-    row_amax, col_amax = _triton_tile_abs_maxima(x, rows=True, cols=True)
-    q, scale = _empty_outputs(x, 1)
-    _triton_tile_quantize(x, q, scale, row_amax, True, seed, 0)
-    return q, scale, col_amax
 
 
 def _quantize_int8_rows_and_cols(x: Tensor, seeds: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if not use_triton(x, triton is not None) or x.numel() == 0:
         return _quantize_int8_rows_and_cols_in_torch(x, seeds)
-    q_rows, row_scale, col_amax = _quantize_int8_rows_keeping_col_amax(x, seeds)  # the rows take seeds[0]
-    q_cols, col_scale = _empty_outputs(x, 0)
-    _triton_tile_quantize(x, q_cols, col_scale, col_amax, False, seeds, 1)
-    return q_rows, row_scale, q_cols, col_scale
+    outputs = (*_empty_outputs(x, 1), *_empty_outputs(x, 0))
+    _triton_quantize_tiles(x, *outputs, seeds)
+    return outputs
 
 
-def _fake_rows_keeping_col_amax(x: Tensor, seed: Tensor | None):
-    return (*_empty_outputs(x, 1), x.new_empty((1, x.shape[1]), dtype=torch.float32))
-
-
-_OPS = {
-    "qt::quantize_int8": (_quantize_int8, lambda x, axis, seed, col_amax: _empty_outputs(x, axis)),
-    "qt::quantize_int8_rows_keeping_col_amax": (_quantize_int8_rows_keeping_col_amax, _fake_rows_keeping_col_amax),
-    "qt::quantize_int8_rows_and_cols": (_quantize_int8_rows_and_cols,
-                                        lambda x, seeds: (*_empty_outputs(x, 1), *_empty_outputs(x, 0))),
-}
-for _name, (_fn, _fake) in _OPS.items():
-    if triton is not None:
-        torch.library.triton_op(_name, _fn, mutates_args=())
-    else:
-        torch.library.custom_op(_name, _fn, mutates_args=())
-        torch.library.register_fake(_name)(_fake)
+if triton is not None:
+    torch.library.triton_op("qt::quantize_int8", _quantize_int8, mutates_args=())
+    torch.library.triton_op("qt::quantize_int8_rows_and_cols", _quantize_int8_rows_and_cols, mutates_args=())
+else:
+    torch.library.custom_op("qt::quantize_int8", _quantize_int8, mutates_args=())
+    torch.library.custom_op("qt::quantize_int8_rows_and_cols", _quantize_int8_rows_and_cols, mutates_args=())
+    torch.library.register_fake("qt::quantize_int8")(lambda x, axis, seed: _empty_outputs(x, axis))
+    torch.library.register_fake("qt::quantize_int8_rows_and_cols")(
+        lambda x, seeds: (*_empty_outputs(x, 1), *_empty_outputs(x, 0)))
 
 
 # The torch path: the same math in torch ops (CPU, QT_KERNEL_BACKEND=torch, and what torch.compile fuses there).
@@ -274,22 +216,12 @@ def _uniform_from_hash(seed: Tensor, n_rows: int, n_cols: int, device) -> Tensor
     return (h >> 8).to(torch.float32) * 2.0**-24
 
 
-def _torch_abs_max_of_rows(x_rows: Tensor) -> Tensor:
-    """[R, 1] float32 abs-max of each row of ``x_rows``, NaN counted as inf."""
-    abs_rows = torch.where(torch.isnan(x_rows), torch.inf, x_rows.float().abs())
-    # An empty slice (no tokens) has no maximum: 0 stands in for it (the floor then applies).
-    return abs_rows.amax(dim=1, keepdim=True) if abs_rows.shape[1] else abs_rows.new_zeros(abs_rows.shape[0], 1)
-
-
-def _torch_quantize_int8_rows_keeping_col_amax(x: Tensor, seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    return (*_torch_quantize_int8(x, 1, seed), _torch_abs_max_of_rows(x.t()).t())
-
-
-def _torch_quantize_int8(x: Tensor, axis: int, seed: Tensor | None,
-                         col_amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _torch_quantize_int8(x: Tensor, axis: int, seed: Tensor | None) -> tuple[Tensor, Tensor]:
     q, scale = _empty_outputs(x, axis)
     x_rows = _as_rows(x, axis).float()
-    amax = _torch_abs_max_of_rows(x_rows) if col_amax is None else col_amax.t()
+    abs_rows = torch.where(torch.isnan(x_rows), torch.inf, x_rows.abs())
+    # An empty slice (no tokens) has no maximum: the floor stands in for it.
+    amax = abs_rows.amax(dim=1, keepdim=True) if abs_rows.shape[1] else abs_rows.new_zeros(abs_rows.shape[0], 1)
     amax = amax.clamp(min=_min_amax(x.dtype))
     scale_rows = _round_to_scale_dtype(amax / QUANT_MAX, scale.dtype)
     scaled = x_rows / scale_rows
@@ -318,22 +250,16 @@ def _round_to_scale_dtype(scale: Tensor, dtype: torch.dtype) -> Tensor:
 # The Triton path.
 
 
-def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None, col_amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Row-wise, whole rows in registers; with ``col_amax`` (float32 zeros, C elements), also folds each column's
-    abs-max into it."""
+def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None) -> tuple[Tensor, Tensor]:
     q, scale = _empty_outputs(x, 1)
     n_rows, n_cols = x.shape
     block_cols = max(triton.next_power_of_2(n_cols), 16)
-    # Folding column maxima takes one atomic per column a program: each program then covers many rows, in blocks
-    # of several rows at once (its loads of one block in flight together).
-    block_rows = max(1, min(16, (8192 if col_amax is not None else 2048) // block_cols))
-    blocks_per_program = max(1, _COL_AMAX_ROWS_PER_PROGRAM // block_rows) if col_amax is not None else 1
-    wrap_triton(_quantize_whole_rows_kernel)[(triton.cdiv(n_rows, block_rows * blocks_per_program),)](
-        x, q, scale, seed, col_amax,
+    block_rows = max(1, min(16, 2048 // block_cols))
+    wrap_triton(_quantize_whole_rows_kernel)[(triton.cdiv(n_rows, block_rows),)](
+        x, q, scale, seed,
         n_rows, n_cols, x.stride(0), x.stride(1),
         MIN_AMAX=_min_amax(x.dtype), STOCHASTIC=seed is not None, SCALE_IS_BF16=scale.dtype == torch.bfloat16,
-        COL_AMAX=col_amax is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-        BLOCKS_PER_PROGRAM=blocks_per_program,
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
     )  # fmt: skip
     return q, scale
 
@@ -347,36 +273,33 @@ def _triton_dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Ten
     return out
 
 
-def _tile_grid(x: Tensor):
-    return lambda meta: (triton.cdiv(x.shape[0], meta["BLOCK_R"]), triton.cdiv(x.shape[1], meta["BLOCK_C"]))
-
-
-def _triton_tile_abs_maxima(x: Tensor, rows: bool, cols: bool) -> tuple[Tensor | None, Tensor | None]:
-    """The float32 abs-max of each row ([R, 1]) and of each column ([1, C]) of ``x``, whichever is asked for,
-    in one pass over tiles of ``x``."""
+def _triton_quantize_tiles(x, q_rows, row_scale, q_cols, col_scale, seeds) -> None:
+    """Writes whichever of the row-wise (``q_rows``, ``row_scale``) and column-wise (``q_cols``,
+    ``col_scale``) outputs are given: one abs-max pass over ``x``, then one quantize pass per output."""
     n_rows, n_cols = x.shape
+    rows_out, cols_out = q_rows is not None, q_cols is not None
     # atomic_max needs a starting value: 0 is below every abs-max. (Re-running the pass, as autotuning
     # does, leaves the maxima as they are.)
-    row_amax = torch.zeros((n_rows if rows else 1, 1), dtype=torch.float32, device=x.device)
-    col_amax = torch.zeros((1, n_cols if cols else 1), dtype=torch.float32, device=x.device)
-    wrap_triton(_tile_amax_kernel)[_tile_grid(x)](
-        x, row_amax, col_amax, n_rows, n_cols, x.stride(0), x.stride(1), ROWS=rows, COLS=cols,
+    row_amax = torch.zeros(n_rows if rows_out else 1, dtype=torch.float32, device=x.device)
+    col_amax = torch.zeros(n_cols if cols_out else 1, dtype=torch.float32, device=x.device)
+
+    def grid(meta):
+        return (triton.cdiv(n_rows, meta["BLOCK_R"]), triton.cdiv(n_cols, meta["BLOCK_C"]))
+
+    wrap_triton(_tile_amax_kernel)[grid](
+        x, row_amax, col_amax, n_rows, n_cols, x.stride(0), x.stride(1), ROWS=rows_out, COLS=cols_out,
     )  # fmt: skip
-    return row_amax if rows else None, col_amax if cols else None
-
-
-def _triton_tile_quantize(x: Tensor, q: Tensor, scale: Tensor, amax: Tensor, rows: bool, seeds: Tensor | None,
-                          seed_index: int) -> None:
-    """Writes ``x`` quantized row-wise (``rows``) or column-wise into ``q`` and ``scale``, from the abs-maxima
-    ``amax``, in one pass over tiles of ``x``; stochastic rounding takes ``seeds[seed_index]``."""
     # Each output from its own pass: one pass writing both held two tiles' worth of state (and the
     # transpose's shared memory) and ran at a quarter of the occupancy (measured with ncu on an H100).
-    wrap_triton(_tile_quantize_kernel)[_tile_grid(x)](
-        x, amax, q, scale, seeds,
-        x.shape[0], x.shape[1], x.stride(0), x.stride(1),
-        MIN_AMAX=_min_amax(x.dtype), ROWS=rows, STOCHASTIC=seeds is not None,
-        SEED_INDEX=seed_index, SCALE_IS_BF16=scale.dtype == torch.bfloat16,
-    )  # fmt: skip
+    for q, scale, amax, is_rows in ((q_rows, row_scale, row_amax, True), (q_cols, col_scale, col_amax, False)):
+        if q is None:
+            continue
+        wrap_triton(_tile_quantize_kernel)[grid](
+            x, amax, q, scale, seeds,
+            n_rows, n_cols, x.stride(0), x.stride(1),
+            MIN_AMAX=_min_amax(x.dtype), ROWS=is_rows, STOCHASTIC=seeds is not None,
+            SEED_INDEX=int(rows_out and not is_rows), SCALE_IS_BF16=scale.dtype == torch.bfloat16,
+        )  # fmt: skip
 
 
 if triton is not None:
@@ -428,40 +351,31 @@ if triton is not None:
         rounded = tl.where(scaled == scaled, rounded, 0.0)
         return tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8)
 
-    @triton.autotune(configs=_whole_row_configs(), key=["n_cols", "STOCHASTIC", "COL_AMAX"])
+    @triton.autotune(configs=_whole_row_configs(), key=["n_cols", "STOCHASTIC"])
     @triton.jit
     def _quantize_whole_rows_kernel(
-        x_ptr, q_ptr, scale_ptr, seed_ptr, col_amax_ptr,
+        x_ptr, q_ptr, scale_ptr, seed_ptr,
         n_rows, n_cols, stride_x_row, stride_x_col,
-        MIN_AMAX: tl.constexpr, STOCHASTIC: tl.constexpr, SCALE_IS_BF16: tl.constexpr, COL_AMAX: tl.constexpr,
-        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+        MIN_AMAX: tl.constexpr, STOCHASTIC: tl.constexpr, SCALE_IS_BF16: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     ):  # fmt: skip
-        """Quantizes BLOCKS_PER_PROGRAM blocks of BLOCK_ROWS whole rows of x, each held in registers: one read of
-        x. COL_AMAX: also folds the abs-max of each column of these rows into col_amax_ptr (fp32, starting at
-        0), one atomic per column a program: a column-wise quantization then needs no pass of its own for it."""
-        seed = tl.load(seed_ptr) if STOCHASTIC else 0
+        """Quantizes BLOCK_ROWS whole rows of x, each held in registers: one read of x."""
+        row_start = tl.program_id(0) * BLOCK_ROWS
         r = tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_COLS)
-        col_max = tl.zeros([BLOCK_COLS], dtype=tl.float32)
-        first_row = tl.program_id(0) * (BLOCKS_PER_PROGRAM * BLOCK_ROWS)
-        for block in range(BLOCKS_PER_PROGRAM):
-            row_start = first_row + block * BLOCK_ROWS
-            rows = row_start + r
-            in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-            # 64-bit arithmetic only for the block's start: offsets within a block fit in 32 bits (fewer registers).
-            x_block = x_ptr + row_start.to(tl.int64) * stride_x_row
-            x = tl.load(x_block + r[:, None] * stride_x_row + cols[None, :] * stride_x_col, mask=in_bounds, other=0.0)
-            magnitude = _abs_nan_as_inf(x.to(tl.float32))
-            if COL_AMAX:
-                col_max = tl.maximum(col_max, tl.max(magnitude, axis=0))
-            scale = _scale_from_amax(tl.max(magnitude, axis=1), MIN_AMAX, SCALE_IS_BF16)
-            tl.store(scale_ptr + rows, scale.to(scale_ptr.dtype.element_ty), mask=rows < n_rows)
-            random_offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :] if STOCHASTIC else 0
-            q = _quantize_values(x.to(tl.float32), scale[:, None], seed, random_offsets, STOCHASTIC)
-            q_block = q_ptr + row_start.to(tl.int64) * n_cols
-            tl.store(q_block + r[:, None] * n_cols + cols[None, :], q, mask=in_bounds)
-        if COL_AMAX:
-            tl.atomic_max(col_amax_ptr + cols, col_max, mask=cols < n_cols, sem="relaxed")
+        rows = row_start + r
+        in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        # 64-bit arithmetic only for the block's start: offsets within a block fit in 32 bits (fewer registers).
+        x_block = x_ptr + row_start.to(tl.int64) * stride_x_row
+        x = tl.load(x_block + r[:, None] * stride_x_row + cols[None, :] * stride_x_col, mask=in_bounds, other=0.0)
+        x = x.to(tl.float32)
+        scale = _scale_from_amax(tl.max(_abs_nan_as_inf(x), axis=1), MIN_AMAX, SCALE_IS_BF16)
+        tl.store(scale_ptr + rows, scale.to(scale_ptr.dtype.element_ty), mask=rows < n_rows)
+        seed = tl.load(seed_ptr) if STOCHASTIC else 0
+        random_offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :] if STOCHASTIC else 0
+        q = _quantize_values(x, scale[:, None], seed, random_offsets, STOCHASTIC)
+        q_block = q_ptr + row_start.to(tl.int64) * n_cols
+        tl.store(q_block + r[:, None] * n_cols + cols[None, :], q, mask=in_bounds)
 
     @triton.jit
     def _dequantize_rows_kernel(q_ptr, scale_ptr, out_ptr, n_rows, n_cols,

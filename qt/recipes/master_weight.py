@@ -7,7 +7,7 @@ from torch import Tensor
 
 from qt.config import RecipeConfig
 from qt.kernels.fp8 import E4M3, quantize_fp8
-from qt.linear import LinearPlan, QuantizedOperand, quantize_operand, quantize_rows_keeping_statistic
+from qt.linear import LinearPlan, QuantizedOperand, quantize_operand, quantize_rows_keeping_amax
 from qt.subclass import QuantizedWeight, keep_for_current_stream
 
 
@@ -36,7 +36,7 @@ class MasterWeight(QuantizedWeight):
         w = self.master.to(dtype)
         if not plan.output.quantized:
             return w.T, (self.master,)
-        w_rows, amax = quantize_rows_keeping_statistic(w, plan.output, plan.grad_input, "weight")
+        w_rows, amax = quantize_rows_keeping_amax(w, plan.output, plan.grad_input, "weight")
         return w_rows.T, (self.master,) if amax is None else (self.master, amax)
 
     @staticmethod

@@ -15,7 +15,7 @@ def test_recipes_give_the_same_numbers_through_triton_and_torch(recipe, kwargs, 
     from qt.kernels import int8_mm, quantize
 
     launches = []
-    launchers = [(quantize, "_triton_quantize_whole_rows"), (quantize, "_triton_tile_quantize"),
+    launchers = [(quantize, "_triton_quantize_whole_rows"), (quantize, "_triton_quantize_tiles"),
                  (int8_mm, "_triton_scaled_int8_mm")]
     for module, name in launchers:
         kernel = getattr(module, name)
@@ -26,7 +26,7 @@ def test_recipes_give_the_same_numbers_through_triton_and_torch(recipe, kwargs, 
         linear, x, dy = make_case((3, 17), bias=True, in_features=40, out_features=24)
         qt.quantize_(linear, recipe, filter_fn=lambda m, n: True, **kwargs)
         results[backend] = run_linear(linear, x, dy)
-    assert "_triton_scaled_int8_mm" in launches and {"_triton_quantize_whole_rows", "_triton_tile_quantize"} & set(launches)
+    assert "_triton_scaled_int8_mm" in launches and {"_triton_quantize_whole_rows", "_triton_quantize_tiles"} & set(launches)
     for from_triton, from_torch in zip(results["triton"], results["torch"]):
         # Same integer math; the epilogues may round the fp32 products differently by an ulp.
         torch.testing.assert_close(from_triton, from_torch, rtol=1e-6, atol=1e-6)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax
+from qt.kernels import quantize_int8, quantize_int8_rows_and_cols
 from qt.kernels.quantize import dequantize_rows, scale_dtype
 from tests.kernels.backends import through
 from tests.reference import rel_err
@@ -18,16 +18,8 @@ def one_axis_of_both(x, axis, stochastic_rounding=False):
     return (q_rows, row_scale) if axis == 1 else (q_cols, col_scale)
 
 
-def via_kept_col_amax(x, axis, stochastic_rounding=False):
-    """quantize_int8's result for `axis`: by rows from quantize_int8_rows_keeping_col_amax, by columns from
-    quantize_int8 given the column maxima it kept (both must agree with quantize_int8 alone)."""
-    q_rows, row_scale, col_amax = quantize_int8_rows_keeping_col_amax(x, stochastic_rounding)
-    return (q_rows, row_scale) if axis == 1 else quantize_int8(x, 0, stochastic_rounding, col_amax=col_amax)
-
-
 PATHS = {f"{name}-{backend}": through(backend, fn) for backend in ("triton", "torch")
-         for name, fn in (("one_axis", quantize_int8), ("both_axes", one_axis_of_both),
-                          ("kept_col_amax", via_kept_col_amax))}
+         for name, fn in (("one_axis", quantize_int8), ("both_axes", one_axis_of_both))}
 quantize_paths = pytest.mark.parametrize("quantize", PATHS.values(), ids=PATHS.keys())
 
 
@@ -192,11 +184,7 @@ def test_empty_inputs(quantize, axis, shape):
 def test_opcheck(axis, stochastic):
     x = torch.randn(17, 33, dtype=torch.bfloat16)
     seed = torch.tensor([1234]) if stochastic else None
-    torch.library.opcheck(torch.ops.qt.quantize_int8.default, (x, axis, seed, None))
-    if axis == 0:
-        col_amax = x.float().abs().amax(0, keepdim=True)
-        torch.library.opcheck(torch.ops.qt.quantize_int8.default, (x, axis, seed, col_amax))
-    torch.library.opcheck(torch.ops.qt.quantize_int8_rows_keeping_col_amax.default, (x, seed))
+    torch.library.opcheck(torch.ops.qt.quantize_int8.default, (x, axis, seed))
     seeds = torch.tensor([1234, 99]) if stochastic else None
     torch.library.opcheck(torch.ops.qt.quantize_int8_rows_and_cols.default, (x, seeds))
 
@@ -215,26 +203,6 @@ def test_opcheck(axis, stochastic):
 def test_bad_inputs_raise(x, axis, error, message):
     with pytest.raises(error, match=message):
         quantize_int8(x, axis)
-
-
-@pytest.mark.parametrize(("axis", "col_amax"), [(1, torch.ones(1, 4)), (0, torch.ones(4, 1)), (0, torch.ones(1, 3)),
-                                                (0, torch.ones(1, 4, dtype=torch.bfloat16))])
-def test_bad_col_amax_raises(axis, col_amax):
-    with pytest.raises(ValueError, match=r"col_amax must be float32 \[1, 4\] and axis 0"):
-        quantize_int8(torch.ones(4, 4), axis, col_amax=col_amax)
-
-
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
-# 70 rows: several programs of the whole-row kernel fold into each column's maximum; 2100 columns: the tile passes
-@pytest.mark.parametrize(("rows", "cols"), [(70, 33), (1, 1), (5, 2100)])
-def test_kept_col_amax_is_each_columns_abs_max(backend, layout, rows, cols):
-    torch.manual_seed(rows)
-    x = make_input(cols, rows, 0, torch.bfloat16, layout)
-    x[rows // 2, cols // 2] = float("nan")  # counted as inf, as the column-wise scale counts it
-    *_, col_amax = through(backend, quantize_int8_rows_keeping_col_amax)(x)
-    expected = torch.where(x.isnan(), torch.inf, x.float().abs()).amax(0, keepdim=True)
-    assert col_amax.dtype == torch.float32 and torch.equal(col_amax, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
