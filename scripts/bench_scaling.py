@@ -7,7 +7,9 @@
 Scaling: each recipe trains the config on 1, 2, 4... GPUs at the same per-GPU batch (the config's batch_size
 on one GPU), each run in a fresh process (torchrun with FSDP2 on several GPUs). Per run: tok/s (the median of
 the logged intervals after the first, which holds compilation), tok/s per GPU, scaling efficiency
-(tok/s on N GPUs / (N x tok/s on one)) and peak memory per GPU. Runs on fewer GPUs than the machine has go
+(tok/s on N GPUs / (N x tok/s on one)), peak memory per GPU, and the slowest of those intervals against the
+median (a stall the median does not show: on 4 H200s, some runs lost a 5-step interval to 63-86% of the median's
+speed; docs/distributed.md). Runs on fewer GPUs than the machine has go
 side by side on disjoint GPUs (CUDA_VISIBLE_DEVICES); that shares the host's CPUs, not the GPUs.
 
 Resume (--resume_recipes): the resume config trains RESUME_STEPS steps uninterrupted on the most GPUs with a
@@ -178,23 +180,26 @@ def scaling_table(jobs: list[Job]) -> tuple[list[str], list[dict]]:
         row = {"recipe": recipe, "gpus": job.gpus, "status": job.status}
         if job.status == 0 and (job.run_dir / "metrics.jsonl").is_file():
             summary = summarize(load_run(job.run_dir))
-            row.update(tok_s=summary["tokens_per_second"], peak_memory_gb=summary["memory_gb"])
+            row.update(tok_s=summary["tokens_per_second"], peak_memory_gb=summary["memory_gb"],
+                       slowest_vs_median=summary["slowest_tokens_per_second"] / summary["tokens_per_second"])
         rows.append(row)
         if job.gpus == 1 and row.get("tok_s"):
             one_gpu[recipe] = row["tok_s"]
     baseline = {row["gpus"]: row.get("tok_s") for row in rows if is_baseline(row["recipe"])}
     lines = ["| recipe | GPUs | tok/s | tok/s per GPU | scaling efficiency | vs the baseline on as many GPUs "
-             "| peak memory per GPU (GB) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| peak memory per GPU (GB) | slowest interval / median |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         if not row.get("tok_s"):
-            lines.append(f"| {row['recipe']} | {row['gpus']} | {outcome(row['status'])} | | | | |")
+            lines.append(f"| {row['recipe']} | {row['gpus']} | {outcome(row['status'])} | | | | | |")
             continue
         tok_s, gpus = row["tok_s"], row["gpus"]
         row["efficiency"] = tok_s / (gpus * one_gpu[row["recipe"]]) if row["recipe"] in one_gpu else None
         row["vs_baseline"] = tok_s / baseline[gpus] if baseline.get(gpus) else None
         lines.append(f"| {row['recipe']} | {gpus} | {tok_s:,.0f} | {tok_s / gpus:,.0f} "
                      f"| {fmt(row['efficiency'], '.1%')} "
-                     f"| {fmt(row['vs_baseline'], '.2f')}x | {fmt(row.get('peak_memory_gb'), '.2f')} |")
+                     f"| {fmt(row['vs_baseline'], '.2f')}x | {fmt(row.get('peak_memory_gb'), '.2f')} "
+                     f"| {row['slowest_vs_median']:.0%} |")
     return lines, rows
 
 

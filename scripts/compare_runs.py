@@ -114,6 +114,7 @@ def summarize(run: dict) -> dict:
     sqnr = [r["forward_sqnr_db"] for r in run["records"] if r.get("forward_sqnr_db") is not None]
     return {"loss": train[-1]["loss"] if train else None, "val_loss": val[-1]["val_loss"] if val else None,
             "tokens": run["records"][-1]["tokens_seen"], "tokens_per_second": statistics.median(speeds) if speeds else None,
+            "slowest_tokens_per_second": min(speeds) if speeds else None,
             "memory_gb": max(memory) if memory else None, "forward_sqnr_db": sqnr[-1] if sqnr else None}
 
 

@@ -5,7 +5,8 @@
 Groups the trace's GPU kernels by what they do (INT8 and cuBLAS matmuls, qt's quantize kernels, attention,
 Inductor's fused kernels, the optimizer, communication, the rest), per step (the profiler records --steps steps),
 and sets the time the GPU worked (the union of its kernels on every stream) against the wall time of the
-profiled steps: the difference is time the GPU waited, on the host or on nothing at all.
+profiled steps: the difference is time the GPU waited, on the host or on nothing at all. On several GPUs the time
+it computed (every kernel but NCCL's) against the wall time says how much communication or the host left exposed.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+COMMUNICATION = "communication (NCCL)"
 # First match wins: (group, pattern on the kernel name).
 GROUPS = [
-    ("communication (NCCL)", r"nccl"),
+    (COMMUNICATION, r"nccl"),
     ("INT8 matmuls (qt)", r"scaled_int8_mm"),
     ("qt quantize kernels", r"_quantize|_tile_amax"),
     ("attention", r"flash|fmha|attention|cudnn"),
@@ -68,11 +70,13 @@ def summarize(events: list[dict], steps: int) -> dict:
         top[kernel["name"]][0] += kernel["dur"]
         top[kernel["name"]][1] += 1
     intervals = [(k["ts"], k["ts"] + k["dur"]) for k in kernels]
+    compute = [(k["ts"], k["ts"] + k["dur"]) for k in kernels if group_of(k["name"]) != COMMUNICATION]
     wall = max(end for _, end in intervals) - min(start for start, _ in intervals)
     return {
         "steps": steps,
         "wall_ms": wall / 1e3 / steps,
         "busy_ms": busy_time(intervals) / 1e3 / steps,
+        "compute_busy_ms": busy_time(compute) / 1e3 / steps,
         "groups_ms": {g: t / 1e3 / steps for g, t in sorted(per_group.items(), key=lambda kv: -kv[1])},
         "top_kernels": [(name, t / 1e3 / steps, calls // steps)
                         for name, (t, calls) in sorted(top.items(), key=lambda kv: -kv[1][0])[:15]],
@@ -84,7 +88,10 @@ def markdown(summary: dict, title: str) -> str:
              "| | ms |", "| --- | ---: |",
              f"| wall time (first kernel start to last kernel end) | {summary['wall_ms']:.1f} |",
              f"| GPU busy (union of kernels) | {summary['busy_ms']:.1f} |",
-             f"| GPU idle | {summary['wall_ms'] - summary['busy_ms']:.1f} |"]
+             f"| GPU idle | {summary['wall_ms'] - summary['busy_ms']:.1f} |",
+             f"| GPU computing (union of kernels but communication) | {summary['compute_busy_ms']:.1f} |",
+             f"| no computation (wall - computing: waits on communication or the host) | "
+             f"{summary['wall_ms'] - summary['compute_busy_ms']:.1f} |"]
     lines += [f"| {group} | {ms:.1f} |" for group, ms in summary["groups_ms"].items()]
     lines += ["", "| kernel | ms | calls |", "| --- | ---: | ---: |"]
     lines += [f"| `{name[:90]}` | {ms:.2f} | {calls} |" for name, ms, calls in summary["top_kernels"]]

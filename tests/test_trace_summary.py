@@ -35,4 +35,5 @@ def test_summary_per_step_from_a_trace(tmp_path):
     summary = summarize(load_events(path), steps=2)
     assert summary["wall_ms"] == pytest.approx(10 / 2)
     assert summary["busy_ms"] == pytest.approx(7 / 2)
+    assert summary["compute_busy_ms"] == pytest.approx(5 / 2)  # the all-gather's last 2 ms overlapped nothing
     assert summary["groups_ms"] == {"communication (NCCL)": 2.0, "INT8 matmuls (qt)": 1.5, "Inductor's fused kernels": 1.0}

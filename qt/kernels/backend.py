@@ -3,7 +3,10 @@
 `QT_KERNEL_BACKEND` overrides the choice, read at every call: `torch` forces the fallback (to
 rule the kernels out while debugging), `triton` forces the Triton kernels also on CPU tensors,
 which only works under Triton's CPU interpreter (`TRITON_INTERPRET=1`, set before importing qt):
-the tests run the recipes through the kernels that way.
+the tests run the recipes through the kernels that way. Under torch.compile the choice is made while Inductor
+compiles the graph, and Inductor's on-disk caches (shared by the processes of a machine) keep a compiled graph
+whatever the variable says later: set `TORCHINDUCTOR_CACHE_DIR` to a fresh directory when switching it for a
+compiled run. (`QT_INT8_MM_KERNEL` is part of the traced graph, so caches keep it apart.)
 """
 
 import os

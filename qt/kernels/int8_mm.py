@@ -39,11 +39,15 @@ def scaled_int8_mm(
     """
     _check_mm_inputs(a, b, row_scale, col_scale)
     out_dtype = out_dtype or row_scale.dtype
+    # The kernel choice is read here, outside the op, and handed to it: a graph torch.compile traces then holds it,
+    # so graphs compiled with different choices differ, and Inductor's caches (on disk, shared by the processes
+    # of a machine) cannot hand a graph compiled with one choice to a process that asked for another.
+    kernel = _kernel_choice()
     # The op is what torch.compile traces; eager calls skip its dispatch (tens of µs a call).
     if traced(a, b, row_scale, col_scale):
-        return torch.ops.qt.scaled_int8_mm(a, b, row_scale, col_scale, out_dtype)
+        return torch.ops.qt.scaled_int8_mm(a, b, row_scale, col_scale, out_dtype, kernel)
     with eager_launch():
-        return _scaled_int8_mm(a, b, row_scale, col_scale, out_dtype)
+        return _scaled_int8_mm(a, b, row_scale, col_scale, out_dtype, kernel)
 
 
 def _check_mm_inputs(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor) -> None:
@@ -80,11 +84,12 @@ def _scale_stride(scale: Tensor) -> int:
     return scale.stride(long_dims[0]) if long_dims else 0
 
 
-def _scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+def _scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, out_dtype: torch.dtype,
+                    kernel: str = "auto") -> Tensor:
     if 0 in (*a.shape, b.shape[1]):  # e.g. a micro-batch without tokens; an empty reduction sums to 0
         return torch.zeros((a.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
     if use_triton(a, triton is not None):
-        return _triton_scaled_int8_mm(a, b, row_scale, col_scale, out_dtype)
+        return _triton_scaled_int8_mm(a, b, row_scale, col_scale, out_dtype, kernel)
     return _torch_scaled_int8_mm(a, b, row_scale, col_scale, out_dtype)
 
 
@@ -93,7 +98,8 @@ if triton is not None:
 else:
     torch.library.custom_op("qt::scaled_int8_mm", _scaled_int8_mm, mutates_args=())
     torch.library.register_fake("qt::scaled_int8_mm")(
-        lambda a, b, row_scale, col_scale, out_dtype: a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype))
+        lambda a, b, row_scale, col_scale, out_dtype, kernel="auto": a.new_empty((a.shape[0], b.shape[1]),
+                                                                                   dtype=out_dtype))
 
 
 def _with_clear_strides(t: Tensor) -> Tensor:
@@ -109,28 +115,35 @@ def _torch_scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Te
     return (product * (row_scale.reshape(-1, 1).float() * col_scale.reshape(1, -1).float())).to(out_dtype)
 
 
-# QT_INT8_MM_KERNEL, read at every call, picks the Triton kernel: `auto` the persistent TMA kernel on GPUs that
-# have TMA (compute capability 9.0 and up, e.g. H100), else the classic one; `tma` the TMA kernel also elsewhere
-# (Triton's CPU interpreter runs it); `classic` the classic kernel everywhere. Operands TMA cannot address take
-# the classic kernel whatever the choice.
+# QT_INT8_MM_KERNEL, read at every call (under torch.compile: when the call is traced), picks the Triton kernel:
+# `auto` the persistent TMA kernel on GPUs that have TMA (compute capability 9.0 and up, e.g. H100), else the
+# classic one; `tma` the TMA kernel also elsewhere (Triton's CPU interpreter runs it); `classic` the classic kernel
+# everywhere. Operands TMA cannot address take the classic kernel whatever the choice.
 _KERNEL_CHOICES = ("auto", "tma", "classic")
 # Programs of the persistent kernel under Triton's CPU interpreter: fewer than the tiles of a small test, so
 # programs loop over several tiles as they do on a GPU.
 _INTERPRETER_PROGRAMS = 3
 
 
-def _triton_scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+def _kernel_choice() -> str:
+    choice = os.environ.get("QT_INT8_MM_KERNEL", "auto")
+    if choice not in _KERNEL_CHOICES:
+        raise ValueError(f"QT_INT8_MM_KERNEL={choice!r}: use one of {', '.join(_KERNEL_CHOICES)}")
+    return choice
+
+
+def _triton_scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, out_dtype: torch.dtype,
+                           kernel: str) -> Tensor:
     out = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
-    launch = _launch_tma_kernel if _use_tma_kernel(a, b, out) else _launch_classic_kernel
+    launch = _launch_tma_kernel if _use_tma_kernel(a, b, out, kernel) else _launch_classic_kernel
     launch(a, b, row_scale, col_scale, out)
     return out
 
 
-def _use_tma_kernel(a: Tensor, b: Tensor, out: Tensor) -> bool:
-    choice = os.environ.get("QT_INT8_MM_KERNEL", "auto")
-    if choice not in _KERNEL_CHOICES:
-        raise ValueError(f"QT_INT8_MM_KERNEL={choice!r}: use one of {', '.join(_KERNEL_CHOICES)}")
-    if choice == "classic" or (choice == "auto" and not (a.is_cuda and _compute_capability(a.device) >= (9, 0))):
+def _use_tma_kernel(a: Tensor, b: Tensor, out: Tensor, kernel: str) -> bool:
+    if kernel not in _KERNEL_CHOICES:
+        raise ValueError(f"scaled_int8_mm kernel {kernel!r}: use one of {', '.join(_KERNEL_CHOICES)}")
+    if kernel == "classic" or (kernel == "auto" and not (a.is_cuda and _compute_capability(a.device) >= (9, 0))):
         return False
     return _tma_can_address(a, b, out)
 

@@ -99,10 +99,12 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile each block")
     activation_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass")
     ddp: bool = flag(False, "under torchrun, replicate the model with DDP instead of sharding it with FSDP2")
-    fsdp_prefetch: int = flag(2, "under torchrun with FSDP2, how many blocks ahead to all-gather explicitly: each "
-                                 "block starts the all-gathers of the next N in the forward and of the previous N "
-                                 "in the backward (more memory: up to N + 1 blocks' gathered weights); 0 = FSDP2's "
-                                 "implicit prefetching. No effect on one process or with --ddp")
+    fsdp_prefetch: int | None = flag(None, "under torchrun with FSDP2, how many blocks ahead to all-gather "
+                                           "explicitly: each block starts the all-gathers of the next N in the "
+                                           "forward and of the previous N in the backward (more memory: up to N + 1 "
+                                           "blocks' gathered weights); 0 = FSDP2's implicit prefetching; default: "
+                                           "the recipe's, as measured (2; int8_mixed_precision 0). No effect on "
+                                           "one process or with --ddp")
     fsdp_reshard_after_forward: bool = flag(True, "under torchrun with FSDP2, free each block's gathered weights "
                                                   "after its forward and all-gather them again for its backward; "
                                                   "--no-fsdp_reshard_after_forward keeps them from the forward to "
@@ -317,7 +319,7 @@ def check_train_flags(cfg, world_size: int, positive: tuple[str, ...] = ()) -> N
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, not {getattr(cfg, name)}")
     for name in ("warmup_steps", "eval_interval", "ckpt_interval", "weight_decay", "fsdp_prefetch"):
-        if getattr(cfg, name) < 0:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
             raise ConfigError(f"--{name} must be at least 0, not {getattr(cfg, name)}")
     ranges = {"lr": (0 < cfg.lr < MAX_LR, f"a positive number below {MAX_LR:g}"),
               "clip_grad_norm": (cfg.clip_grad_norm >= 0, "at least 0 (0: no clipping)"),

@@ -108,10 +108,14 @@ def parallelize_with_optimizer(model: nn.Module, blocks: list[nn.Module], cfg, d
     """(the module to train, its optimizer): the model wrapped for the run's flags (FSDP2 / DDP,
     activation checkpointing, compile), then the optimizer built over its parameters, after FSDP2
     has replaced them with sharded ones."""
-    from qt.training.distributed import parallelize
+    from qt.training.distributed import fsdp_prefetch_blocks, parallelize
 
+    prefetch = fsdp_prefetch_blocks(cfg)
+    if dist_info.world_size > 1 and not cfg.ddp and dist_info.is_main:
+        print(f"FSDP2 over {dist_info.world_size} processes, " + (f"all-gathering {prefetch} blocks ahead" if prefetch
+              else "with its implicit prefetching") + " (--fsdp_prefetch)", flush=True)
     training_model = parallelize(model, blocks, dist_info, compute_dtype=compute_dtype,
                                  activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
-                                 ddp=cfg.ddp, fsdp_prefetch=cfg.fsdp_prefetch,
+                                 ddp=cfg.ddp, fsdp_prefetch=prefetch,
                                  reshard_after_forward=cfg.fsdp_reshard_after_forward)
     return training_model, build_optimizer(model, cfg)

@@ -138,7 +138,8 @@ def test_output_dtype(mm):
 def test_opcheck():
     a, b = random_operands(17, 33, 70)
     for col_scale in (torch.rand(1, 33), torch.rand(1)):
-        torch.library.opcheck(torch.ops.qt.scaled_int8_mm.default, (a, b, torch.rand(17, 1), col_scale, torch.float32))
+        torch.library.opcheck(torch.ops.qt.scaled_int8_mm.default,
+                              (a, b, torch.rand(17, 1), col_scale, torch.float32, "auto"))
 
 
 def test_compiled_quantized_linear_matches_eager():
@@ -202,8 +203,7 @@ def test_tma_kernel_matches_the_classic_kernel_bit_for_bit(monkeypatch, m, n, k,
     a, b = random_operands(m, n, k)
     row_scale = (torch.rand(m, 1) + 0.5).to(dtype)
     col_scale = (torch.rand(1, n) if col_scale_shape == "row" else torch.rand(1)).add(0.5).to(dtype)
-    monkeypatch.setenv("QT_INT8_MM_KERNEL", "tma")
-    assert int8_mm._use_tma_kernel(a, b, torch.empty(m, n, dtype=dtype))
+    assert int8_mm._use_tma_kernel(a, b, torch.empty(m, n, dtype=dtype), "tma")
     out = kernel_output(monkeypatch, "tma", a, b, row_scale, col_scale)
     # The interpreter rounds to bf16 by truncation, so only an fp32 output can match torch's bf16 rounding.
     assert torch.equal(out, kernel_output(monkeypatch, "classic", a, b, row_scale, col_scale))
@@ -240,9 +240,8 @@ def tma_operands(**change) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ({"n": 12, "dtype": torch.float32}, True),  # 48 bytes
 ], ids=["aligned", "one_row", "b_row_major", "a_col_major", "k_40", "a_8_bytes_off", "a_16_bytes_off",
         "bf16_n_12", "fp32_n_12"])  # fmt: skip
-def test_tma_kernel_takes_only_operands_tma_can_address(monkeypatch, change, tma):
-    monkeypatch.setenv("QT_INT8_MM_KERNEL", "tma")
-    assert int8_mm._use_tma_kernel(*tma_operands(**change)) == tma
+def test_tma_kernel_takes_only_operands_tma_can_address(change, tma):
+    assert int8_mm._use_tma_kernel(*tma_operands(**change), "tma") == tma
 
 
 def test_tma_alignment_of_traced_operands_comes_from_their_storage_offset():
@@ -255,10 +254,28 @@ def test_tma_alignment_of_traced_operands_comes_from_their_storage_offset():
 
 
 @pytest.mark.parametrize(("choice", "tma"), [("auto", False), ("classic", False), ("tma", True)])
-def test_kernel_choice_on_the_cpu(monkeypatch, choice, tma):
+def test_kernel_choice_on_the_cpu(choice, tma):
     """`auto` takes the TMA kernel only on a GPU with TMA, `classic` never, `tma` wherever the operands allow."""
+    assert int8_mm._use_tma_kernel(*tma_operands(), choice) == tma
+
+
+@pytest.mark.parametrize("choice", ["classic", "tma"])
+def test_kernel_choice_is_part_of_the_compiled_graph(monkeypatch, choice):
+    """QT_INT8_MM_KERNEL is read while torch.compile traces the call and becomes an argument of the op in the graph,
+    so graphs compiled with different choices differ, and Inductor's on-disk caches (keyed on the graph) cannot give
+    a process the kernel another process chose. Read inside the op, it was lost that way on a GPU."""
     monkeypatch.setenv("QT_INT8_MM_KERNEL", choice)
-    assert int8_mm._use_tma_kernel(*tma_operands()) == tma
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    a, b = random_operands(8, 16, 32)
+    torch._dynamo.reset()
+    torch.compile(scaled_int8_mm, backend=recording_backend, fullgraph=True)(a, b, torch.ones(8, 1), torch.ones(1, 16))
+    (call,) = [node for node in graphs[0].graph.nodes if node.target == torch.ops.qt.scaled_int8_mm]
+    assert call.args[-1] == choice
 
 
 def test_invalid_kernel_choice_raises(monkeypatch):

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 import llm_pretrain
 import qt
 from qt.training.config import TrainConfig
-from qt.training.distributed import Dist
+from qt.training.distributed import Dist, fsdp_prefetch_blocks
 from qt.training.models import decoder_blocks
 from qt.training.optimizer import build_optimizer, parallelize_with_optimizer
 from tests.rendezvous import end_worker, rendezvous_file
@@ -175,6 +175,14 @@ def test_prefetching_and_blocks_kept_gathered_change_no_loss(recipe, prefetch_re
                 assert run["gathered after forward"] == [True] * BLOCKS
             elif setting != "before":
                 assert run["gathered after forward"] == [False] * (BLOCKS - 1) + [True], setting
+
+
+@pytest.mark.parametrize(("flags", "blocks"), [({}, 2), ({"quantize": "fp8_mixed_precision"}, 2),
+                                               ({"quantize": "int8_mixed_precision"}, 0),
+                                               ({"quantize": "int8_mixed_precision", "fsdp_prefetch": 3}, 3),
+                                               ({"fsdp_prefetch": 0}, 0)])
+def test_prefetch_depth_is_the_flag_or_the_recipes_measured_default(flags, blocks):
+    assert fsdp_prefetch_blocks(TrainConfig(**flags)) == blocks
 
 
 def test_each_block_prefetches_the_next_and_previous_blocks_asked_for(prefetch_results):
