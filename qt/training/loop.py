@@ -371,7 +371,31 @@ def _retuned(cfg, trained_with: dict | None) -> str:
     return f"; with changed settings: {', '.join(changes)} (the run goes on differently from here)" if changes else ""
 
 
-def _profiler(run_dir: Path, dist_info: Dist, device: torch.device):
+# The profiled steps: after a step to skip and two to warm the profiler up, three recorded (scripts/trace_summary.py
+# divides by PROFILED_STEPS["active"]).
+PROFILED_STEPS = {"wait": 1, "warmup": 2, "active": 3}
+
+
+class StepProfiler:
+    """`profiler` stepped with the training loop. Until its schedule is over, each step ends with the device's work
+    done: the host runs ahead of a GPU, so otherwise the kernels of the last warmup step run inside the recorded
+    window and those of the last recorded step after it (a window of "three steps" held 3.0-3.8 steps' attention
+    kernels on an H200), and a trace's per-step figures would be off by as much, unevenly between runs."""
+
+    def __init__(self, profiler, device: torch.device):
+        self.profiler, self.device, self.steps = profiler, device, 0
+
+    def step(self) -> None:
+        if self.device.type == "cuda" and self.steps < sum(PROFILED_STEPS.values()):
+            torch.cuda.synchronize(self.device)
+        self.steps += 1
+        self.profiler.step()
+
+    def stop(self) -> None:
+        self.profiler.stop()
+
+
+def _profiler(run_dir: Path, dist_info: Dist, device: torch.device) -> StepProfiler:
     """A Chrome trace of three steps after two warmup steps in RUN_DIR/profile/, and beside it a table of
     the ops that took the most time (self time, on the GPU where there is one, and on the host)."""
     trace = run_dir / "profile" / f"trace_rank{dist_info.rank}.json"
@@ -387,8 +411,7 @@ def _profiler(run_dir: Path, dist_info: Dist, device: torch.device):
                   for key in (["self_cuda_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]]
         trace.with_name(f"top_ops_rank{dist_info.rank}.txt").write_text("\n\n".join(tables))
 
-    profiler = torch.profiler.profile(activities=activities,
-                                      schedule=torch.profiler.schedule(wait=1, warmup=2, active=3, repeat=1),
+    profiler = torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(**PROFILED_STEPS, repeat=1),
                                       on_trace_ready=write)
     profiler.start()
-    return profiler
+    return StepProfiler(profiler, device)

@@ -12,7 +12,7 @@ import qt
 from qt.training import optimizer as optimizer_module
 from qt.training.checkpoint import Checkpointer
 from qt.training.config import TrainConfig
-from qt.training.loop import TrainingDiverged, train
+from qt.training.loop import PROFILED_STEPS, StepProfiler, TrainingDiverged, train
 from qt.training.optimizer import build_optimizer
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
@@ -159,3 +159,24 @@ def test_a_fused_step_that_ignores_found_inf_is_not_picked(monkeypatch):
     fused_adamw = torch._fused_adamw_
     monkeypatch.setattr(torch, "_fused_adamw_", lambda *args, found_inf=None, **kwargs: fused_adamw(*args, **kwargs))
     assert not optimizer_module._fused_step_skips(weight)
+
+
+def test_profiled_steps_end_with_the_gpus_work_done_and_later_steps_do_not(monkeypatch):
+    """--profile: each step until the profiler's schedule is over synchronizes the GPU first, so the recorded window
+    holds exactly its steps' kernels; the steps after it keep running ahead of the GPU."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("synchronize"))
+
+    class RecordingProfiler:
+        def step(self):
+            events.append("step")
+
+    profiler = StepProfiler(RecordingProfiler(), torch.device("cuda"))
+    profiled = sum(PROFILED_STEPS.values())
+    for _ in range(profiled + 4):
+        profiler.step()
+    assert events == ["synchronize", "step"] * profiled + ["step"] * 4
+    events.clear()
+    cpu_profiler = StepProfiler(RecordingProfiler(), torch.device("cpu"))
+    cpu_profiler.step()
+    assert events == ["step"]
