@@ -20,7 +20,8 @@ with one scale for the whole tensor, dY is cast once and its codes transposed fo
 X and W are saved as they are, not as quantized copies: the linears that share an input (q/k/v, gate/up) then
 share its saved copy, and the peak memory stays below BF16's; each is quantized where its matmul runs (FP8
 tensor-wise saves the abs-max of X and of W from the forward with them, so the backward's casts need no second
-pass over either).
+pass over either). The exception is `LinearPlan.grad_weight_sees_quantized_input`, which saves X's codes from the
+forward in its place.
 """
 
 from __future__ import annotations
@@ -90,8 +91,16 @@ HIGH_PRECISION = MatmulPlan()
 
 @dataclasses.dataclass(frozen=True)
 class LinearPlan:
-    """The plan of a linear's three matmuls. `grad_weight_sees_quantized_input`: a high-precision
-    grad_weight uses X as the forward quantized it (BitNet's straight-through estimator) instead of X."""
+    """The plan of a linear's three matmuls.
+
+    `grad_weight_sees_quantized_input`: grad_weight uses X as the output matmul quantized it, saved for the backward
+    in its place (one byte an element), instead of X:
+    - with a high-precision grad_weight (INT8 output): dY.T @ dequantized X, BitNet's straight-through estimator;
+    - with a grad_weight quantized in the output's format, row-wise: X's codes themselves. They hold a scale per
+      token, along the dimension grad_weight reduces, so the scales are folded into dY instead: dY.T @ X ~
+      (s * dY).T @ X_q, with s * dY quantized by columns as dY would be (in the same pass for INT8). This spares
+      the backward X's column-wise quantization (an abs-max pass and a quantize pass over X) for a transpose of
+      its codes."""
 
     output: MatmulPlan = HIGH_PRECISION
     grad_input: MatmulPlan = HIGH_PRECISION
@@ -99,9 +108,13 @@ class LinearPlan:
     grad_weight_sees_quantized_input: bool = False
 
     def __post_init__(self):
-        if self.grad_weight_sees_quantized_input and not (self.output.int8 and not self.grad_weight.int8):
-            raise ValueError("LinearPlan: grad_weight_sees_quantized_input needs an INT8 output and a "
-                             "high-precision grad_weight")
+        if self.grad_weight_sees_quantized_input and not (
+                (self.output.int8 and not self.grad_weight.quantized)
+                or (self.output.quantized and self.grad_weight.format == self.output.format
+                    and self.output.scaling == self.grad_weight.scaling == "rowwise")):
+            raise ValueError("LinearPlan: grad_weight_sees_quantized_input needs a quantized output and either a "
+                             "high-precision grad_weight (INT8 output) or a grad_weight of the output's format, both "
+                             "scaled row-wise")
         if self.output.grad_dtype != E4M3:
             raise ValueError("LinearPlan: the output matmul has no gradient operand; give grad_dtype to the "
                              "grad_input and grad_weight plans")
@@ -123,13 +136,16 @@ class QuantizedOperand(NamedTuple):
 Int8Operand = QuantizedOperand  # the name the INT8 recipes use
 
 
-def quantize_operand(t: Tensor, axis: int, matmul: MatmulPlan, kind: str,
-                     amax: Tensor | None = None) -> QuantizedOperand:
+def quantize_operand(t: Tensor, axis: int, matmul: MatmulPlan, kind: str, amax: Tensor | None = None,
+                     row_multipliers: Tensor | None = None) -> QuantizedOperand:
     """`t` [R, C] quantized for the (quantized) `matmul`, reducing `axis` (1: a left operand, 0: a right one).
     `kind` is the operand's role, "activation", "weight" or "gradient": it picks the FP8 dtype. `amax`: the abs-max
-    of all of `t`, already computed (FP8 tensor-wise scaling only)."""
+    of all of `t`, already computed (FP8 tensor-wise scaling only). `row_multipliers` [R, 1] (axis 0): quantize `t`
+    with each row multiplied by its number, in float32."""
     if matmul.int8:
-        return QuantizedOperand(*quantize_int8(t, axis, matmul.stochastic_rounding))
+        return QuantizedOperand(*quantize_int8(t, axis, matmul.stochastic_rounding, row_multipliers))
+    if row_multipliers is not None:
+        t = t.float() * row_multipliers.float()
     return QuantizedOperand(*quantize_fp8(t, axis, _fp8_dtype(matmul, kind), matmul.scaling,
                                           matmul.power_of_two_scales, amax))
 
@@ -156,19 +172,22 @@ def quantize_rows_keeping_amax(t: Tensor, first: MatmulPlan, later: MatmulPlan,
     return quantize_operand(t, 1, first, kind, amax), amax
 
 
-def _quantize_operand_pair(t: Tensor, rows: MatmulPlan | None, cols: MatmulPlan | None):
+def _quantize_operand_pair(t: Tensor, rows: MatmulPlan | None, cols: MatmulPlan | None,
+                           col_row_multipliers: Tensor | None = None):
     """The gradient `t` [R, C] quantized per row for the `rows` matmul and per column for the `cols` matmul
-    (either may be None: not needed). One op when both are INT8 and round alike; one FP8 cast, transposed for
-    the other layout, when both scale it tensor-wise alike."""
+    (either may be None: not needed), the latter with each row of `t` multiplied by `col_row_multipliers` [R, 1]
+    where given. One op when both are INT8 and round alike; one FP8 cast, transposed for the other layout, when
+    both scale it tensor-wise alike."""
     if rows and cols and rows.int8 and cols.int8 and rows.stochastic_rounding == cols.stochastic_rounding:
-        q_rows, row_scale, q_cols, col_scale = quantize_int8_rows_and_cols(t, rows.stochastic_rounding)
+        q_rows, row_scale, q_cols, col_scale = quantize_int8_rows_and_cols(t, rows.stochastic_rounding,
+                                                                           col_row_multipliers)
         return QuantizedOperand(q_rows, row_scale), QuantizedOperand(q_cols, col_scale)
     if rows and cols and _tensorwise_fp8_alike(rows, cols, "gradient"):
         # Transposing the 1-byte codes moves 2 bytes an element; a second cast would read t (2 bytes) twice more.
         q_rows = quantize_operand(t, 1, rows, "gradient")
         return q_rows, QuantizedOperand(q_rows.q.t().contiguous().t(), q_rows.scale)
     return (quantize_operand(t, 1, rows, "gradient") if rows else None,
-            quantize_operand(t, 0, cols, "gradient") if cols else None)
+            quantize_operand(t, 0, cols, "gradient", row_multipliers=col_row_multipliers) if cols else None)
 
 
 def planned_matmul(a: Tensor | QuantizedOperand, b: Tensor | QuantizedOperand, dtype: torch.dtype,
@@ -210,16 +229,24 @@ class _QuantizedLinear(torch.autograd.Function):
         dy = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
+        # X's codes in place of X: their per-token scales go into dY's column-wise quantization (see LinearPlan).
+        codes_of_x = plan.grad_weight_sees_quantized_input and plan.grad_weight.quantized
         with torch.autocast(dy.device.type, enabled=False):
             dy_rows, dy_cols = _quantize_operand_pair(
                 dy, plan.grad_input if need_x and plan.grad_input.quantized else None,
-                plan.grad_weight if need_w and plan.grad_weight.quantized else None)
+                plan.grad_weight if need_w and plan.grad_weight.quantized else None,
+                x_saved[1] if codes_of_x else None)
             if need_x:
                 dy_for_input = dy_rows if plan.grad_input.quantized else dy
                 grad_x = ctx.weight_type._grad_input(w_saved, dy_for_input, dtype, plan)
                 grad_x = grad_x.view(*grad_output.shape[:-1], ctx.in_features)
             if need_w:
-                if plan.grad_weight.quantized:
+                if codes_of_x:
+                    x_q = x_saved[0]
+                    # The scales went into dY; the codes' own are ones, along the dimension grad_weight keeps.
+                    x_codes = QuantizedOperand(x_q.t().contiguous().t(), x_saved[1].new_ones(1, x_q.shape[1]))
+                    grad_w = planned_matmul(dy_cols.T, x_codes, dtype, plan.grad_weight)
+                elif plan.grad_weight.quantized:
                     x_amax = x_saved[1] if len(x_saved) > 1 else None
                     x_cols = quantize_operand(x_saved[0], 0, plan.grad_weight, "activation", x_amax)
                     grad_w = planned_matmul(dy_cols.T, x_cols, dtype, plan.grad_weight)

@@ -50,9 +50,12 @@ FINAL_LOSS_STEPS = 5
 ACTIVE_TOKENS = 1024  # the synthetic stream's tokens: learnable within a few dozen steps
 
 
-# qt rows beyond each recipe's defaults: the options the speed targets name.
+# qt rows beyond each recipe's defaults: the options the speed targets name, and grad_weight from the forward's codes
+# (fewer quantize passes; to be measured against the defaults).
 QT_VARIANTS = {"int8_weight_only": {"int8_activations": {"int8_activations": True}},
-               "fp8_mixed_precision": {"rowwise": {"scaling": "rowwise"}}}
+               "int8_mixed_precision": {"codes": {"grad_weight_sees_quantized_input": True}},
+               "fp8_mixed_precision": {"rowwise": {"scaling": "rowwise"},
+                                       "rowwise codes": {"scaling": "rowwise", "grad_weight_sees_quantized_input": True}}}
 
 
 def qt_rows(small_linears: bool) -> dict[str, tuple[str, dict]]:

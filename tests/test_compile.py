@@ -11,10 +11,13 @@ import qt
 def build():
     torch.manual_seed(0)
     # bf16, as users train: Inductor pattern-matches bf16 matmuls with INT8 weights specially.
-    model = nn.Sequential(nn.Linear(256, 128, bias=False), nn.GELU(), nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 32))
+    model = nn.Sequential(nn.Linear(256, 128, bias=False), nn.GELU(), nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 32),
+                          nn.GELU(), nn.Linear(32, 32))
     model.to(torch.bfloat16)
-    for index, recipe in zip((0, 2, 4), ("int8_weight_only", "int8_mixed_precision", "bitnet")):
-        qt.quantize_(model, recipe, filter_fn=lambda m, name, index=index: name == str(index))
+    recipes = {0: ("int8_weight_only", {}), 2: ("int8_mixed_precision", {}), 4: ("bitnet", {}),
+               6: ("int8_mixed_precision", {"grad_weight_sees_quantized_input": True})}
+    for index, (recipe, options) in recipes.items():
+        qt.quantize_(model, recipe, **options, filter_fn=lambda m, name, index=index: name == str(index))
     return model
 
 

@@ -75,7 +75,8 @@ def _draw_seeds(x: Tensor, count: int, stochastic_rounding: bool) -> Tensor | No
     return torch.randint(0, 2**31 - 1, (count,), device=x.device) if stochastic_rounding else None
 
 
-def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False) -> tuple[Tensor, Tensor]:
+def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False,
+                  row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Quantizes ``x`` to int8 with one abs-max scale per slice along the axis that is not reduced.
 
     Args:
@@ -84,6 +85,8 @@ def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False) -> tu
         stochastic_rounding: round up with probability equal to the fractional part (unbiased)
             instead of to the nearest integer. The random numbers come from torch's generator on
             ``x.device``, so ``torch.manual_seed`` reproduces them.
+        row_multipliers: ([R, 1] or [R], floating; ``axis=0`` only) quantize ``x`` with each row multiplied by
+            its number, in float32 (see ``quantize_int8_rows_and_cols``), instead of ``x``.
 
     Returns:
         ``(q, scale)``: ``q`` int8 [R, C] with the reduced axis contiguous (strides (C, 1) for
@@ -93,31 +96,55 @@ def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False) -> tu
     _check_input(x, "quantize_int8")
     if axis not in (0, 1):
         raise ValueError(f"quantize_int8: axis must be 0 (one scale per column) or 1 (one scale per row), got {axis}")
+    if row_multipliers is not None:
+        if axis != 0:
+            raise ValueError("quantize_int8: row_multipliers go with axis=0 (one scale per column)")
+        row_multipliers = _checked_row_multipliers(x, row_multipliers, "quantize_int8: row_multipliers")
     seed = _draw_seeds(x, 1, stochastic_rounding)
     if _in_torch_ops_when_compiled(x):
-        return _torch_quantize_int8(x, axis, seed)
+        return _torch_quantize_int8(x, axis, seed, row_multipliers)
     # The op is what torch.compile traces; eager calls skip its dispatch (tens of µs a call).
     if traced(x):
-        return torch.ops.qt.quantize_int8(x, axis, seed)
+        return torch.ops.qt.quantize_int8(x, axis, seed, row_multipliers)
     with eager_launch():
-        return _quantize_int8(x, axis, seed)
+        return _quantize_int8(x, axis, seed, row_multipliers)
 
 
-def quantize_int8_rows_and_cols(x: Tensor, stochastic_rounding: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def quantize_int8_rows_and_cols(x: Tensor, stochastic_rounding: bool = False,
+                                col_row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``quantize_int8(x, 1) + quantize_int8(x, 0)`` sharing one abs-max pass (three reads of ``x``, as the two
     calls make on a GPU, in three launches instead of four).
+
+    ``col_row_multipliers`` ([R, 1] or [R], floating): the column-wise result quantizes ``x`` with each row
+    multiplied by its number (taken in float32, where the product of two bfloat16 or float16 numbers is exact)
+    instead of ``x``; the row-wise one is unchanged. A linear's backward folds the per-token scales of its
+    quantized input into its output gradient this way (qt/linear.py), with no pass of its own.
 
     Returns ``(q_rows, row_scale, q_cols, col_scale)``, laid out as ``quantize_int8`` lays out each.
     With stochastic rounding the two results round independently.
     """
     _check_input(x, "quantize_int8_rows_and_cols")
+    if col_row_multipliers is not None:
+        col_row_multipliers = _checked_row_multipliers(x, col_row_multipliers,
+                                                       "quantize_int8_rows_and_cols: col_row_multipliers")
     seeds = _draw_seeds(x, 2, stochastic_rounding)
     if _in_torch_ops_when_compiled(x):
-        return _quantize_int8_rows_and_cols_in_torch(x, seeds)
+        return _quantize_int8_rows_and_cols_in_torch(x, seeds, col_row_multipliers)
     if traced(x):
-        return torch.ops.qt.quantize_int8_rows_and_cols(x, seeds)
+        return torch.ops.qt.quantize_int8_rows_and_cols(x, seeds, col_row_multipliers)
     with eager_launch():
-        return _quantize_int8_rows_and_cols(x, seeds)
+        return _quantize_int8_rows_and_cols(x, seeds, col_row_multipliers)
+
+
+def _checked_row_multipliers(x: Tensor, multipliers: Tensor, name: str) -> Tensor:
+    """`multipliers` as [R], after checking it holds one floating number per row of x, on x's device."""
+    rows = x.shape[0]
+    if tuple(multipliers.shape) not in ((rows, 1), (rows,)) or not multipliers.is_floating_point():
+        raise ValueError(f"{name} must be floating [{rows}, 1] or [{rows}] (one number per row of x), got "
+                         f"{multipliers.dtype} {list(multipliers.shape)}")
+    if multipliers.device != x.device:
+        raise ValueError(f"{name} is on {multipliers.device}, x on {x.device}")
+    return multipliers.reshape(-1)
 
 
 def dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -161,22 +188,24 @@ def _min_amax(dtype: torch.dtype) -> float:
     return max(1e-12, QUANT_MAX * smallest_subnormal)
 
 
-def _quantize_int8(x: Tensor, axis: int, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+def _quantize_int8(x: Tensor, axis: int, seed: Tensor | None,
+                   row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor]:
     if not use_triton(x, triton is not None) or x.numel() == 0:
-        return _torch_quantize_int8(x, axis, seed)
+        return _torch_quantize_int8(x, axis, seed, row_multipliers)
     if axis == 1 and x.shape[1] <= _MAX_WHOLE_ROW:
         return _triton_quantize_whole_rows(x, seed)
     q, scale = _empty_outputs(x, axis)
     outputs = (q, scale, None, None) if axis == 1 else (None, None, q, scale)
-    _triton_quantize_tiles(x, *outputs, seed)
+    _triton_quantize_tiles(x, *outputs, seed, row_multipliers)  # multipliers only come with axis 0: columns
     return q, scale
 
 
-def _quantize_int8_rows_and_cols(x: Tensor, seeds: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _quantize_int8_rows_and_cols(x: Tensor, seeds: Tensor | None,
+                                 col_row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if not use_triton(x, triton is not None) or x.numel() == 0:
-        return _quantize_int8_rows_and_cols_in_torch(x, seeds)
+        return _quantize_int8_rows_and_cols_in_torch(x, seeds, col_row_multipliers)
     outputs = (*_empty_outputs(x, 1), *_empty_outputs(x, 0))
-    _triton_quantize_tiles(x, *outputs, seeds)
+    _triton_quantize_tiles(x, *outputs, seeds, col_row_multipliers)
     return outputs
 
 
@@ -186,17 +215,19 @@ if triton is not None:
 else:
     torch.library.custom_op("qt::quantize_int8", _quantize_int8, mutates_args=())
     torch.library.custom_op("qt::quantize_int8_rows_and_cols", _quantize_int8_rows_and_cols, mutates_args=())
-    torch.library.register_fake("qt::quantize_int8")(lambda x, axis, seed: _empty_outputs(x, axis))
+    torch.library.register_fake("qt::quantize_int8")(
+        lambda x, axis, seed, row_multipliers=None: _empty_outputs(x, axis))
     torch.library.register_fake("qt::quantize_int8_rows_and_cols")(
-        lambda x, seeds: (*_empty_outputs(x, 1), *_empty_outputs(x, 0)))
+        lambda x, seeds, col_row_multipliers=None: (*_empty_outputs(x, 1), *_empty_outputs(x, 0)))
 
 
 # The torch path: the same math in torch ops (CPU, QT_KERNEL_BACKEND=torch, and what torch.compile fuses there).
 
 
-def _quantize_int8_rows_and_cols_in_torch(x: Tensor, seeds: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _quantize_int8_rows_and_cols_in_torch(x: Tensor, seeds: Tensor | None,
+                                          col_row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     row_seed, col_seed = (None, None) if seeds is None else (seeds[0:1], seeds[1:2])
-    return (*_torch_quantize_int8(x, 1, row_seed), *_torch_quantize_int8(x, 0, col_seed))
+    return (*_torch_quantize_int8(x, 1, row_seed), *_torch_quantize_int8(x, 0, col_seed, col_row_multipliers))
 
 
 def _as_rows(t: Tensor, axis: int) -> Tensor:
@@ -216,9 +247,12 @@ def _uniform_from_hash(seed: Tensor, n_rows: int, n_cols: int, device) -> Tensor
     return (h >> 8).to(torch.float32) * 2.0**-24
 
 
-def _torch_quantize_int8(x: Tensor, axis: int, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+def _torch_quantize_int8(x: Tensor, axis: int, seed: Tensor | None,
+                         row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`row_multipliers` [R]: quantize x with each row multiplied by its number (in float32) instead of x."""
     q, scale = _empty_outputs(x, axis)
-    x_rows = _as_rows(x, axis).float()
+    x_float = x.float() if row_multipliers is None else x.float() * row_multipliers.float().reshape(-1, 1)
+    x_rows = _as_rows(x_float, axis)
     abs_rows = torch.where(torch.isnan(x_rows), torch.inf, x_rows.abs())
     # An empty slice (no tokens) has no maximum: the floor stands in for it.
     amax = abs_rows.amax(dim=1, keepdim=True) if abs_rows.shape[1] else abs_rows.new_zeros(abs_rows.shape[0], 1)
@@ -273,9 +307,10 @@ def _triton_dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Ten
     return out
 
 
-def _triton_quantize_tiles(x, q_rows, row_scale, q_cols, col_scale, seeds) -> None:
+def _triton_quantize_tiles(x, q_rows, row_scale, q_cols, col_scale, seeds, col_row_multipliers=None) -> None:
     """Writes whichever of the row-wise (``q_rows``, ``row_scale``) and column-wise (``q_cols``,
-    ``col_scale``) outputs are given: one abs-max pass over ``x``, then one quantize pass per output."""
+    ``col_scale``) outputs are given: one abs-max pass over ``x``, then one quantize pass per output. The
+    column-wise output quantizes ``x`` with row i multiplied by ``col_row_multipliers[i]`` where they are given."""
     n_rows, n_cols = x.shape
     rows_out, cols_out = q_rows is not None, q_cols is not None
     # atomic_max needs a starting value: 0 is below every abs-max. (Re-running the pass, as autotuning
@@ -286,8 +321,10 @@ def _triton_quantize_tiles(x, q_rows, row_scale, q_cols, col_scale, seeds) -> No
     def grid(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_R"]), triton.cdiv(n_cols, meta["BLOCK_C"]))
 
+    multiplied = col_row_multipliers is not None
     wrap_triton(_tile_amax_kernel)[grid](
-        x, row_amax, col_amax, n_rows, n_cols, x.stride(0), x.stride(1), ROWS=rows_out, COLS=cols_out,
+        x, row_amax, col_amax, col_row_multipliers, n_rows, n_cols, x.stride(0), x.stride(1),
+        ROWS=rows_out, COLS=cols_out, COLS_MULTIPLIED=multiplied,
     )  # fmt: skip
     # Each output from its own pass: one pass writing both held two tiles' worth of state (and the
     # transpose's shared memory) and ran at a quarter of the occupancy (measured with ncu on an H100).
@@ -295,9 +332,10 @@ def _triton_quantize_tiles(x, q_rows, row_scale, q_cols, col_scale, seeds) -> No
         if q is None:
             continue
         wrap_triton(_tile_quantize_kernel)[grid](
-            x, amax, q, scale, seeds,
+            x, amax, q, scale, seeds, None if is_rows else col_row_multipliers,
             n_rows, n_cols, x.stride(0), x.stride(1),
-            MIN_AMAX=_min_amax(x.dtype), ROWS=is_rows, STOCHASTIC=seeds is not None,
+            MIN_AMAX=_min_amax(x.dtype), ROWS=is_rows, MULTIPLIED=multiplied and not is_rows,
+            STOCHASTIC=seeds is not None,
             SEED_INDEX=int(rows_out and not is_rows), SCALE_IS_BF16=scale.dtype == torch.bfloat16,
         )  # fmt: skip
 
@@ -402,36 +440,45 @@ if triton is not None:
         in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         return row_start, col_start, r, c, rows, cols, in_bounds
 
-    @triton.autotune(configs=_tile_configs(), key=["n_rows", "n_cols", "ROWS", "COLS"])
+    @triton.autotune(configs=_tile_configs(), key=["n_rows", "n_cols", "ROWS", "COLS", "COLS_MULTIPLIED"])
     @triton.jit
     def _tile_amax_kernel(
-        x_ptr, row_amax_ptr, col_amax_ptr,
+        x_ptr, row_amax_ptr, col_amax_ptr, col_row_multipliers_ptr,
         n_rows, n_cols, stride_x_row, stride_x_col,
-        ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        ROWS: tl.constexpr, COLS: tl.constexpr, COLS_MULTIPLIED: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        row_start, col_start, r, c, rows, cols, in_bounds = _tile_coordinates(n_rows, n_cols, BLOCK_R, BLOCK_C)
-        x_tile = x_ptr + row_start.to(tl.int64) * stride_x_row + col_start.to(tl.int64) * stride_x_col
-        x = tl.load(x_tile + r[:, None] * stride_x_row + c[None, :] * stride_x_col, mask=in_bounds, other=0.0)
-        magnitude = _abs_nan_as_inf(x.to(tl.float32))
-        if ROWS:
-            tl.atomic_max(row_amax_ptr + rows, tl.max(magnitude, axis=1), mask=rows < n_rows, sem="relaxed")
-        if COLS:
-            tl.atomic_max(col_amax_ptr + cols, tl.max(magnitude, axis=0), mask=cols < n_cols, sem="relaxed")
-
-    @triton.autotune(configs=_tile_configs(), key=["n_rows", "n_cols", "ROWS", "STOCHASTIC"])
-    @triton.jit
-    def _tile_quantize_kernel(
-        x_ptr, amax_ptr, q_ptr, scale_ptr, seed_ptr,
-        n_rows, n_cols, stride_x_row, stride_x_col,
-        MIN_AMAX: tl.constexpr, ROWS: tl.constexpr, STOCHASTIC: tl.constexpr, SEED_INDEX: tl.constexpr,
-        SCALE_IS_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):  # fmt: skip
-        """One output: row-wise (ROWS) or column-wise, with the abs-maxima of _tile_amax_kernel. The element's
-        index in that output (row-major or column-major) keys its random number, as in the other kernel."""
         row_start, col_start, r, c, rows, cols, in_bounds = _tile_coordinates(n_rows, n_cols, BLOCK_R, BLOCK_C)
         x_tile = x_ptr + row_start.to(tl.int64) * stride_x_row + col_start.to(tl.int64) * stride_x_col
         x = tl.load(x_tile + r[:, None] * stride_x_row + c[None, :] * stride_x_col, mask=in_bounds, other=0.0)
         x = x.to(tl.float32)
+        magnitude = _abs_nan_as_inf(x)
+        if ROWS:
+            tl.atomic_max(row_amax_ptr + rows, tl.max(magnitude, axis=1), mask=rows < n_rows, sem="relaxed")
+        if COLS:
+            if COLS_MULTIPLIED:
+                multipliers = tl.load(col_row_multipliers_ptr + rows, mask=rows < n_rows, other=0.0).to(tl.float32)
+                magnitude = _abs_nan_as_inf(x * multipliers[:, None])
+            tl.atomic_max(col_amax_ptr + cols, tl.max(magnitude, axis=0), mask=cols < n_cols, sem="relaxed")
+
+    @triton.autotune(configs=_tile_configs(), key=["n_rows", "n_cols", "ROWS", "MULTIPLIED", "STOCHASTIC"])
+    @triton.jit
+    def _tile_quantize_kernel(
+        x_ptr, amax_ptr, q_ptr, scale_ptr, seed_ptr, row_multipliers_ptr,
+        n_rows, n_cols, stride_x_row, stride_x_col,
+        MIN_AMAX: tl.constexpr, ROWS: tl.constexpr, MULTIPLIED: tl.constexpr, STOCHASTIC: tl.constexpr,
+        SEED_INDEX: tl.constexpr, SCALE_IS_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        """One output: row-wise (ROWS) or column-wise, with the abs-maxima of _tile_amax_kernel, of x with each
+        row multiplied by its number where MULTIPLIED. The element's index in that output (row-major or
+        column-major) keys its random number, as in the other kernel."""
+        row_start, col_start, r, c, rows, cols, in_bounds = _tile_coordinates(n_rows, n_cols, BLOCK_R, BLOCK_C)
+        x_tile = x_ptr + row_start.to(tl.int64) * stride_x_row + col_start.to(tl.int64) * stride_x_col
+        x = tl.load(x_tile + r[:, None] * stride_x_row + c[None, :] * stride_x_col, mask=in_bounds, other=0.0)
+        x = x.to(tl.float32)
+        if MULTIPLIED:
+            multipliers = tl.load(row_multipliers_ptr + rows, mask=rows < n_rows, other=0.0).to(tl.float32)
+            x = x * multipliers[:, None]
         seed = tl.load(seed_ptr + SEED_INDEX) if STOCHASTIC else 0
         if ROWS:
             scale = _scale_from_amax(tl.load(amax_ptr + rows, mask=rows < n_rows, other=0.0), MIN_AMAX, SCALE_IS_BF16)

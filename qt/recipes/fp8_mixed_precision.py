@@ -40,7 +40,10 @@ class Fp8MixedPrecisionConfig(RecipeConfig):
     scales and E4M3 with row-wise ones, whose per-row scales leave less range to cover.
     `power_of_two_scales`: round every scale up to a power of two. `output`, `grad_input`, `grad_weight`: which
     matmuls run in FP8 (the others in the compute dtype); `grad_weight=False` with row-wise scaling is the
-    variant that keeps grad_weight in high precision for stability."""
+    variant that keeps grad_weight in high precision for stability. `grad_weight_sees_quantized_input` (row-wise
+    scaling): grad_weight from X's FP8 codes as the forward cast them, saved instead of X, with X's per-token
+    scales folded into dY before its column-wise cast (qt.linear.LinearPlan): a transpose of X's codes instead of
+    X's column-wise abs-max and cast. Off by default until measured on a GPU."""
 
     name = "fp8_mixed_precision"
     scaling: str = "tensorwise"
@@ -50,6 +53,7 @@ class Fp8MixedPrecisionConfig(RecipeConfig):
     grad_input: bool = True
     grad_weight: bool = True
     fp8_all_gather: bool = False
+    grad_weight_sees_quantized_input: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -57,6 +61,9 @@ class Fp8MixedPrecisionConfig(RecipeConfig):
             value = getattr(self, option)
             if value not in choices:
                 raise ValueError(f"recipe '{self.name}' option {option}={value!r}: use one of {', '.join(choices)}")
+        if self.grad_weight_sees_quantized_input and not (self.scaling == "rowwise" and self.output and self.grad_weight):
+            raise ValueError(f"recipe '{self.name}' option grad_weight_sees_quantized_input=True needs "
+                             "scaling='rowwise', output=True and grad_weight=True")
 
     def quantize_weight(self, weight: Tensor) -> Tensor:
         return Fp8MixedPrecisionWeight(weight, self)
@@ -72,7 +79,8 @@ class Fp8MixedPrecisionConfig(RecipeConfig):
         output = MatmulPlan("fp8", scaling=self.scaling, power_of_two_scales=self.power_of_two_scales,
                             fast_accumulation=True)
         return LinearPlan(output if self.output else HIGH_PRECISION, backward if self.grad_input else HIGH_PRECISION,
-                          backward if self.grad_weight else HIGH_PRECISION)
+                          backward if self.grad_weight else HIGH_PRECISION,
+                          grad_weight_sees_quantized_input=self.grad_weight_sees_quantized_input)
 
     @property
     def all_gather_plan(self) -> MatmulPlan | None:

@@ -29,7 +29,13 @@ class Int8MixedPrecisionConfig(RecipeConfig):
     matmuls, at the cost of more noise per step). `int8_all_gather`: under FSDP2, all-gather each weight as the
     forward quantizes it (INT8 rows with their scales, 1 + 4/in_features bytes an element against BF16's 2)
     instead of the master. The forward is unchanged (a row's scale is its own); grad_input then re-quantizes the
-    gathered weight column-wise instead of the master (a second rounding). Off by default: on 2 H100s
+    gathered weight column-wise instead of the master (a second rounding). `grad_weight_sees_quantized_input`:
+    save X as the forward quantized it (INT8 rows, one byte an element) instead of X, and compute grad_weight from
+    those codes, X's per-token scales folded into dY before its column-wise quantization (qt.linear.LinearPlan):
+    the backward then transposes X's codes instead of quantizing X by columns (two passes over X in BF16). Another
+    rounding of grad_weight than the default's (X by rows, as the forward saw it); off by default until measured on
+    a GPU and in the convergence run. With `grad_weight=False`, grad_weight is dY.T @ dequantized X (BitNet's
+    straight-through estimator). Off by default: on 2 H100s
     (TinyLlama-1.1B shape, compiled) it scaled to 82% of twice the one-GPU speed, where gathering the master has
     scaled to 90-92%; that was with its quantization in FSDP2's hooks twice a step, since moved to once a step
     after the optimizer step (`qt.prepare_all_gathers`), 87.4% against BF16's 91.5% (docs/scaling.md)."""
@@ -40,12 +46,14 @@ class Int8MixedPrecisionConfig(RecipeConfig):
     grad_weight: bool = True
     stochastic_rounding: bool = False
     int8_all_gather: bool = False
+    grad_weight_sees_quantized_input: bool = False
 
     def __post_init__(self):
         super().__post_init__()
-        if self.int8_all_gather and not self.output:
-            raise ValueError(f"recipe '{self.name}' option int8_all_gather=True gathers the forward's INT8 weight: "
-                             "it needs output=True")
+        for option in ("int8_all_gather", "grad_weight_sees_quantized_input"):
+            if getattr(self, option) and not self.output:
+                raise ValueError(f"recipe '{self.name}' option {option}=True uses what the forward quantizes: it "
+                                 "needs output=True")
 
     def quantize_weight(self, weight: Tensor) -> Tensor:
         return Int8MixedPrecisionWeight(weight, self)
@@ -53,7 +61,8 @@ class Int8MixedPrecisionConfig(RecipeConfig):
     @property
     def plan(self) -> LinearPlan:
         int8 = MatmulPlan("int8", self.stochastic_rounding)
-        return LinearPlan(*(int8 if on else HIGH_PRECISION for on in (self.output, self.grad_input, self.grad_weight)))
+        return LinearPlan(*(int8 if on else HIGH_PRECISION for on in (self.output, self.grad_input, self.grad_weight)),
+                          grad_weight_sees_quantized_input=self.grad_weight_sees_quantized_input)
 
     @property
     def all_gather_plan(self) -> MatmulPlan | None:

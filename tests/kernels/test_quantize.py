@@ -23,14 +23,15 @@ PATHS = {f"{name}-{backend}": through(backend, fn) for backend in ("triton", "to
 quantize_paths = pytest.mark.parametrize("quantize", PATHS.values(), ids=PATHS.keys())
 
 
-def reference_quantize(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The documented math, one slice at a time, in numpy float32 (IEEE division, np.rint ties to even)."""
+def reference_quantize(x: torch.Tensor, axis: int, scales_as: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The documented math, one slice at a time, in numpy float32 (IEEE division, np.rint ties to even), with the
+    scales in the dtype of `scales_as`'s scales (default: x's)."""
     slices = (x if axis == 1 else x.t()).float().numpy()
     q = np.empty(slices.shape, dtype=np.int8)
     scales = []
     for i, values in enumerate(slices):
         amax = max(np.abs(values).max(), np.float32(1e-12))
-        scale = torch.tensor(amax / np.float32(127)).to(scale_dtype(x.dtype))  # rounds to bf16 to nearest even
+        scale = torch.tensor(amax / np.float32(127)).to(scale_dtype(scales_as or x.dtype))  # bf16: to nearest even
         q[i] = np.clip(np.rint(values / np.float32(scale.float().item())), -127, 127)
         scales.append(scale)
     q, scale = torch.from_numpy(q), torch.stack(scales)
@@ -184,9 +185,12 @@ def test_empty_inputs(quantize, axis, shape):
 def test_opcheck(axis, stochastic):
     x = torch.randn(17, 33, dtype=torch.bfloat16)
     seed = torch.tensor([1234]) if stochastic else None
-    torch.library.opcheck(torch.ops.qt.quantize_int8.default, (x, axis, seed))
+    torch.library.opcheck(torch.ops.qt.quantize_int8.default, (x, axis, seed, None))
+    if axis == 0:
+        torch.library.opcheck(torch.ops.qt.quantize_int8.default, (x, axis, seed, torch.rand(17)))
     seeds = torch.tensor([1234, 99]) if stochastic else None
-    torch.library.opcheck(torch.ops.qt.quantize_int8_rows_and_cols.default, (x, seeds))
+    for multipliers in (None, torch.rand(17, dtype=torch.bfloat16)):
+        torch.library.opcheck(torch.ops.qt.quantize_int8_rows_and_cols.default, (x, seeds, multipliers))
 
 
 @pytest.mark.parametrize(
@@ -214,3 +218,50 @@ def test_dequantize_rows_kernel_is_the_float32_product_rounded_once(dtype, shape
     expected = (q.double() * scale.double()).float().to(dtype)  # exact product, rounded to fp32, then to dtype
     for backend in ("triton", "torch"):
         assert torch.equal(through(backend, dequantize_rows)(q, scale, dtype), expected), backend
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 70), (70, 37), (1, 9)])
+def test_columns_of_rows_multiplied(backend, dtype, shape):
+    """col_row_multipliers: the column-wise result is that of x with each row multiplied by its number (the product
+    exact in float32), the row-wise one that of x, and quantize_int8's by columns with row_multipliers the same; the
+    multipliers span decades and include a zero row."""
+    x = make_input(shape[1], shape[0], 0, dtype, "contiguous")
+    multipliers = torch.logspace(-4, 2, shape[0]).to(dtype)
+    multipliers[shape[0] // 2] = 0
+    q_rows, row_scale, q_cols, col_scale = through(backend, quantize_int8_rows_and_cols)(
+        x, col_row_multipliers=multipliers[:, None])
+    one_axis = through(backend, quantize_int8)(x, 0, row_multipliers=multipliers)
+    expected_cols = reference_quantize(x.float() * multipliers.float()[:, None], 0, scales_as=dtype)
+    for (q, scale), expected in (((q_rows, row_scale), reference_quantize(x, 1)), ((q_cols, col_scale), expected_cols),
+                                 (one_axis, expected_cols)):
+        assert q.stride() == expected[0].stride() and scale.dtype == expected[1].dtype
+        assert torch.equal(scale, expected[1]) and torch.equal(q, expected[0])
+
+
+def test_columns_of_rows_multiplied_round_stochastically_around_the_product():
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    multipliers = torch.rand(64) + 0.5
+    draws = [through("triton", quantize_int8_rows_and_cols)(x, True, multipliers)[2:] for _ in range(300)]
+    mean = torch.stack([q.float() * scale for q, scale in draws]).mean(0)
+    assert rel_err(mean, x * multipliers[:, None]) < 0.01
+
+
+@pytest.mark.parametrize(("multipliers", "message"), [
+    (torch.ones(5, 1), r"must be floating \[4, 1\] or \[4\]"),
+    (torch.ones(1, 4), r"must be floating \[4, 1\] or \[4\]"),
+    (torch.ones(4, dtype=torch.int32), r"must be floating"),
+    (torch.ones(4, device="meta"), "is on meta, x on cpu"),
+], ids=["too_many", "a_row", "integers", "another_device"])
+def test_bad_row_multipliers_raise(multipliers, message):
+    with pytest.raises(ValueError, match=message):
+        quantize_int8_rows_and_cols(torch.ones(4, 6), col_row_multipliers=multipliers)
+    with pytest.raises(ValueError, match=message):
+        quantize_int8(torch.ones(4, 6), 0, row_multipliers=multipliers)
+
+
+def test_row_multipliers_go_with_column_scales():
+    with pytest.raises(ValueError, match="row_multipliers go with axis=0"):
+        quantize_int8(torch.ones(4, 6), 1, row_multipliers=torch.ones(4))
