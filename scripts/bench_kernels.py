@@ -53,7 +53,7 @@ def time_ms(fn) -> float:
 def picked_config(a: torch.Tensor, b: torch.Tensor) -> str:
     """The autotuned config of the kernel scaled_int8_mm ran for a @ b (call it first)."""
     out = torch.empty(a.shape[0], b.shape[1], dtype=torch.bfloat16, device=a.device)
-    tma = int8_mm._use_tma_kernel(a, b, out)
+    tma = int8_mm._use_tma_kernel(a, b, out, int8_mm._kernel_choice())
     config = (int8_mm._persistent_tma_scaled_int8_mm_kernel if tma else int8_mm._scaled_int8_mm_kernel).best_config
     kw = config.kwargs
     return (("tma " if tma else "") + f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{config.num_warps} "
