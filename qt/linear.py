@@ -100,7 +100,9 @@ class LinearPlan:
       token, along the dimension grad_weight reduces, so the scales are folded into dY instead: dY.T @ X ~
       (s * dY).T @ X_q, with s * dY quantized by columns as dY would be (in the same pass for INT8). This spares
       the backward X's column-wise quantization (an abs-max pass and a quantize pass over X) for a transpose of
-      its codes."""
+      its codes;
+    - with FP8 tensor-wise scales alike in both: X's codes and their one scale, the same numbers as casting X again
+      with the abs-max the forward took (a transpose of the codes instead of a cast of X)."""
 
     output: MatmulPlan = HIGH_PRECISION
     grad_input: MatmulPlan = HIGH_PRECISION
@@ -111,10 +113,11 @@ class LinearPlan:
         if self.grad_weight_sees_quantized_input and not (
                 (self.output.int8 and not self.grad_weight.quantized)
                 or (self.output.quantized and self.grad_weight.format == self.output.format
-                    and self.output.scaling == self.grad_weight.scaling == "rowwise")):
+                    and self.output.scaling == self.grad_weight.scaling == "rowwise")
+                or _tensorwise_fp8_alike(self.output, self.grad_weight, "activation")):
             raise ValueError("LinearPlan: grad_weight_sees_quantized_input needs a quantized output and either a "
                              "high-precision grad_weight (INT8 output) or a grad_weight of the output's format, both "
-                             "scaled row-wise")
+                             "scaled row-wise or both FP8 tensor-wise alike")
         if self.output.grad_dtype != E4M3:
             raise ValueError("LinearPlan: the output matmul has no gradient operand; give grad_dtype to the "
                              "grad_input and grad_weight plans")
@@ -229,23 +232,25 @@ class _QuantizedLinear(torch.autograd.Function):
         dy = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
-        # X's codes in place of X: their per-token scales go into dY's column-wise quantization (see LinearPlan).
+        # X's codes in place of X; row-wise, their per-token scales go into dY's column-wise quantization (LinearPlan).
         codes_of_x = plan.grad_weight_sees_quantized_input and plan.grad_weight.quantized
+        fold_x_scales = codes_of_x and plan.grad_weight.scaling == "rowwise"
         with torch.autocast(dy.device.type, enabled=False):
             dy_rows, dy_cols = _quantize_operand_pair(
                 dy, plan.grad_input if need_x and plan.grad_input.quantized else None,
                 plan.grad_weight if need_w and plan.grad_weight.quantized else None,
-                x_saved[1] if codes_of_x else None)
+                x_saved[1] if fold_x_scales else None)
             if need_x:
                 dy_for_input = dy_rows if plan.grad_input.quantized else dy
                 grad_x = ctx.weight_type._grad_input(w_saved, dy_for_input, dtype, plan)
                 grad_x = grad_x.view(*grad_output.shape[:-1], ctx.in_features)
             if need_w:
                 if codes_of_x:
-                    x_q = x_saved[0]
-                    # The scales went into dY; the codes' own are ones, along the dimension grad_weight keeps.
-                    x_codes = QuantizedOperand(x_q.t().contiguous().t(), x_saved[1].new_ones(1, x_q.shape[1]))
-                    grad_w = planned_matmul(dy_cols.T, x_codes, dtype, plan.grad_weight)
+                    x_q, x_scale = x_saved
+                    # Row-wise, the scales went into dY; the codes' own are ones, along the dimension grad_weight keeps.
+                    scale = x_scale.new_ones(1, x_q.shape[1]) if fold_x_scales else x_scale
+                    grad_w = planned_matmul(dy_cols.T, QuantizedOperand(x_q.t().contiguous().t(), scale), dtype,
+                                            plan.grad_weight)
                 elif plan.grad_weight.quantized:
                     x_amax = x_saved[1] if len(x_saved) > 1 else None
                     x_cols = quantize_operand(x_saved[0], 0, plan.grad_weight, "activation", x_amax)

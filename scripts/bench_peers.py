@@ -54,7 +54,8 @@ ACTIVE_TOKENS = 1024  # the synthetic stream's tokens: learnable within a few do
 # (fewer quantize passes; to be measured against the defaults).
 QT_VARIANTS = {"int8_weight_only": {"int8_activations": {"int8_activations": True}},
                "int8_mixed_precision": {"codes": {"grad_weight_sees_quantized_input": True}},
-               "fp8_mixed_precision": {"rowwise": {"scaling": "rowwise"},
+               "fp8_mixed_precision": {"codes": {"grad_weight_sees_quantized_input": True},
+                                       "rowwise": {"scaling": "rowwise"},
                                        "rowwise codes": {"scaling": "rowwise", "grad_weight_sees_quantized_input": True}}}
 
 

@@ -129,7 +129,10 @@ def test_fp8_tensorwise_takes_each_abs_max_once(scaling, passes, monkeypatch):
                         grad_weight_sees_quantized_input=True), r"high-precision grad_weight \(INT8 output\)"),
     (lambda: LinearPlan(MatmulPlan("int8"), HIGH_PRECISION, MatmulPlan("fp8", scaling="rowwise"),
                         grad_weight_sees_quantized_input=True), "a grad_weight of the output's format"),
-    (lambda: LinearPlan(MatmulPlan("fp8", scaling="tensorwise"), HIGH_PRECISION, MatmulPlan("fp8", scaling="tensorwise"),
+    (lambda: LinearPlan(MatmulPlan("fp8", scaling="tensorwise"), HIGH_PRECISION,
+                        MatmulPlan("fp8", scaling="tensorwise", power_of_two_scales=True),
+                        grad_weight_sees_quantized_input=True), "both FP8 tensor-wise alike"),
+    (lambda: LinearPlan(MatmulPlan("fp8", scaling="tensorwise"), HIGH_PRECISION, MatmulPlan("fp8", scaling="rowwise"),
                         grad_weight_sees_quantized_input=True), "both scaled row-wise"),
 ])
 def test_plans_that_cannot_run_are_refused(make, message):
@@ -214,8 +217,8 @@ def test_grad_weight_from_the_forwards_codes_against_the_exact_gradient(recipe, 
 def test_grad_weight_from_the_forwards_codes_needs_what_it_reads():
     with pytest.raises(ValueError, match="option grad_weight_sees_quantized_input=True uses what the forward"):
         qt.resolve_recipe("int8_mixed_precision", output=False, grad_weight_sees_quantized_input=True)
-    with pytest.raises(ValueError, match="needs scaling='rowwise', output=True and grad_weight=True"):
-        qt.resolve_recipe("fp8_mixed_precision", grad_weight_sees_quantized_input=True)
+    with pytest.raises(ValueError, match="needs output=True and grad_weight=True"):
+        qt.resolve_recipe("fp8_mixed_precision", grad_weight=False, grad_weight_sees_quantized_input=True)
 
 
 def test_grad_weight_from_the_forwards_codes_is_unbiased_with_stochastic_rounding():
@@ -233,3 +236,15 @@ def test_grad_weight_from_the_forwards_codes_is_unbiased_with_stochastic_roundin
     exact = dy.double().T @ x.double()
     one, mean = sqnr_db(draws[0].double(), exact), sqnr_db(torch.stack(draws).mean(0).double(), exact)
     assert mean > one + 20, (one, mean)  # 400 draws: the noise falls by 26 dB, a bias would not
+
+
+def test_fp8_tensorwise_grad_weight_from_the_forwards_codes_gives_the_default_numbers():
+    """Tensor-wise, the forward's codes of X are what casting X again with its saved abs-max gives: the same three
+    results bit for bit, with a transpose of the codes in place of a second cast of X."""
+    linear, x, dy = make_case((33,), bias=False, in_features=48, out_features=40)
+    default = __import__("copy").deepcopy(linear)
+    qt.quantize_(default, "fp8_mixed_precision", filter_fn=lambda m, n: True)
+    qt.quantize_(linear, "fp8_mixed_precision", grad_weight_sees_quantized_input=True, filter_fn=lambda m, n: True)
+    for name, a, b in zip(("output", "grad_input", "grad_weight"), run_linear(linear, x, dy)[:3],
+                          run_linear(default, x, dy)[:3]):
+        assert torch.equal(a, b), name

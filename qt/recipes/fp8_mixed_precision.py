@@ -40,10 +40,11 @@ class Fp8MixedPrecisionConfig(RecipeConfig):
     scales and E4M3 with row-wise ones, whose per-row scales leave less range to cover.
     `power_of_two_scales`: round every scale up to a power of two. `output`, `grad_input`, `grad_weight`: which
     matmuls run in FP8 (the others in the compute dtype); `grad_weight=False` with row-wise scaling is the
-    variant that keeps grad_weight in high precision for stability. `grad_weight_sees_quantized_input` (row-wise
-    scaling): grad_weight from X's FP8 codes as the forward cast them, saved instead of X, with X's per-token
-    scales folded into dY before its column-wise cast (qt.linear.LinearPlan): a transpose of X's codes instead of
-    X's column-wise abs-max and cast. Off by default until measured on a GPU."""
+    variant that keeps grad_weight in high precision for stability. `grad_weight_sees_quantized_input`: grad_weight
+    from X's FP8 codes as the forward cast them, saved instead of X (qt.linear.LinearPlan): row-wise, X's per-token
+    scales fold into dY before its column-wise cast, and a transpose of X's codes replaces X's column-wise abs-max
+    and cast (another rounding); tensor-wise, the same numbers as the default, a transpose of the codes replacing a
+    second cast of X. Off by default until measured on a GPU."""
 
     name = "fp8_mixed_precision"
     scaling: str = "tensorwise"
@@ -61,9 +62,9 @@ class Fp8MixedPrecisionConfig(RecipeConfig):
             value = getattr(self, option)
             if value not in choices:
                 raise ValueError(f"recipe '{self.name}' option {option}={value!r}: use one of {', '.join(choices)}")
-        if self.grad_weight_sees_quantized_input and not (self.scaling == "rowwise" and self.output and self.grad_weight):
-            raise ValueError(f"recipe '{self.name}' option grad_weight_sees_quantized_input=True needs "
-                             "scaling='rowwise', output=True and grad_weight=True")
+        if self.grad_weight_sees_quantized_input and not (self.output and self.grad_weight):
+            raise ValueError(f"recipe '{self.name}' option grad_weight_sees_quantized_input=True reads the forward's "
+                             "FP8 codes in grad_weight: it needs output=True and grad_weight=True")
 
     def quantize_weight(self, weight: Tensor) -> Tensor:
         return Fp8MixedPrecisionWeight(weight, self)
