@@ -65,12 +65,15 @@ def summarize(events: list[dict], steps: int) -> dict:
         raise SystemExit("error: the trace holds no GPU kernels (was it recorded on a GPU with CUDA activity?)")
     per_group = defaultdict(float)
     top = defaultdict(lambda: [0.0, 0])
+    intervals, compute = [], []  # every kernel's [start, end), and those of all but communication
     for kernel in kernels:
-        per_group[group_of(kernel["name"])] += kernel["dur"]
+        group, interval = group_of(kernel["name"]), (kernel["ts"], kernel["ts"] + kernel["dur"])
+        per_group[group] += kernel["dur"]
         top[kernel["name"]][0] += kernel["dur"]
         top[kernel["name"]][1] += 1
-    intervals = [(k["ts"], k["ts"] + k["dur"]) for k in kernels]
-    compute = [(k["ts"], k["ts"] + k["dur"]) for k in kernels if group_of(k["name"]) != COMMUNICATION]
+        intervals.append(interval)
+        if group != COMMUNICATION:
+            compute.append(interval)
     wall = max(end for _, end in intervals) - min(start for start, _ in intervals)
     return {
         "steps": steps,

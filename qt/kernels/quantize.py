@@ -224,8 +224,9 @@ else:
 # The torch path: the same math in torch ops (CPU, QT_KERNEL_BACKEND=torch, and what torch.compile fuses there).
 
 
-def _quantize_int8_rows_and_cols_in_torch(x: Tensor, seeds: Tensor | None,
-                                          col_row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _quantize_int8_rows_and_cols_in_torch(
+    x: Tensor, seeds: Tensor | None, col_row_multipliers: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     row_seed, col_seed = (None, None) if seeds is None else (seeds[0:1], seeds[1:2])
     return (*_torch_quantize_int8(x, 1, row_seed), *_torch_quantize_int8(x, 0, col_seed, col_row_multipliers))
 

@@ -371,8 +371,8 @@ def _retuned(cfg, trained_with: dict | None) -> str:
     return f"; with changed settings: {', '.join(changes)} (the run goes on differently from here)" if changes else ""
 
 
-# The profiled steps: after a step to skip and two to warm the profiler up, three recorded (scripts/trace_summary.py
-# divides by PROFILED_STEPS["active"]).
+# The profiled steps: after a step to skip and two to warm the profiler up, three recorded (what
+# scripts/trace_summary.py's --steps assumes by default).
 PROFILED_STEPS = {"wait": 1, "warmup": 2, "active": 3}
 
 
@@ -411,7 +411,8 @@ def _profiler(run_dir: Path, dist_info: Dist, device: torch.device) -> StepProfi
                   for key in (["self_cuda_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]]
         trace.with_name(f"top_ops_rank{dist_info.rank}.txt").write_text("\n\n".join(tables))
 
-    profiler = torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(**PROFILED_STEPS, repeat=1),
+    profiler = torch.profiler.profile(activities=activities,
+                                      schedule=torch.profiler.schedule(**PROFILED_STEPS, repeat=1),
                                       on_trace_ready=write)
     profiler.start()
     return StepProfiler(profiler, device)
