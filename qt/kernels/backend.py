@@ -46,3 +46,25 @@ def eager_launch():
     from torch._library.triton import set_wrap_triton_enabled
 
     return set_wrap_triton_enabled(False)
+
+
+def realize_inputs_read_by_several_kernels() -> None:
+    """Makes Inductor compute a tensor once when several Triton kernels of qt's ops read it, as it does for the
+    inputs of its own matmuls.
+
+    Inductor hands each launch of a user-defined Triton kernel its input with the exact strides it was traced
+    with. A tensor not yet in memory (say the SwiGLU product, which the row-wise and column-wise quantize passes
+    of the down projection both read) is then written into a fresh buffer for each launch: one kernel computing
+    it and storing it once per reader. Seen on an H100 with torch 2.11: the SwiGLU forward wrote its product three
+    times and its backward each gradient three times (twice BF16's time). Registering the launches as ops that need
+    their inputs realized makes Inductor write such a tensor once, in a buffer every reader shares, where it is
+    computed from two or more tensors (Inductor's rule; every such input of qt's linears is: a norm's output, the
+    SwiGLU product and its gradients). It applies to every user-defined Triton kernel of the process, and only
+    changes where a tensor is stored, not its values."""
+    try:
+        from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_mutation
+        from torch._inductor.lowering import needs_realized_inputs
+    except ImportError:  # a torch without Inductor or without this hook: the kernels still run, with the copies
+        return
+    # Into the set itself: torch 2.11's add_needs_realized_inputs takes only OpOverloads and drops other ops.
+    needs_realized_inputs.add(triton_kernel_wrapper_mutation)

@@ -26,7 +26,7 @@ import os
 import torch
 from torch import Tensor
 
-from qt.kernels.backend import eager_launch, traced, use_triton
+from qt.kernels.backend import eager_launch, realize_inputs_read_by_several_kernels, traced, use_triton
 
 try:
     import triton
@@ -177,7 +177,10 @@ def _empty_outputs(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
         q = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
         scale = torch.empty((rows, 1), dtype=dtype, device=x.device)
     else:
-        q = torch.empty_strided((rows, cols), (1, rows), dtype=torch.int8, device=x.device)
+        # aten.empty, transposed, rather than aten.empty_strided: torch.compile merges identical empty_strided calls
+        # (of the linears' column-wise passes of one shape) into one allocation, and Inductor then copies that
+        # uninitialized buffer for each kernel writing into it (seen on an H100: ~60 us a [16384, 5632] pass).
+        q = torch.empty((cols, rows), dtype=torch.int8, device=x.device).t()
         scale = torch.empty((1, cols), dtype=dtype, device=x.device)
     return q, scale
 
@@ -212,6 +215,7 @@ def _quantize_int8_rows_and_cols(x: Tensor, seeds: Tensor | None,
 if triton is not None:
     torch.library.triton_op("qt::quantize_int8", _quantize_int8, mutates_args=())
     torch.library.triton_op("qt::quantize_int8_rows_and_cols", _quantize_int8_rows_and_cols, mutates_args=())
+    realize_inputs_read_by_several_kernels()
 else:
     torch.library.custom_op("qt::quantize_int8", _quantize_int8, mutates_args=())
     torch.library.custom_op("qt::quantize_int8_rows_and_cols", _quantize_int8_rows_and_cols, mutates_args=())

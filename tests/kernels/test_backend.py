@@ -1,9 +1,12 @@
 """QT_KERNEL_BACKEND, and the recipes run end to end through the Triton kernels (interpreted)."""
 
+import re
+
 import pytest
 import torch
 
 import qt
+from tests.kernels import inductor_for_a_gpu
 from tests.recipes.linear_harness import make_case, run_linear
 
 
@@ -93,3 +96,35 @@ def test_unknown_compiled_quantize_choice_is_refused(monkeypatch):
     monkeypatch.setenv("QT_COMPILED_QUANTIZE", "triton")
     with pytest.raises(ValueError, match="use kernel or inductor"):
         qt.kernels.quantize_int8(torch.randn(4, 4), 1)
+
+
+# A tensor computed from two inputs and read by the four Triton launches of two qt ops.
+_STORES_SCRIPT = """
+import sys
+from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_mutation
+from torch._inductor.lowering import needs_realized_inputs
+
+if sys.argv[1] == "without":
+    needs_realized_inputs.discard(triton_kernel_wrapper_mutation)
+
+def both_axes_and_rows(a, b):
+    product = a * b
+    return qt.kernels.quantize.quantize_int8_rows_and_cols(product), qt.kernels.quantize.quantize_int8(product, 1)
+
+try:
+    torch.compile(both_axes_and_rows)(torch.randn(64, 32, dtype=torch.bfloat16), torch.randn(64, 32, dtype=torch.bfloat16))
+except Exception:  # the launch, with no GPU
+    pass
+"""
+
+
+@pytest.mark.parametrize("registration", ["with", "without"])
+def test_a_tensor_read_by_several_kernels_is_stored_once(registration, tmp_path):
+    log = inductor_for_a_gpu.run(_STORES_SCRIPT, tmp_path, registration, log_code=True).stderr
+    kernels = re.findall(r"def (triton_poi\w*)\((.*?)'''", log, re.S)
+    product_stores = [body.count("tl.store") for name, body in kernels if body.count("tl.load") == 2]
+    assert product_stores, f"no generated kernel computes the product; the log ends:\n{log[-3000:]}"
+    if registration == "with":
+        assert product_stores == [1]
+    else:  # the problem the registration solves; should torch solve it itself, the registration can go
+        assert product_stores == [4], "torch now stores such a tensor once by itself: see qt/kernels/backend.py"

@@ -265,3 +265,42 @@ def test_bad_row_multipliers_raise(multipliers, message):
 def test_row_multipliers_go_with_column_scales():
     with pytest.raises(ValueError, match="row_multipliers go with axis=0"):
         quantize_int8(torch.ones(4, 6), 1, row_multipliers=torch.ones(4))
+
+
+# Two INT8 linears sharing their input, compiled for training: the joint graph after the common-subexpression
+# elimination that torch.compile's partitioner applies, and the allocations each kernel launch writes into.
+_ALLOCATIONS_SCRIPT = """
+import qt
+from functorch.compile import aot_function
+from torch._functorch.compile_utils import fx_graph_cse
+
+gate, up = (torch.nn.Linear(128, 256, bias=False).bfloat16() for _ in range(2))
+for linear in (gate, up):
+    qt.quantize_(linear, "int8_mixed_precision", filter_fn=lambda module, name: True)
+joint = []
+
+def keep_joint(graph_module, inputs, **kwargs):
+    joint.append(fx_graph_cse(graph_module.graph))
+    raise SystemExit
+
+def swiglu_like(x, w_gate, w_up):
+    return torch.nn.functional.linear(x, w_gate) * torch.nn.functional.linear(x, w_up)
+
+x = torch.randn(256, 128, dtype=torch.bfloat16, requires_grad=True)
+try:
+    aot_function(swiglu_like, fw_compiler=None, partition_fn=keep_joint)(x, gate.weight, up.weight)
+except SystemExit:
+    pass
+for node in joint[0].nodes:
+    if "triton_kernel_wrapper" in str(node.target) and "q_ptr" in node.kwargs["kwargs"]:
+        print("writes", node.kwargs["kwargs"]["q_ptr"].name)
+"""
+
+
+def test_each_kernel_writes_its_own_allocation_after_compile_merges_common_subexpressions(tmp_path):
+    from tests.kernels import inductor_for_a_gpu
+
+    result = inductor_for_a_gpu.run(_ALLOCATIONS_SCRIPT, tmp_path)
+    written = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("writes ")]
+    assert len(written) == 12, result.stdout + result.stderr[-3000:]  # 6 quantize passes writing codes, per linear 3
+    assert len(set(written)) == len(written), f"kernels share an allocation, which Inductor copies for each: {written}"
