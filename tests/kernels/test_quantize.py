@@ -8,6 +8,7 @@ import torch
 
 from qt.kernels import quantize_int8, quantize_int8_rows_and_cols
 from qt.kernels.quantize import dequantize_rows, scale_dtype
+from tests.kernels import inductor_for_a_gpu
 from tests.kernels.backends import through
 from tests.reference import rel_err
 
@@ -298,9 +299,8 @@ for node in joint[0].nodes:
 
 
 def test_each_kernel_writes_its_own_allocation_after_compile_merges_common_subexpressions(tmp_path):
-    from tests.kernels import inductor_for_a_gpu
-
     result = inductor_for_a_gpu.run(_ALLOCATIONS_SCRIPT, tmp_path)
     written = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("writes ")]
-    assert len(written) == 12, result.stdout + result.stderr[-3000:]  # 6 quantize passes writing codes, per linear 3
+    # Each linear's six passes that write codes: X and W by rows, dY both ways, W and X by columns.
+    assert len(written) == 12, result.stdout + result.stderr[-3000:]
     assert len(set(written)) == len(written), f"kernels share an allocation, which Inductor copies for each: {written}"
