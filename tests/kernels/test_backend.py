@@ -118,6 +118,7 @@ except Exception:  # the launch, with no GPU
 """
 
 
+@pytest.mark.slow  # a process of its own, compiling
 @pytest.mark.parametrize("registration", ["with", "without"])
 def test_a_tensor_read_by_several_kernels_is_stored_once(registration, tmp_path):
     log = inductor_for_a_gpu.run(_STORES_SCRIPT, tmp_path, registration, log_code=True).stderr

@@ -298,6 +298,7 @@ for node in joint[0].nodes:
 """
 
 
+@pytest.mark.slow  # a process of its own, tracing for compile
 def test_each_kernel_writes_its_own_allocation_after_compile_merges_common_subexpressions(tmp_path):
     result = inductor_for_a_gpu.run(_ALLOCATIONS_SCRIPT, tmp_path)
     written = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("writes ")]
