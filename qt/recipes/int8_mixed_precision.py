@@ -26,19 +26,23 @@ from qt.recipes.master_weight import MasterWeight
 class Int8MixedPrecisionConfig(RecipeConfig):
     """`output`, `grad_input`, `grad_weight`: which matmuls run in INT8 (the others run in the
     compute dtype). `stochastic_rounding`: round every quantized operand stochastically (unbiased
-    matmuls, at the cost of more noise per step). `int8_all_gather`: under FSDP2, all-gather each weight as the
-    forward quantizes it (INT8 rows with their scales, 1 + 4/in_features bytes an element against BF16's 2)
-    instead of the master. The forward is unchanged (a row's scale is its own); grad_input then re-quantizes the
-    gathered weight column-wise instead of the master (a second rounding). `grad_weight_sees_quantized_input`:
-    save X as the forward quantized it (INT8 rows, one byte an element) instead of X, and compute grad_weight from
-    those codes, X's per-token scales folded into dY before its column-wise quantization (qt.linear.LinearPlan):
-    the backward then transposes X's codes instead of quantizing X by columns (two passes over X in BF16). Another
-    rounding of grad_weight than the default's (X by rows, as the forward saw it); off by default until measured on
-    a GPU and in the convergence run. With `grad_weight=False`, grad_weight is dY.T @ dequantized X (BitNet's
-    straight-through estimator). Off by default: on 2 H100s
-    (TinyLlama-1.1B shape, compiled) it scaled to 82% of twice the one-GPU speed, where gathering the master has
-    scaled to 90-92%; that was with its quantization in FSDP2's hooks twice a step, since moved to once a step
-    after the optimizer step (`qt.prepare_all_gathers`), 87.4% against BF16's 91.5% (docs/scaling.md)."""
+    matmuls, at the cost of more noise per step).
+
+    `int8_all_gather`: under FSDP2, all-gather each weight as the forward quantizes it (INT8 rows with their
+    scales, 1 + 4/in_features bytes an element against BF16's 2) instead of the master. The forward is unchanged
+    (a row's scale is its own); grad_input then re-quantizes the gathered weight column-wise instead of the master
+    (a second rounding). Off by default: on 2 H100s (TinyLlama-1.1B shape, compiled) it scaled to 82% of twice the
+    one-GPU speed, where gathering the master has scaled to 90-92%; that was with its quantization in FSDP2's hooks
+    twice a step, since moved to once a step after the optimizer step (`qt.prepare_all_gathers`), 87.4% against
+    BF16's 91.5% (docs/scaling.md).
+
+    `grad_weight_sees_quantized_input`: save X as the forward quantized it (INT8 rows, one byte an element) instead
+    of X. With grad_weight in INT8, grad_weight comes from those codes, X's per-token scales folded into dY before
+    its column-wise quantization (qt.linear.LinearPlan): the backward transposes X's codes instead of quantizing X
+    by columns (two passes over X in BF16), another rounding of grad_weight than the default's. Off by default:
+    slower on an H100 (0.93x BF16 against the default's 1.01x, docs/benchmarks.md round 8: Inductor's transposes of
+    the codes cost more than the quantize passes saved), and not run through the convergence sweep. With
+    `grad_weight=False`, grad_weight is dY.T @ dequantized X (BitNet's straight-through estimator)."""
 
     name = "int8_mixed_precision"
     output: bool = True
