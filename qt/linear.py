@@ -15,12 +15,12 @@ a latent ternary weight) and hands out the operands a plan asks for (`quantize_o
 for any plan). So a recipe is a plan plus a weight class.
 
 The output gradient dY, which both backward matmuls need quantized (along different axes), is quantized both
-ways by one INT8 op that shares the abs-max pass (FP8 casts are torch ops, which torch.compile fuses itself;
+ways by one INT8 op that shares its reads of dY (FP8 casts are torch ops, which torch.compile fuses itself;
 with one scale for the whole tensor, dY is cast once and its codes transposed for the other layout).
 X and W are saved as they are, not as quantized copies: the linears that share an input (q/k/v, gate/up) then
-share its saved copy, and the peak memory stays below BF16's; each is quantized where its matmul runs (FP8
-tensor-wise saves the abs-max of X and of W from the forward with them, so the backward's casts need no second
-pass over either). The exception is `LinearPlan.grad_weight_sees_quantized_input`, which saves X's codes from the
+share its saved copy, and the peak memory stays below BF16's; each is quantized where its matmul runs. The
+forward's row-wise pass over each keeps what the backward's column-wise one needs of it, saved beside it (INT8:
+each column's abs-max; FP8 tensor-wise: the tensor's), so the backward reads X and W once each. The exception is `LinearPlan.grad_weight_sees_quantized_input`, which saves X's codes from the
 forward in its place.
 """
 
@@ -32,7 +32,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from qt.kernels import quantize_fp8, quantize_int8, quantize_int8_rows_and_cols, scaled_fp8_mm, scaled_int8_mm
+from qt.kernels import (quantize_fp8, quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax,
+                        scaled_fp8_mm, scaled_int8_mm)
 from qt.kernels.fp8 import E4M3, FP8_DTYPES, SCALINGS, abs_max
 
 FORMATS = (None, "int8", "fp8")
@@ -142,11 +143,12 @@ Int8Operand = QuantizedOperand  # the name the INT8 recipes use
 def quantize_operand(t: Tensor, axis: int, matmul: MatmulPlan, kind: str, amax: Tensor | None = None,
                      row_multipliers: Tensor | None = None) -> QuantizedOperand:
     """`t` [R, C] quantized for the (quantized) `matmul`, reducing `axis` (1: a left operand, 0: a right one).
-    `kind` is the operand's role, "activation", "weight" or "gradient": it picks the FP8 dtype. `amax`: the abs-max
-    of all of `t`, already computed (FP8 tensor-wise scaling only). `row_multipliers` [R, 1] (axis 0): quantize `t`
-    with each row multiplied by its number, in float32."""
+    `kind` is the operand's role, "activation", "weight" or "gradient": it picks the FP8 dtype. `amax`: what
+    `quantize_rows_keeping_amax` kept of `t` for this matmul (the abs-max of all of `t` for FP8 tensor-wise scales, of
+    each of its columns for INT8 and axis 0). `row_multipliers` [R, 1] (axis 0): quantize `t` with each row multiplied
+    by its number, in float32."""
     if matmul.int8:
-        return QuantizedOperand(*quantize_int8(t, axis, matmul.stochastic_rounding, row_multipliers))
+        return QuantizedOperand(*quantize_int8(t, axis, matmul.stochastic_rounding, row_multipliers, amax))
     if row_multipliers is not None:
         t = t.float() * row_multipliers.float()
     return QuantizedOperand(*quantize_fp8(t, axis, _fp8_dtype(matmul, kind), matmul.scaling,
@@ -167,10 +169,14 @@ def _tensorwise_fp8_alike(first: MatmulPlan, second: MatmulPlan, kind: str) -> b
 
 def quantize_rows_keeping_amax(t: Tensor, first: MatmulPlan, later: MatmulPlan,
                                kind: str) -> tuple[QuantizedOperand, Tensor | None]:
-    """`t` quantized by rows for the (quantized) `first` matmul, and, where the `later` matmul scales `t` tensor-wise
-    alike in FP8, the abs-max of all of `t` (else None), for `quantize_operand` to reuse: a linear keeps X's from the
-    forward for grad_weight, and a master weight its own for grad_input, one element each, which spares the
-    backward a pass over each."""
+    """`t` quantized by rows for the (quantized) `first` matmul, and what the `later` matmul's quantization of `t` by
+    columns can reuse of that pass (else None), for `quantize_operand` to take: where both are INT8, the abs-max of
+    each column of `t`, folded in the same read of `t`; where both scale `t` tensor-wise alike in FP8, the abs-max of
+    all of `t`. A linear keeps X's from the forward for grad_weight, and a master weight its own for grad_input (a
+    float32 number per column at most), which spares the backward an abs-max pass over each."""
+    if first.int8 and later.int8:
+        q, scale, col_amax = quantize_int8_rows_keeping_col_amax(t, first.stochastic_rounding)
+        return QuantizedOperand(q, scale), col_amax
     amax = abs_max(t, None) if _tensorwise_fp8_alike(first, later, kind) else None
     return quantize_operand(t, 1, first, kind, amax), amax
 
@@ -209,7 +215,9 @@ class _QuantizedLinear(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
         w_operand, w_saved = weight._forward_operands(dtype, plan)
         with torch.autocast(x.device.type, enabled=False):
-            x_rows, x_amax = (quantize_rows_keeping_amax(x2d, plan.output, plan.grad_weight, "activation")
+            # With X's codes saved, grad_weight quantizes nothing of X: nothing to keep for it.
+            later = HIGH_PRECISION if plan.grad_weight_sees_quantized_input else plan.grad_weight
+            x_rows, x_amax = (quantize_rows_keeping_amax(x2d, plan.output, later, "activation")
                               if plan.output.quantized else (x2d, None))
             out = planned_matmul(x_rows, w_operand, dtype, plan.output)
         if bias is not None:

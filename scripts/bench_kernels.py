@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python scripts/bench_kernels.py [--quick] [--m 16384] [--quantize_only] [--baseline FILE]
     PYTHONPATH=. python scripts/bench_kernels.py --training_matmuls
+    PYTHONPATH=. python scripts/bench_kernels.py --whole_row_configs
 
 --training_matmuls: the three matmuls of each TinyLlama-1.1B linear in a training step, as the recipes run them
 (output, grad_input, and grad_weight, which reduces over the tokens), K-contiguous: qt's INT8 kernel against
@@ -27,7 +28,7 @@ import torch
 import triton
 import triton.testing
 
-from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, scaled_int8_mm
+from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax, scaled_int8_mm
 from qt.kernels import int8_mm
 from qt.kernels.quantize import _torch_quantize_int8
 
@@ -147,11 +148,34 @@ def training_matmuls_markdown(device: str, rows: list[dict]) -> str:
 
 
 QUANTIZE_SHAPES = [(2048, "nearest"), (2048, "stochastic"), (5632, "nearest"), (768, "nearest"), (256, "nearest")]  # (width, rounding)
+
+
+def col_amax(x: torch.Tensor) -> torch.Tensor:
+    """The abs-max of each column of x as quantize_int8_rows_keeping_col_amax keeps it (taken once per x)."""
+    key = (x.data_ptr(), tuple(x.shape))
+    if key not in _COL_AMAX:
+        _COL_AMAX[key] = x.float().abs().amax(0, keepdim=True)
+    return _COL_AMAX[key]
+
+
+_COL_AMAX = {}
 QUANTIZE_MODES = {  # name -> (qt function, the same math in torch ops) on x
     "rows": (lambda x, sr: quantize_int8(x, 1, sr), lambda x: _torch_quantize_int8(x, 1, None)),
     "columns": (lambda x, sr: quantize_int8(x, 0, sr), lambda x: _torch_quantize_int8(x, 0, None)),
     "both": (quantize_int8_rows_and_cols,
              lambda x: (*_torch_quantize_int8(x, 1, None), *_torch_quantize_int8(x, 0, None))),
+    # A linear's X and W: by rows in the forward, keeping the columns' abs-max, then by columns in the backward.
+    "rows keeping col amax": (quantize_int8_rows_keeping_col_amax,
+                              lambda x: (*_torch_quantize_int8(x, 1, None), x.float().abs().amax(0, keepdim=True))),
+    "columns, kept amax": (lambda x, sr: quantize_int8(x, 0, sr, col_amax=col_amax(x)),
+                           lambda x: _torch_quantize_int8(x, 0, None)),
+}
+BASELINE_MODES = {  # name -> the call of a baseline module (one without a mode's function times none)
+    "rows": lambda module, x, sr: module.quantize_int8(x, 1, sr),
+    "columns": lambda module, x, sr: module.quantize_int8(x, 0, sr),
+    "both": lambda module, x, sr: module.quantize_int8_rows_and_cols(x, sr),
+    "rows keeping col amax": lambda module, x, sr: module.quantize_int8_rows_keeping_col_amax(x, sr),
+    "columns, kept amax": lambda module, x, sr: module.quantize_int8(x, 0, sr, col_amax=col_amax(x)),
 }
 
 
@@ -187,16 +211,47 @@ def bench_quantize(x: torch.Tensor, mode: str, stochastic: bool, baseline=None) 
     compiled_ms = time_ms(lambda: compiled(x)) if not stochastic else float("nan")
     baseline_ms = float("nan")
     if baseline is not None:
-        baseline_fn = {"rows": lambda: baseline.quantize_int8(x, 1, stochastic),
-                       "columns": lambda: baseline.quantize_int8(x, 0, stochastic),
-                       "both": lambda: baseline.quantize_int8_rows_and_cols(x, stochastic)}[mode]
-        baseline_ms = time_ms(baseline_fn)
+        try:
+            BASELINE_MODES[mode](baseline, x, stochastic)
+            baseline_ms = time_ms(lambda: BASELINE_MODES[mode](baseline, x, stochastic))
+        except (AttributeError, TypeError):  # the baseline has no such function or argument
+            pass
     return {
         "shape": list(x.shape), "mode": mode, "stochastic": stochastic, "ok": bool(ok),
         "qt_us": qt_ms * 1e3, "qt_gbps": bytes_moved / qt_ms / 1e6,
         "inductor_us": compiled_ms * 1e3, "inductor_gbps": bytes_moved / compiled_ms / 1e6,
         "inductor_ok": compiled_ok, "baseline_us": baseline_ms * 1e3,
     }  # fmt: skip
+
+
+def whole_row_configs_markdown(device: str, m: int) -> str:
+    """The whole-row pass (quantize_int8 by rows, up to 8192 columns) at every blocks-per-program x warps setting,
+    launched directly (no autotuner), with and without folding the column abs-maxima; the settings
+    qt/kernels/quantize.py fixes come from this table. GB/s counts x read once and q written once."""
+    from qt.kernels import quantize
+
+    lines = [f"## Whole-row pass settings on {device} (torch {torch.__version__}, triton {triton.__version__})", "",
+             "| x | column abs-max | blocks a program | warps | us | GB/s |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for width in (2048, 5632):
+        x = torch.randn(m, width, device=DEVICE, dtype=torch.bfloat16)
+        q, scale = torch.empty_like(x, dtype=torch.int8), torch.empty(m, 1, device=DEVICE, dtype=torch.bfloat16)
+        col_amax = torch.zeros(width, device=DEVICE)
+        block_cols = max(triton.next_power_of_2(width), 16)
+        block_rows = max(1, min(16, 2048 // block_cols))
+        for keep_col_amax in (False, True):
+            for blocks in (1, 4, 16, 32, 64):
+                for warps in (4, 8):
+                    def launch():
+                        quantize._quantize_whole_rows_kernel[(triton.cdiv(m, block_rows * blocks),)](
+                            x, q, scale, None, col_amax if keep_col_amax else None, None, m, width, width, 1,
+                            MIN_AMAX=1e-12, STOCHASTIC=False, SCALE_IS_BF16=True, COL_AMAX=keep_col_amax,
+                            COLS_MULTIPLIED=False, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+                            BLOCKS_PER_PROGRAM=blocks, num_warps=warps)
+                    us = time_ms(launch) * 1e3
+                    lines.append(f"| {m} x {width} bf16 | {'yes' if keep_col_amax else 'no'} | {blocks} | {warps} "
+                                 f"| {us:.1f} | {x.numel() * 3 / us / 1e3:.0f} |")
+                    print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
 
 
 def markdown(device: str, matmuls: list[dict], quantizes: list[dict]) -> str:
@@ -247,11 +302,19 @@ def main() -> None:
                         help="only a training step's matmuls: INT8 vs FP8 vs bf16")
     parser.add_argument("--mm_kernels", default="auto",
                         help="--training_matmuls: comma-separated QT_INT8_MM_KERNEL values to time, e.g. classic,tma")
+    parser.add_argument("--whole_row_configs", action="store_true",
+                        help="only the whole-row quantize pass at every blocks-per-program x warps setting")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
+    if args.whole_row_configs:
+        table = whole_row_configs_markdown(device, args.m)
+        print(table)
+        if out_dir := os.environ.get("OUT"):
+            Path(out_dir, "bench_whole_row_configs.md").write_text(table)
+        return
     if args.training_matmuls:
         rows = []
         for k_in, n_out in [(2048, 2048), (2048, 5632), (5632, 2048)]:  # q/o, gate/up, down

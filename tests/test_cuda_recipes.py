@@ -58,6 +58,28 @@ def test_triton_kernels_match_torch_ops(recipe, kwargs):
         assert rel_err(got, want) < tolerance
 
 
+@pytest.mark.parametrize(("shape", "dtype"), [((16384, 2048), torch.bfloat16), ((1000, 5632), torch.bfloat16),
+                                               ((1000, 5632), torch.float32), ((333, 9000), torch.bfloat16),
+                                               ((4096, 7), torch.float32)])
+def test_quantize_kernels_give_the_torch_ops_bits(shape, dtype):
+    """Every INT8 quantize entry point (whole-row passes, the tiles' passes past 8192 columns, the column-wise abs-max
+    folded into the row-wise pass, and rows multiplied for the columns) bit for bit against its torch ops."""
+    from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax
+
+    torch.manual_seed(0)
+    x = torch.randn(shape, device="cuda") * torch.logspace(-3, 3, shape[1], device="cuda")
+    x = x.to(dtype)
+    multipliers = torch.rand(shape[0], device="cuda", dtype=dtype) + 0.5
+
+    def every_result():
+        kept = quantize_int8_rows_keeping_col_amax(x)
+        return (*quantize_int8(x, 1), *quantize_int8(x, 0), *kept, *quantize_int8(x, 0, col_amax=kept[2]),
+                *quantize_int8_rows_and_cols(x), *quantize_int8_rows_and_cols(x, col_row_multipliers=multipliers))
+
+    for got, want in zip(through("triton", every_result)(), through("torch", every_result)()):
+        assert got.stride() == want.stride() and torch.equal(got, want)
+
+
 @pytest.mark.parametrize(("recipe", "kwargs"), [r for r in RECIPES if not r[1].get("stochastic_rounding")])
 def test_compiled_graph_launches_the_kernels_directly(recipe, kwargs):
     from torch._inductor.utils import run_and_get_code

@@ -3,6 +3,7 @@ FP8 casts in torch ops and the scaled FP8 matmul (torch._scaled_mm on FP8 GPUs, 
 
 from qt.kernels.fp8 import quantize_fp8, scaled_fp8_mm
 from qt.kernels.int8_mm import scaled_int8_mm
-from qt.kernels.quantize import quantize_int8, quantize_int8_rows_and_cols
+from qt.kernels.quantize import quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax
 
-__all__ = ["quantize_fp8", "quantize_int8", "quantize_int8_rows_and_cols", "scaled_fp8_mm", "scaled_int8_mm"]
+__all__ = ["quantize_fp8", "quantize_int8", "quantize_int8_rows_and_cols", "quantize_int8_rows_keeping_col_amax",
+           "scaled_fp8_mm", "scaled_int8_mm"]

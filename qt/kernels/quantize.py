@@ -3,17 +3,23 @@
 ``quantize_int8(x, axis)`` reduces ``x`` over ``axis`` and keeps one scale per slice along the other
 axis: ``axis=1`` gives one scale per row, ``axis=0`` one per column. The int8 result is laid out with
 the reduced axis contiguous, which is the K-contiguous layout ``scaled_int8_mm`` is fastest on.
-``quantize_int8_rows_and_cols(x)`` gives both at once: a linear's backward needs its output gradient
-quantized per row (for grad_input) and per column (for grad_weight), and this shares one abs-max pass.
+``quantize_int8_rows_keeping_col_amax(x)`` quantizes by rows and keeps each column's abs-max, which
+``quantize_int8(x, 0, col_amax=...)`` takes later instead of a pass of its own: a linear quantizes X (and a
+master weight) by rows in the forward and by columns in the backward. ``quantize_int8_rows_and_cols(x)`` gives
+both at once: a linear's backward needs its output gradient quantized per row (for grad_input) and per column
+(for grad_weight).
 
 Two ways, picked by shape (three Triton kernels):
 - whole rows: each program holds whole rows in registers (rows up to ``_MAX_WHOLE_ROW`` wide), so a
-  row-wise quantize reads ``x`` once;
-- tiles: a first pass takes the abs-max of each tile and folds it into per-row and per-column maxima
-  with atomics, then a pass per output re-reads the tiles and writes it, the column-wise one
-  transposed in the store. Every axis and shape gets a full grid this way.
+  row-wise quantize reads ``x`` once, and can fold each column's abs-max into a vector of maxima (atomics)
+  in the same read;
+- tiles: an abs-max pass over tiles folds each tile's into per-row and per-column maxima with atomics, then
+  a pass per output re-reads the tiles and writes it, the column-wise one transposed in the store. Every
+  axis and shape gets a full grid this way.
+Each element is multiplied by the reciprocal of its scale and rounded to the nearest integer, ties to even
+(stochastically where asked); the torch path computes the same, so the two give the same bits.
 
-Both ops are ``torch.library.triton_op``s: torch.compile sees the Triton launches themselves and calls
+The ops are ``torch.library.triton_op``s: torch.compile sees the Triton launches themselves and calls
 them from its generated code, with no Python between kernels. CPU tensors (and ``QT_KERNEL_BACKEND=torch``)
 run the same math in torch ops, which torch.compile traces and fuses like any other.
 
@@ -37,8 +43,7 @@ except ImportError:  # qt must still import, and fall back to torch, where Trito
 
 QUANT_MAX = 127
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Whole rows in registers up to this width (8192 fp32 values over 8 warps: 32 registers a thread a row;
-# the autotuner also tries 4 and 16 warps).
+# Whole rows in registers up to this width (8192 fp32 values over 4 warps: 64 registers a thread).
 _MAX_WHOLE_ROW = 8192
 
 
@@ -48,12 +53,6 @@ def _tile_configs() -> list:
     # The column-wise output is stored transposed: taller tiles give it longer contiguous runs.
     return [triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w)
             for r, c, w in ((64, 64, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8), (32, 256, 8), (256, 32, 8))]
-
-
-def _whole_row_configs() -> list:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({}, num_warps=4)]
-    return [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
 
 
 def scale_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -76,7 +75,7 @@ def _draw_seeds(x: Tensor, count: int, stochastic_rounding: bool) -> Tensor | No
 
 
 def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False,
-                  row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  row_multipliers: Tensor | None = None, col_amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Quantizes ``x`` to int8 with one abs-max scale per slice along the axis that is not reduced.
 
     Args:
@@ -87,6 +86,9 @@ def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False,
             ``x.device``, so ``torch.manual_seed`` reproduces them.
         row_multipliers: ([R, 1] or [R], floating; ``axis=0`` only) quantize ``x`` with each row multiplied by
             its number, in float32 (see ``quantize_int8_rows_and_cols``), instead of ``x``.
+        col_amax: (float32 [1, C] or [C]; ``axis=0`` only) the abs-max of each column of what is quantized, as
+            ``quantize_int8_rows_keeping_col_amax`` returns it from an earlier pass over the same ``x``: the
+            column-wise pass then reads ``x`` once instead of twice.
 
     Returns:
         ``(q, scale)``: ``q`` int8 [R, C] with the reduced axis contiguous (strides (C, 1) for
@@ -96,29 +98,53 @@ def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False,
     _check_input(x, "quantize_int8")
     if axis not in (0, 1):
         raise ValueError(f"quantize_int8: axis must be 0 (one scale per column) or 1 (one scale per row), got {axis}")
+    if axis != 0 and (row_multipliers is not None or col_amax is not None):
+        raise ValueError("quantize_int8: row_multipliers and col_amax go with axis=0 (one scale per column)")
     if row_multipliers is not None:
-        if axis != 0:
-            raise ValueError("quantize_int8: row_multipliers go with axis=0 (one scale per column)")
         row_multipliers = _checked_row_multipliers(x, row_multipliers, "quantize_int8: row_multipliers")
+    if col_amax is not None:
+        col_amax = _checked_col_amax(x, col_amax)
     seed = _draw_seeds(x, 1, stochastic_rounding)
     if _in_torch_ops_when_compiled(x):
-        return _torch_quantize_int8(x, axis, seed, row_multipliers)
+        return _torch_quantize_int8(x, axis, seed, row_multipliers, col_amax)
     # The op is what torch.compile traces; eager calls skip its dispatch (tens of µs a call).
     if traced(x):
-        return torch.ops.qt.quantize_int8(x, axis, seed, row_multipliers)
+        return torch.ops.qt.quantize_int8(x, axis, seed, row_multipliers, col_amax)
     with eager_launch():
-        return _quantize_int8(x, axis, seed, row_multipliers)
+        return _quantize_int8(x, axis, seed, row_multipliers, col_amax)
+
+
+def quantize_int8_rows_keeping_col_amax(x: Tensor, stochastic_rounding: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``quantize_int8(x, 1, stochastic_rounding)`` and the abs-max of each column of ``x`` (float32 [1, C]; NaN
+    counts as inf), taken in the same read of ``x`` (up to 8192 columns; wider, in the abs-max pass the row-wise
+    quantization makes anyway). A later ``quantize_int8(x, 0, col_amax=...)`` then quantizes ``x`` by columns
+    in one pass instead of two: a linear keeps its input's from the forward for grad_weight (and a master weight
+    its own for grad_input).
+
+    Returns ``(q, scale, col_amax)``, ``q`` and ``scale`` as ``quantize_int8(x, 1)`` gives them.
+    """
+    _check_input(x, "quantize_int8_rows_keeping_col_amax")
+    seed = _draw_seeds(x, 1, stochastic_rounding)
+    if _in_torch_ops_when_compiled(x):
+        return _quantize_int8_rows_keeping_col_amax_in_torch(x, seed)
+    if traced(x):
+        return torch.ops.qt.quantize_int8_rows_keeping_col_amax(x, seed)
+    with eager_launch():
+        return _quantize_int8_rows_keeping_col_amax(x, seed)
 
 
 def quantize_int8_rows_and_cols(x: Tensor, stochastic_rounding: bool = False,
                                 col_row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``quantize_int8(x, 1) + quantize_int8(x, 0)`` sharing one abs-max pass (three reads of ``x``, as the two
-    calls make on a GPU, in three launches instead of four).
+    """``quantize_int8(x, 1) + quantize_int8(x, 0)``, sharing their reads of ``x``: two reads on a GPU up to 8192
+    columns (the row-wise pass folds the column-wise abs-maxima), three wider (one abs-max pass for both), where
+    the two calls take three or four.
 
     ``col_row_multipliers`` ([R, 1] or [R], floating): the column-wise result quantizes ``x`` with each row
     multiplied by its number (taken in float32, where the product of two bfloat16 or float16 numbers is exact)
     instead of ``x``; the row-wise one is unchanged. A linear's backward folds the per-token scales of its
     quantized input into its output gradient this way (qt/linear.py), with no pass of its own.
+
+    Up to 8192 columns, the row-wise pass also takes the column-wise abs-maxima (two reads of ``x`` in all).
 
     Returns ``(q_rows, row_scale, q_cols, col_scale)``, laid out as ``quantize_int8`` lays out each.
     With stochastic rounding the two results round independently.
@@ -145,6 +171,18 @@ def _checked_row_multipliers(x: Tensor, multipliers: Tensor, name: str) -> Tenso
     if multipliers.device != x.device:
         raise ValueError(f"{name} is on {multipliers.device}, x on {x.device}")
     return multipliers.reshape(-1)
+
+
+def _checked_col_amax(x: Tensor, col_amax: Tensor) -> Tensor:
+    """`col_amax` as [C], after checking it holds one float32 number per column of x, on x's device."""
+    cols = x.shape[1]
+    if tuple(col_amax.shape) not in ((1, cols), (cols,)) or col_amax.dtype != torch.float32:
+        raise ValueError(f"quantize_int8: col_amax must be float32 [1, {cols}] or [{cols}] (one abs-max per column "
+                         f"of x, from quantize_int8_rows_keeping_col_amax), got {col_amax.dtype} "
+                         f"{list(col_amax.shape)}")
+    if col_amax.device != x.device:
+        raise ValueError(f"quantize_int8: col_amax is on {col_amax.device}, x on {x.device}")
+    return col_amax.reshape(-1)
 
 
 def dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -191,36 +229,51 @@ def _min_amax(dtype: torch.dtype) -> float:
     return max(1e-12, QUANT_MAX * smallest_subnormal)
 
 
-def _quantize_int8(x: Tensor, axis: int, seed: Tensor | None,
-                   row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _quantize_int8(x: Tensor, axis: int, seed: Tensor | None, row_multipliers: Tensor | None = None,
+                   col_amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
     if not use_triton(x, triton is not None) or x.numel() == 0:
-        return _torch_quantize_int8(x, axis, seed, row_multipliers)
-    if axis == 1 and x.shape[1] <= _MAX_WHOLE_ROW:
-        return _triton_quantize_whole_rows(x, seed)
-    q, scale = _empty_outputs(x, axis)
-    outputs = (q, scale, None, None) if axis == 1 else (None, None, q, scale)
-    _triton_quantize_tiles(x, *outputs, seed, row_multipliers)  # multipliers only come with axis 0: columns
-    return q, scale
+        return _torch_quantize_int8(x, axis, seed, row_multipliers, col_amax)
+    if axis == 1:
+        q, scale, _ = _triton_quantize_rows(x, seed)
+        return q, scale
+    if col_amax is None:
+        _, col_amax = _triton_tile_amax(x, rows=False, cols=True, col_row_multipliers=row_multipliers)
+    return _triton_tile_quantize(x, col_amax, seed, 0, rows=False, row_multipliers=row_multipliers)
+
+
+def _quantize_int8_rows_keeping_col_amax(x: Tensor, seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    if not use_triton(x, triton is not None) or x.numel() == 0:
+        return _quantize_int8_rows_keeping_col_amax_in_torch(x, seed)
+    q, scale, col_amax = _triton_quantize_rows(x, seed, keep_col_amax=True)
+    return q, scale, col_amax.view(1, -1)
 
 
 def _quantize_int8_rows_and_cols(x: Tensor, seeds: Tensor | None,
                                  col_row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if not use_triton(x, triton is not None) or x.numel() == 0:
         return _quantize_int8_rows_and_cols_in_torch(x, seeds, col_row_multipliers)
-    outputs = (*_empty_outputs(x, 1), *_empty_outputs(x, 0))
-    _triton_quantize_tiles(x, *outputs, seeds, col_row_multipliers)
-    return outputs
+    # The rows take seeds[0], the columns seeds[1].
+    q_rows, row_scale, col_amax = _triton_quantize_rows(x, seeds, keep_col_amax=True,
+                                                        col_row_multipliers=col_row_multipliers)
+    q_cols, col_scale = _triton_tile_quantize(x, col_amax, seeds, 1, rows=False, row_multipliers=col_row_multipliers)
+    return q_rows, row_scale, q_cols, col_scale
 
 
 if triton is not None:
     torch.library.triton_op("qt::quantize_int8", _quantize_int8, mutates_args=())
+    torch.library.triton_op("qt::quantize_int8_rows_keeping_col_amax", _quantize_int8_rows_keeping_col_amax,
+                            mutates_args=())
     torch.library.triton_op("qt::quantize_int8_rows_and_cols", _quantize_int8_rows_and_cols, mutates_args=())
     realize_inputs_read_by_several_kernels()
 else:
     torch.library.custom_op("qt::quantize_int8", _quantize_int8, mutates_args=())
+    torch.library.custom_op("qt::quantize_int8_rows_keeping_col_amax", _quantize_int8_rows_keeping_col_amax,
+                            mutates_args=())
     torch.library.custom_op("qt::quantize_int8_rows_and_cols", _quantize_int8_rows_and_cols, mutates_args=())
     torch.library.register_fake("qt::quantize_int8")(
-        lambda x, axis, seed, row_multipliers=None: _empty_outputs(x, axis))
+        lambda x, axis, seed, row_multipliers=None, col_amax=None: _empty_outputs(x, axis))
+    torch.library.register_fake("qt::quantize_int8_rows_keeping_col_amax")(
+        lambda x, seed: (*_empty_outputs(x, 1), x.new_empty((1, x.shape[1]), dtype=torch.float32)))
     torch.library.register_fake("qt::quantize_int8_rows_and_cols")(
         lambda x, seeds, col_row_multipliers=None: (*_empty_outputs(x, 1), *_empty_outputs(x, 0)))
 
@@ -233,6 +286,16 @@ def _quantize_int8_rows_and_cols_in_torch(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     row_seed, col_seed = (None, None) if seeds is None else (seeds[0:1], seeds[1:2])
     return (*_torch_quantize_int8(x, 1, row_seed), *_torch_quantize_int8(x, 0, col_seed, col_row_multipliers))
+
+
+def _quantize_int8_rows_keeping_col_amax_in_torch(x: Tensor, seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    return (*_torch_quantize_int8(x, 1, seed), _torch_abs_max(x.float().t()).view(1, -1))
+
+
+def _torch_abs_max(x_rows: Tensor) -> Tensor:
+    """The float32 abs-max of each row of ``x_rows`` [S, L] as [S, 1], NaN as inf; 0 for empty rows."""
+    magnitude = torch.where(torch.isnan(x_rows), torch.inf, x_rows.abs())
+    return magnitude.amax(dim=1, keepdim=True) if magnitude.shape[1] else magnitude.new_zeros(magnitude.shape[0], 1)
 
 
 def _as_rows(t: Tensor, axis: int) -> Tensor:
@@ -252,18 +315,19 @@ def _uniform_from_hash(seed: Tensor, n_rows: int, n_cols: int, device) -> Tensor
     return (h >> 8).to(torch.float32) * 2.0**-24
 
 
-def _torch_quantize_int8(x: Tensor, axis: int, seed: Tensor | None,
-                         row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """`row_multipliers` [R]: quantize x with each row multiplied by its number (in float32) instead of x."""
+def _torch_quantize_int8(x: Tensor, axis: int, seed: Tensor | None, row_multipliers: Tensor | None = None,
+                         col_amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`row_multipliers` [R]: quantize x with each row multiplied by its number (in float32) instead of x.
+    `col_amax` [C] (axis 0): the abs-max of each column of that, already taken."""
     q, scale = _empty_outputs(x, axis)
     x_float = x.float() if row_multipliers is None else x.float() * row_multipliers.float().reshape(-1, 1)
     x_rows = _as_rows(x_float, axis)
-    abs_rows = torch.where(torch.isnan(x_rows), torch.inf, x_rows.abs())
+    amax = _torch_abs_max(x_rows) if col_amax is None else col_amax.reshape(-1, 1)
     # An empty slice (no tokens) has no maximum: the floor stands in for it.
-    amax = abs_rows.amax(dim=1, keepdim=True) if abs_rows.shape[1] else abs_rows.new_zeros(abs_rows.shape[0], 1)
     amax = amax.clamp(min=_min_amax(x.dtype))
-    scale_rows = _round_to_scale_dtype(amax / QUANT_MAX, scale.dtype)
-    scaled = x_rows / scale_rows
+    # Divided by a tensor: CUDA torch multiplies by the reciprocal of a Python number, 1 ulp off the kernels' division.
+    scale_rows = _round_to_scale_dtype(amax / amax.new_full((1, 1), QUANT_MAX), scale.dtype)
+    scaled = x_rows * torch.reciprocal(scale_rows)  # as the kernels compute it
     if seed is None:
         rounded = torch.round(scaled)
     else:
@@ -289,16 +353,27 @@ def _round_to_scale_dtype(scale: Tensor, dtype: torch.dtype) -> Tensor:
 # The Triton path.
 
 
-def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None, col_amax: Tensor | None = None,
+                                col_row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Row-wise, one read of x; also folds each column's abs-max (of x with row i multiplied by
+    ``col_row_multipliers[i]`` where given) into ``col_amax`` (float32 [C], zeros or earlier maxima) where given."""
     q, scale = _empty_outputs(x, 1)
     n_rows, n_cols = x.shape
     block_cols = max(triton.next_power_of_2(n_cols), 16)
     block_rows = max(1, min(16, 2048 // block_cols))
-    wrap_triton(_quantize_whole_rows_kernel)[(triton.cdiv(n_rows, block_rows),)](
-        x, q, scale, seed,
+    # Measured on an H200 at 16384 x 2048 and x 5632 (bf16), every blocks-per-program x warps setting timed on its
+    # own: one block of rows a program and 4 warps for the plain pass (~2.8 TB/s); 32 rows a program and 8 warps
+    # where it folds the column maxima (each program then sends one atomic a column: 1 row a program took 10x
+    # longer). Fixed rather than autotuned: the autotuner times launches that take as long as these kernels.
+    keep_col_amax = col_amax is not None
+    blocks_per_program = max(1, 32 // block_rows) if keep_col_amax else 1
+    wrap_triton(_quantize_whole_rows_kernel)[(triton.cdiv(n_rows, block_rows * blocks_per_program),)](
+        x, q, scale, seed, col_amax, col_row_multipliers,
         n_rows, n_cols, x.stride(0), x.stride(1),
         MIN_AMAX=_min_amax(x.dtype), STOCHASTIC=seed is not None, SCALE_IS_BF16=scale.dtype == torch.bfloat16,
-        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        COL_AMAX=keep_col_amax, COLS_MULTIPLIED=col_row_multipliers is not None,
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, BLOCKS_PER_PROGRAM=blocks_per_program,
+        num_warps=8 if keep_col_amax else 4,
     )  # fmt: skip
     return q, scale
 
@@ -312,49 +387,67 @@ def _triton_dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Ten
     return out
 
 
-def _triton_quantize_tiles(x, q_rows, row_scale, q_cols, col_scale, seeds, col_row_multipliers=None) -> None:
-    """Writes whichever of the row-wise (``q_rows``, ``row_scale``) and column-wise (``q_cols``,
-    ``col_scale``) outputs are given: one abs-max pass over ``x``, then one quantize pass per output. The
-    column-wise output quantizes ``x`` with row i multiplied by ``col_row_multipliers[i]`` where they are given."""
+def _triton_quantize_rows(x: Tensor, seeds: Tensor | None, keep_col_amax: bool = False,
+                          col_row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(q, scale, col_amax)``: x quantized by rows (with ``seeds[0]``) and, where ``keep_col_amax``, the float32
+    abs-max of each column [C] of x with row i multiplied by ``col_row_multipliers[i]`` where given (else None).
+    Up to ``_MAX_WHOLE_ROW`` columns in one read of x; wider, an abs-max pass (taking the columns' too) and a
+    quantize pass."""
+    n_cols = x.shape[1]
+    if n_cols <= _MAX_WHOLE_ROW:
+        col_amax = torch.zeros(n_cols, dtype=torch.float32, device=x.device) if keep_col_amax else None
+        return *_triton_quantize_whole_rows(x, seeds, col_amax, col_row_multipliers), col_amax
+    row_amax, col_amax = _triton_tile_amax(x, rows=True, cols=keep_col_amax, col_row_multipliers=col_row_multipliers)
+    return *_triton_tile_quantize(x, row_amax, seeds, 0, rows=True), col_amax
+
+
+def _tile_grid(x: Tensor):
+    def grid(meta):
+        return (triton.cdiv(x.shape[0], meta["BLOCK_R"]), triton.cdiv(x.shape[1], meta["BLOCK_C"]))
+
+    return grid
+
+
+def _triton_tile_amax(x: Tensor, rows: bool, cols: bool,
+                      col_row_multipliers: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """The float32 abs-max of each row [R] and of each column [C] of x (the latter of x with row i multiplied by
+    ``col_row_multipliers[i]`` where given), whichever are asked for (else None), in one pass over tiles."""
     n_rows, n_cols = x.shape
-    rows_out, cols_out = q_rows is not None, q_cols is not None
     # atomic_max needs a starting value: 0 is below every abs-max. (Re-running the pass, as autotuning
     # does, leaves the maxima as they are.)
-    row_amax = torch.zeros(n_rows if rows_out else 1, dtype=torch.float32, device=x.device)
-    col_amax = torch.zeros(n_cols if cols_out else 1, dtype=torch.float32, device=x.device)
-
-    def grid(meta):
-        return (triton.cdiv(n_rows, meta["BLOCK_R"]), triton.cdiv(n_cols, meta["BLOCK_C"]))
-
-    multiplied = col_row_multipliers is not None
-    wrap_triton(_tile_amax_kernel)[grid](
+    row_amax = torch.zeros(n_rows, dtype=torch.float32, device=x.device) if rows else None
+    col_amax = torch.zeros(n_cols, dtype=torch.float32, device=x.device) if cols else None
+    wrap_triton(_tile_amax_kernel)[_tile_grid(x)](
         x, row_amax, col_amax, col_row_multipliers, n_rows, n_cols, x.stride(0), x.stride(1),
-        ROWS=rows_out, COLS=cols_out, COLS_MULTIPLIED=multiplied,
+        ROWS=rows, COLS=cols, COLS_MULTIPLIED=col_row_multipliers is not None,
     )  # fmt: skip
+    return row_amax, col_amax
+
+
+def _triton_tile_quantize(x: Tensor, amax: Tensor, seeds: Tensor | None, seed_index: int, rows: bool,
+                          row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """x quantized by rows (``rows``) or by columns, with the abs-maxima ``amax`` of its rows or columns, of x with
+    row i multiplied by ``row_multipliers[i]`` where given (columns only); stochastically with
+    ``seeds[seed_index]`` where seeds are given."""
+    q, scale = _empty_outputs(x, 1 if rows else 0)
     # Each output from its own pass: one pass writing both held two tiles' worth of state (and the
     # transpose's shared memory) and ran at a quarter of the occupancy (measured with ncu on an H100).
-    for q, scale, amax, is_rows in ((q_rows, row_scale, row_amax, True), (q_cols, col_scale, col_amax, False)):
-        if q is None:
-            continue
-        wrap_triton(_tile_quantize_kernel)[grid](
-            x, amax, q, scale, seeds, None if is_rows else col_row_multipliers,
-            n_rows, n_cols, x.stride(0), x.stride(1),
-            MIN_AMAX=_min_amax(x.dtype), ROWS=is_rows, MULTIPLIED=multiplied and not is_rows,
-            STOCHASTIC=seeds is not None,
-            SEED_INDEX=int(rows_out and not is_rows), SCALE_IS_BF16=scale.dtype == torch.bfloat16,
-        )  # fmt: skip
+    wrap_triton(_tile_quantize_kernel)[_tile_grid(x)](
+        x, amax, q, scale, seeds, row_multipliers, x.shape[0], x.shape[1], x.stride(0), x.stride(1),
+        MIN_AMAX=_min_amax(x.dtype), ROWS=rows, MULTIPLIED=row_multipliers is not None,
+        STOCHASTIC=seeds is not None, SEED_INDEX=seed_index, SCALE_IS_BF16=scale.dtype == torch.bfloat16,
+    )  # fmt: skip
+    return q, scale
 
 
 if triton is not None:
 
     @triton.jit
     def _round_half_to_even(v):
-        # libdevice's rint would do, but the interpreter cannot run libdevice calls.
-        floor = tl.floor(v)
-        frac = v - floor
-        floor_is_odd = (floor.to(tl.int32) & 1) != 0
-        round_up = (frac > 0.5) | ((frac == 0.5) & floor_is_odd)
-        return tl.where(round_up, floor + 1, floor)
+        # Adding 1.5 * 2**23 leaves no fraction bits: the float32 addition rounds v to the nearest integer, ties to
+        # even, for |v| < 2**22 (larger values only clamp to 127 later). Two instructions, where floor-and-compare
+        # took ten and the kernels ran short of issue slots (libdevice's rint: the interpreter cannot run it).
+        return (v + 12582912.0) - 12582912.0
 
     @triton.jit
     def _round_to_bfloat16(v):
@@ -384,8 +477,12 @@ if triton is not None:
 
     @triton.jit
     def _quantize_values(x, scale, seed, random_offsets, STOCHASTIC: tl.constexpr):
-        """int8 values of x / scale; finite values of a slice with an infinite scale become 0."""
-        scaled = tl.div_rn(x, scale)
+        """int8 values of x * (1 / scale); finite values of a slice with an infinite scale become 0."""
+        # One division a slice, a multiplication an element: a division an element made the passes compute-bound.
+        # An fma with +0 rather than a product: the GPU compiler fuses a product with the addition that rounds it
+        # (or the stochastic one) into an fma, which rounds the exact product, and the result then differed from
+        # torch's in some elements (seen on an H200). Nothing fuses into an fma.
+        scaled = tl.fma(x, tl.div_rn(1.0, scale), 0.0)
         if STOCHASTIC:
             # Rounds up with probability frac(scaled); the element's index keys its random number.
             rounded = tl.floor(scaled + tl.rand(seed, random_offsets))
@@ -394,31 +491,43 @@ if triton is not None:
         rounded = tl.where(scaled == scaled, rounded, 0.0)
         return tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8)
 
-    @triton.autotune(configs=_whole_row_configs(), key=["n_cols", "STOCHASTIC"])
     @triton.jit
     def _quantize_whole_rows_kernel(
-        x_ptr, q_ptr, scale_ptr, seed_ptr,
+        x_ptr, q_ptr, scale_ptr, seed_ptr, col_amax_ptr, col_row_multipliers_ptr,
         n_rows, n_cols, stride_x_row, stride_x_col,
         MIN_AMAX: tl.constexpr, STOCHASTIC: tl.constexpr, SCALE_IS_BF16: tl.constexpr,
-        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+        COL_AMAX: tl.constexpr, COLS_MULTIPLIED: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
     ):  # fmt: skip
-        """Quantizes BLOCK_ROWS whole rows of x, each held in registers: one read of x."""
-        row_start = tl.program_id(0) * BLOCK_ROWS
+        """Quantizes BLOCKS_PER_PROGRAM blocks of BLOCK_ROWS whole rows of x, one block at a time in registers: one
+        read of x. With COL_AMAX it also folds the abs-max of each column (of x with row i multiplied by
+        col_row_multipliers[i] where COLS_MULTIPLIED) into col_amax, one atomic per column and program."""
         r = tl.arange(0, BLOCK_ROWS)
         cols = tl.arange(0, BLOCK_COLS)
-        rows = row_start + r
-        in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        # 64-bit arithmetic only for the block's start: offsets within a block fit in 32 bits (fewer registers).
-        x_block = x_ptr + row_start.to(tl.int64) * stride_x_row
-        x = tl.load(x_block + r[:, None] * stride_x_row + cols[None, :] * stride_x_col, mask=in_bounds, other=0.0)
-        x = x.to(tl.float32)
-        scale = _scale_from_amax(tl.max(_abs_nan_as_inf(x), axis=1), MIN_AMAX, SCALE_IS_BF16)
-        tl.store(scale_ptr + rows, scale.to(scale_ptr.dtype.element_ty), mask=rows < n_rows)
         seed = tl.load(seed_ptr) if STOCHASTIC else 0
-        random_offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :] if STOCHASTIC else 0
-        q = _quantize_values(x, scale[:, None], seed, random_offsets, STOCHASTIC)
-        q_block = q_ptr + row_start.to(tl.int64) * n_cols
-        tl.store(q_block + r[:, None] * n_cols + cols[None, :], q, mask=in_bounds)
+        col_max = tl.zeros([BLOCK_COLS], dtype=tl.float32)
+        for block in range(BLOCKS_PER_PROGRAM):
+            row_start = (tl.program_id(0) * BLOCKS_PER_PROGRAM + block) * BLOCK_ROWS
+            rows = row_start + r
+            in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+            # 64-bit arithmetic only for the block's start: offsets within a block fit in 32 bits (fewer registers).
+            x_block = x_ptr + row_start.to(tl.int64) * stride_x_row
+            x = tl.load(x_block + r[:, None] * stride_x_row + cols[None, :] * stride_x_col, mask=in_bounds, other=0.0)
+            x = x.to(tl.float32)
+            magnitude = _abs_nan_as_inf(x)
+            scale = _scale_from_amax(tl.max(magnitude, axis=1), MIN_AMAX, SCALE_IS_BF16)
+            tl.store(scale_ptr + rows, scale.to(scale_ptr.dtype.element_ty), mask=rows < n_rows)
+            random_offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :] if STOCHASTIC else 0
+            q = _quantize_values(x, scale[:, None], seed, random_offsets, STOCHASTIC)
+            q_block = q_ptr + row_start.to(tl.int64) * n_cols
+            tl.store(q_block + r[:, None] * n_cols + cols[None, :], q, mask=in_bounds)
+            if COL_AMAX:
+                if COLS_MULTIPLIED:
+                    multipliers = tl.load(col_row_multipliers_ptr + rows, mask=rows < n_rows, other=0.0)
+                    magnitude = _abs_nan_as_inf(x * multipliers.to(tl.float32)[:, None])
+                col_max = tl.maximum(col_max, tl.max(magnitude, axis=0))
+        if COL_AMAX:
+            tl.atomic_max(col_amax_ptr + cols, col_max, mask=cols < n_cols, sem="relaxed")
 
     @triton.jit
     def _dequantize_rows_kernel(q_ptr, scale_ptr, out_ptr, n_rows, n_cols,

@@ -39,9 +39,10 @@ class Int8MixedPrecisionConfig(RecipeConfig):
     `grad_weight_sees_quantized_input`: save X as the forward quantized it (INT8 rows, one byte an element) instead
     of X. With grad_weight in INT8, grad_weight comes from those codes, X's per-token scales folded into dY before
     its column-wise quantization (qt.linear.LinearPlan): the backward transposes X's codes instead of quantizing X
-    by columns (two passes over X in BF16), another rounding of grad_weight than the default's. Off by default:
-    slower on an H100 (0.93x BF16 against the default's 1.01x, docs/benchmarks.md round 8: Inductor's transposes of
-    the codes cost more than the quantize passes saved), and not run through the convergence sweep. With
+    by columns (one pass over X in BF16, its abs-max kept from the forward), another rounding of grad_weight than
+    the default's. Off by default: slower on an H100 (0.97x BF16 against the default's 1.08x, docs/benchmarks.md
+    round 9; round 8 found Inductor's transposes of the codes cost more than the quantize passes saved), and not
+    run through the convergence sweep. With
     `grad_weight=False`, grad_weight is dY.T @ dequantized X (BitNet's straight-through estimator)."""
 
     name = "int8_mixed_precision"

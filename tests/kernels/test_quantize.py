@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qt.kernels import quantize_int8, quantize_int8_rows_and_cols
+from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax
 from qt.kernels.quantize import dequantize_rows, scale_dtype
 from tests.kernels import inductor_for_a_gpu
 from tests.kernels.backends import through
@@ -19,13 +19,22 @@ def one_axis_of_both(x, axis, stochastic_rounding=False):
     return (q_rows, row_scale) if axis == 1 else (q_cols, col_scale)
 
 
+def with_kept_col_amax(x, axis, stochastic_rounding=False):
+    """quantize_int8's result for `axis` the way a linear takes it: by rows keeping the columns' abs-maxima, by
+    columns from those (which must agree with it)."""
+    q_rows, row_scale, col_amax = quantize_int8_rows_keeping_col_amax(x, stochastic_rounding)
+    return (q_rows, row_scale) if axis == 1 else quantize_int8(x, 0, stochastic_rounding, col_amax=col_amax)
+
+
 PATHS = {f"{name}-{backend}": through(backend, fn) for backend in ("triton", "torch")
-         for name, fn in (("one_axis", quantize_int8), ("both_axes", one_axis_of_both))}
+         for name, fn in (("one_axis", quantize_int8), ("both_axes", one_axis_of_both),
+                          ("kept_col_amax", with_kept_col_amax))}
 quantize_paths = pytest.mark.parametrize("quantize", PATHS.values(), ids=PATHS.keys())
 
 
 def reference_quantize(x: torch.Tensor, axis: int, scales_as: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The documented math, one slice at a time, in numpy float32 (IEEE division, np.rint ties to even), with the
+    """The documented math, one slice at a time, in numpy float32 (x times the IEEE reciprocal of its scale, np.rint
+    ties to even), with the
     scales in the dtype of `scales_as`'s scales (default: x's)."""
     slices = (x if axis == 1 else x.t()).float().numpy()
     q = np.empty(slices.shape, dtype=np.int8)
@@ -33,7 +42,7 @@ def reference_quantize(x: torch.Tensor, axis: int, scales_as: torch.dtype | None
     for i, values in enumerate(slices):
         amax = max(np.abs(values).max(), np.float32(1e-12))
         scale = torch.tensor(amax / np.float32(127)).to(scale_dtype(scales_as or x.dtype))  # bf16: to nearest even
-        q[i] = np.clip(np.rint(values / np.float32(scale.float().item())), -127, 127)
+        q[i] = np.clip(np.rint(values * (np.float32(1) / np.float32(scale.float().item()))), -127, 127)
         scales.append(scale)
     q, scale = torch.from_numpy(q), torch.stack(scales)
     return (q, scale[:, None]) if axis == 1 else (q.t(), scale[None, :])
@@ -189,6 +198,9 @@ def test_opcheck(axis, stochastic):
     torch.library.opcheck(torch.ops.qt.quantize_int8.default, (x, axis, seed, None))
     if axis == 0:
         torch.library.opcheck(torch.ops.qt.quantize_int8.default, (x, axis, seed, torch.rand(17)))
+        torch.library.opcheck(torch.ops.qt.quantize_int8.default, (x, axis, seed, None, torch.rand(33) * 4))
+    else:
+        torch.library.opcheck(torch.ops.qt.quantize_int8_rows_keeping_col_amax.default, (x, seed))
     seeds = torch.tensor([1234, 99]) if stochastic else None
     for multipliers in (None, torch.rand(17, dtype=torch.bfloat16)):
         torch.library.opcheck(torch.ops.qt.quantize_int8_rows_and_cols.default, (x, seeds, multipliers))
@@ -263,9 +275,38 @@ def test_bad_row_multipliers_raise(multipliers, message):
         quantize_int8(torch.ones(4, 6), 0, row_multipliers=multipliers)
 
 
-def test_row_multipliers_go_with_column_scales():
-    with pytest.raises(ValueError, match="row_multipliers go with axis=0"):
-        quantize_int8(torch.ones(4, 6), 1, row_multipliers=torch.ones(4))
+@pytest.mark.parametrize("argument", ["row_multipliers", "col_amax"])
+def test_row_multipliers_and_col_amax_go_with_column_scales(argument):
+    with pytest.raises(ValueError, match="row_multipliers and col_amax go with axis=0"):
+        quantize_int8(torch.ones(4, 6), 1, **{argument: torch.ones(6)})
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("shape", [(37, 70), (1, 9), (70, 1), pytest.param((3, 9000), marks=pytest.mark.slow)])
+def test_kept_col_amax_is_each_columns_abs_max_with_nan_as_inf(backend, shape):
+    """(9000: wider than a whole-row block, the tiles' abs-max pass takes it.) A column holding NaN gets inf, and
+    its column-wise quantization an infinite scale."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.bfloat16) * torch.logspace(-3, 3, shape[1]).to(torch.bfloat16)
+    x[0, shape[1] // 2] = float("nan")
+    expected = x.float().abs().amax(0, keepdim=True)
+    expected[0, shape[1] // 2] = float("inf")
+    q, scale, col_amax = through(backend, quantize_int8_rows_keeping_col_amax)(x)
+    assert col_amax.dtype == torch.float32 and torch.equal(col_amax, expected)
+    assert all(torch.equal(a, b) for a, b in zip((q, scale), through(backend, quantize_int8)(x, 1)))
+    col_scale = through(backend, quantize_int8)(x, 0, col_amax=col_amax)[1]
+    assert col_scale[0, shape[1] // 2] == float("inf")
+
+
+@pytest.mark.parametrize(("col_amax", "message"), [
+    (torch.ones(1, 5), r"must be float32 \[1, 6\] or \[6\]"),
+    (torch.ones(6, 1), r"must be float32 \[1, 6\] or \[6\]"),
+    (torch.ones(6, dtype=torch.bfloat16), "must be float32"),
+    (torch.ones(6, device="meta"), "is on meta, x on cpu"),
+], ids=["too_few", "a_column", "bfloat16", "another_device"])
+def test_bad_col_amax_raises(col_amax, message):
+    with pytest.raises(ValueError, match=message):
+        quantize_int8(torch.ones(4, 6), 0, col_amax=col_amax)
 
 
 # Two INT8 linears sharing their input, compiled for training: the joint graph after the common-subexpression

@@ -217,11 +217,11 @@ def opaque_quantize_int8():
         from qt.kernels.quantize import _empty_outputs, _torch_quantize_int8
 
         @torch.library.custom_op("qt_tests::opaque_quantize_int8", mutates_args=())
-        def opaque(x: torch.Tensor, axis: int, seed: torch.Tensor | None,
-                   row_multipliers: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-            return tuple(t.clone() for t in _torch_quantize_int8(x, axis, seed, row_multipliers))
+        def opaque(x: torch.Tensor, axis: int, seed: torch.Tensor | None, row_multipliers: torch.Tensor | None,
+                   col_amax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            return tuple(t.clone() for t in _torch_quantize_int8(x, axis, seed, row_multipliers, col_amax))
 
-        opaque.register_fake(lambda x, axis, seed, row_multipliers: _empty_outputs(x, axis))
+        opaque.register_fake(lambda x, axis, seed, row_multipliers, col_amax: _empty_outputs(x, axis))
     return torch.ops.qt_tests.opaque_quantize_int8
 
 
