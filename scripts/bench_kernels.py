@@ -3,6 +3,7 @@
     PYTHONPATH=. python scripts/bench_kernels.py [--quick] [--m 16384] [--quantize_only] [--baseline FILE]
     PYTHONPATH=. python scripts/bench_kernels.py --training_matmuls
     PYTHONPATH=. python scripts/bench_kernels.py --whole_row_configs
+    PYTHONPATH=. python scripts/bench_kernels.py --tile_configs
 
 --training_matmuls: the three matmuls of each TinyLlama-1.1B linear in a training step, as the recipes run them
 (output, grad_input, and grad_weight, which reduces over the tokens), K-contiguous: qt's INT8 kernel against
@@ -254,6 +255,36 @@ def whole_row_configs_markdown(device: str, m: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+TILE_SETTINGS = [(r, c, w) for r, c in ((32, 128), (64, 64), (64, 128), (64, 256), (128, 64), (128, 128), (256, 32),
+                                        (256, 64)) for w in (4, 8)]  # (BLOCK_R, BLOCK_C, warps)
+
+
+def tile_configs_markdown(device: str, m: int, on: str = DEVICE) -> str:
+    """The column-wise tile pass (what a linear runs for X and dY by columns, their abs-maxima kept, and for W) at
+    every tile x warps setting of TILE_SETTINGS, launched directly (no autotuner), on TinyLlama-1.1B's shapes.
+    GB/s counts x read once and q written once."""
+    from qt.kernels import quantize
+
+    lines = [f"## Column-wise tile pass settings on {device} (torch {torch.__version__}, triton {triton.__version__})",
+             "", "| x | BLOCK_R x BLOCK_C | warps | us | GB/s |", "| --- | --- | ---: | ---: | ---: |"]
+    for rows, cols in ((m, 2048), (m, 5632), (5632, 2048), (2048, 5632)):
+        x = torch.randn(rows, cols, device=on, dtype=torch.bfloat16)
+        amax = x.float().abs().amax(0)
+        q = torch.empty(cols, rows, device=on, dtype=torch.int8).t()
+        scale = torch.empty(1, cols, device=on, dtype=torch.bfloat16)
+        for block_r, block_c, warps in TILE_SETTINGS:
+            def launch():
+                quantize._tile_quantize_kernel.fn[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))](
+                    x, amax, q, scale, None, None, rows, cols, cols, 1, MIN_AMAX=1e-12, ROWS=False, MULTIPLIED=False,
+                    STOCHASTIC=False, SEED_INDEX=0, SCALE_IS_BF16=True, BLOCK_R=block_r, BLOCK_C=block_c,
+                    num_warps=warps)
+            us = time_ms(launch) * 1e3
+            lines.append(f"| {rows} x {cols} bf16 | {block_r} x {block_c} | {warps} | {us:.1f} "
+                         f"| {x.numel() * 3 / us / 1e3:.0f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def markdown(device: str, matmuls: list[dict], quantizes: list[dict]) -> str:
     lines = [
         f"## INT8 kernels on {device} (torch {torch.__version__}, triton {triton.__version__})",
@@ -304,17 +335,21 @@ def main() -> None:
                         help="--training_matmuls: comma-separated QT_INT8_MM_KERNEL values to time, e.g. classic,tma")
     parser.add_argument("--whole_row_configs", action="store_true",
                         help="only the whole-row quantize pass at every blocks-per-program x warps setting")
+    parser.add_argument("--tile_configs", action="store_true",
+                        help="only the column-wise tile quantize pass at every tile x warps setting")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
-    if args.whole_row_configs:
-        table = whole_row_configs_markdown(device, args.m)
-        print(table)
-        if out_dir := os.environ.get("OUT"):
-            Path(out_dir, "bench_whole_row_configs.md").write_text(table)
-        return
+    for chosen, table_of, name in ((args.whole_row_configs, whole_row_configs_markdown, "whole_row_configs"),
+                                   (args.tile_configs, tile_configs_markdown, "tile_configs")):
+        if chosen:
+            table = table_of(device, args.m)
+            print(table)
+            if out_dir := os.environ.get("OUT"):
+                Path(out_dir, f"bench_{name}.md").write_text(table)
+            return
     if args.training_matmuls:
         rows = []
         for k_in, n_out in [(2048, 2048), (2048, 5632), (5632, 2048)]:  # q/o, gate/up, down
