@@ -144,8 +144,6 @@ def quantize_int8_rows_and_cols(x: Tensor, stochastic_rounding: bool = False,
     instead of ``x``; the row-wise one is unchanged. A linear's backward folds the per-token scales of its
     quantized input into its output gradient this way (qt/linear.py), with no pass of its own.
 
-    Up to 8192 columns, the row-wise pass also takes the column-wise abs-maxima (two reads of ``x`` in all).
-
     Returns ``(q_rows, row_scale, q_cols, col_scale)``, laid out as ``quantize_int8`` lays out each.
     With stochastic rounding the two results round independently.
     """
