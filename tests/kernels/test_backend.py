@@ -36,6 +36,35 @@ def test_recipes_give_the_same_numbers_through_triton_and_torch(recipe, kwargs, 
         torch.testing.assert_close(from_triton, from_torch, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(("kwargs", "expected"), [
+    # X, W and dY by rows keeping their columns' abs-maxima, then each by columns in one pass: no abs-max pass.
+    ({}, {"_triton_quantize_whole_rows": 3, "_triton_tile_quantize": 3}),
+    # X's codes serve grad_weight: X by rows alone; dY by columns with X's scales folded in.
+    ({"grad_weight_sees_quantized_input": True}, {"_triton_quantize_whole_rows": 3, "_triton_tile_quantize": 2}),
+    # X and W 8200 wide: past 8192 columns the tiles take their rows, the abs-max pass keeping the columns' maxima
+    # for later; dY (24 wide) in whole rows.
+    ({"wide": True}, {"_triton_tile_amax": 2, "_triton_tile_quantize": 5, "_triton_quantize_whole_rows": 1}),
+])
+def test_an_int8_linear_takes_each_abs_max_once(kwargs, expected, monkeypatch):
+    """int8_mixed_precision's forward and backward launch exactly these passes (each reads its input once): each
+    operand's column abs-maxima are taken once, with its row-wise quantization (in the whole-row pass up to 8192
+    columns, in the tiles' abs-max pass beyond), and its later column-wise pass reuses them."""
+    from qt.kernels import quantize
+
+    kwargs = dict(kwargs)
+    in_features = 8200 if kwargs.pop("wide", False) else 40
+    launches = {}
+    for name in ("_triton_quantize_whole_rows", "_triton_tile_amax", "_triton_tile_quantize"):
+        kernel = getattr(quantize, name)
+        monkeypatch.setattr(quantize, name, lambda *a, kernel=kernel, name=name, **kw: launches.update(
+            {name: launches.get(name, 0) + 1}) or kernel(*a, **kw))
+    monkeypatch.setenv("QT_KERNEL_BACKEND", "triton")
+    linear, x, dy = make_case((3,), bias=False, in_features=in_features, out_features=24)
+    qt.quantize_(linear, "int8_mixed_precision", filter_fn=lambda m, n: True, **kwargs)
+    run_linear(linear, x, dy)
+    assert launches == expected
+
+
 def test_unknown_backend_is_refused(monkeypatch):
     monkeypatch.setenv("QT_KERNEL_BACKEND", "cuda")
     with pytest.raises(ValueError, match="QT_KERNEL_BACKEND='cuda': use one of auto, triton, torch"):
