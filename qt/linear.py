@@ -19,9 +19,9 @@ ways by one INT8 op that shares its reads of dY (FP8 casts are torch ops, which 
 with one scale for the whole tensor, dY is cast once and its codes transposed for the other layout).
 X and W are saved as they are, not as quantized copies: the linears that share an input (q/k/v, gate/up) then
 share its saved copy, and the peak memory stays below BF16's; each is quantized where its matmul runs. The
-forward's row-wise pass over each keeps what the backward's column-wise one needs of it, saved beside it (INT8:
-each column's abs-max; FP8 tensor-wise: the tensor's), so the backward reads X and W once each. The exception is `LinearPlan.grad_weight_sees_quantized_input`, which saves X's codes from the
-forward in its place.
+forward's row-wise pass over each keeps the abs-maxima the backward's column-wise one needs, saved beside it (INT8:
+each column's; FP8 tensor-wise: the tensor's), which spares the backward an abs-max pass over each. The exception
+is `LinearPlan.grad_weight_sees_quantized_input`, which saves X's codes from the forward in its place.
 """
 
 from __future__ import annotations
