@@ -19,6 +19,7 @@ Prints a markdown table last; with $OUT set, also writes it and a JSON of every 
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -31,6 +32,7 @@ import triton.testing
 
 from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax, scaled_int8_mm
 from qt.kernels import int8_mm
+from qt.kernels.fp8 import abs_max
 from qt.kernels.quantize import _torch_quantize_int8
 
 LLAMA_1B_NK = [(2048, 2048), (5632, 2048), (2048, 5632)]  # (N, K): q/o projections, MLP up, MLP down
@@ -151,15 +153,12 @@ def training_matmuls_markdown(device: str, rows: list[dict]) -> str:
 QUANTIZE_SHAPES = [(2048, "nearest"), (2048, "stochastic"), (5632, "nearest"), (768, "nearest"), (256, "nearest")]  # (width, rounding)
 
 
+@functools.cache  # tensors hash by identity: taken once per x, outside the timed calls
 def col_amax(x: torch.Tensor) -> torch.Tensor:
-    """The abs-max of each column of x as quantize_int8_rows_keeping_col_amax keeps it (taken once per x)."""
-    key = (x.data_ptr(), tuple(x.shape))
-    if key not in _COL_AMAX:
-        _COL_AMAX[key] = x.float().abs().amax(0, keepdim=True)
-    return _COL_AMAX[key]
+    """The abs-max of each column of x as quantize_int8_rows_keeping_col_amax keeps it."""
+    return abs_max(x, 0)
 
 
-_COL_AMAX = {}
 QUANTIZE_MODES = {  # name -> (qt function, the same math in torch ops) on x
     "rows": (lambda x, sr: quantize_int8(x, 1, sr), lambda x: _torch_quantize_int8(x, 1, None)),
     "columns": (lambda x, sr: quantize_int8(x, 0, sr), lambda x: _torch_quantize_int8(x, 0, None)),
@@ -167,11 +166,11 @@ QUANTIZE_MODES = {  # name -> (qt function, the same math in torch ops) on x
              lambda x: (*_torch_quantize_int8(x, 1, None), *_torch_quantize_int8(x, 0, None))),
     # A linear's X and W: by rows in the forward, keeping the columns' abs-max, then by columns in the backward.
     "rows keeping col amax": (quantize_int8_rows_keeping_col_amax,
-                              lambda x: (*_torch_quantize_int8(x, 1, None), x.float().abs().amax(0, keepdim=True))),
+                              lambda x: (*_torch_quantize_int8(x, 1, None), abs_max(x, 0))),
     "columns, kept amax": (lambda x, sr: quantize_int8(x, 0, sr, col_amax=col_amax(x)),
                            lambda x: _torch_quantize_int8(x, 0, None)),
 }
-BASELINE_MODES = {  # name -> the call of a baseline module (one without a mode's function times none)
+BASELINE_MODES = {  # name -> the call of a baseline module
     "rows": lambda module, x, sr: module.quantize_int8(x, 1, sr),
     "columns": lambda module, x, sr: module.quantize_int8(x, 0, sr),
     "both": lambda module, x, sr: module.quantize_int8_rows_and_cols(x, sr),
@@ -212,11 +211,9 @@ def bench_quantize(x: torch.Tensor, mode: str, stochastic: bool, baseline=None) 
     compiled_ms = time_ms(lambda: compiled(x)) if not stochastic else float("nan")
     baseline_ms = float("nan")
     if baseline is not None:
-        try:
-            BASELINE_MODES[mode](baseline, x, stochastic)
+        # A baseline from before round 9 has neither the kept maxima's function nor quantize_int8's col_amax.
+        if hasattr(baseline, "quantize_int8_rows_keeping_col_amax") or "amax" not in mode:
             baseline_ms = time_ms(lambda: BASELINE_MODES[mode](baseline, x, stochastic))
-        except (AttributeError, TypeError):  # the baseline has no such function or argument
-            pass
     return {
         "shape": list(x.shape), "mode": mode, "stochastic": stochastic, "ok": bool(ok),
         "qt_us": qt_ms * 1e3, "qt_gbps": bytes_moved / qt_ms / 1e6,
@@ -237,8 +234,7 @@ def whole_row_configs_markdown(device: str, m: int) -> str:
         x = torch.randn(m, width, device=DEVICE, dtype=torch.bfloat16)
         q, scale = torch.empty_like(x, dtype=torch.int8), torch.empty(m, 1, device=DEVICE, dtype=torch.bfloat16)
         col_amax = torch.zeros(width, device=DEVICE)
-        block_cols = max(triton.next_power_of_2(width), 16)
-        block_rows = max(1, min(16, 2048 // block_cols))
+        block_rows, block_cols = quantize.whole_row_blocks(width)
         for keep_col_amax in (False, True):
             for blocks in (1, 4, 16, 32, 64):
                 for warps in (4, 8):
@@ -259,7 +255,7 @@ TILE_SETTINGS = [(r, c, w) for r, c in ((32, 128), (64, 64), (64, 128), (64, 256
                                         (256, 64)) for w in (4, 8)]  # (BLOCK_R, BLOCK_C, warps)
 
 
-def tile_configs_markdown(device: str, m: int, on: str = DEVICE) -> str:
+def tile_configs_markdown(device: str, m: int) -> str:
     """The column-wise tile pass (what a linear runs for X and dY by columns, their abs-maxima kept, and for W) at
     every tile x warps setting of TILE_SETTINGS, launched directly (no autotuner), on TinyLlama-1.1B's shapes.
     GB/s counts x read once and q written once."""
@@ -268,10 +264,10 @@ def tile_configs_markdown(device: str, m: int, on: str = DEVICE) -> str:
     lines = [f"## Column-wise tile pass settings on {device} (torch {torch.__version__}, triton {triton.__version__})",
              "", "| x | BLOCK_R x BLOCK_C | warps | us | GB/s |", "| --- | --- | ---: | ---: | ---: |"]
     for rows, cols in ((m, 2048), (m, 5632), (5632, 2048), (2048, 5632)):
-        x = torch.randn(rows, cols, device=on, dtype=torch.bfloat16)
-        amax = x.float().abs().amax(0)
-        q = torch.empty(cols, rows, device=on, dtype=torch.int8).t()
-        scale = torch.empty(1, cols, device=on, dtype=torch.bfloat16)
+        x = torch.randn(rows, cols, device=DEVICE, dtype=torch.bfloat16)
+        amax = abs_max(x, 0)
+        q = torch.empty(cols, rows, device=DEVICE, dtype=torch.int8).t()
+        scale = torch.empty(1, cols, device=DEVICE, dtype=torch.bfloat16)
         for block_r, block_c, warps in TILE_SETTINGS:
             def launch():
                 quantize._tile_quantize_kernel.fn[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))](

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from qt.kernels.backend import eager_launch, realize_inputs_read_by_several_kernels, traced, use_triton
+from qt.kernels.fp8 import abs_max
 
 try:
     import triton
@@ -287,13 +288,7 @@ def _quantize_int8_rows_and_cols_in_torch(
 
 
 def _quantize_int8_rows_keeping_col_amax_in_torch(x: Tensor, seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    return (*_torch_quantize_int8(x, 1, seed), _torch_abs_max(x.float().t()).view(1, -1))
-
-
-def _torch_abs_max(x_rows: Tensor) -> Tensor:
-    """The float32 abs-max of each row of ``x_rows`` [S, L] as [S, 1], NaN as inf; 0 for empty rows."""
-    magnitude = torch.where(torch.isnan(x_rows), torch.inf, x_rows.abs())
-    return magnitude.amax(dim=1, keepdim=True) if magnitude.shape[1] else magnitude.new_zeros(magnitude.shape[0], 1)
+    return (*_torch_quantize_int8(x, 1, seed), abs_max(x, 0))
 
 
 def _as_rows(t: Tensor, axis: int) -> Tensor:
@@ -320,7 +315,7 @@ def _torch_quantize_int8(x: Tensor, axis: int, seed: Tensor | None, row_multipli
     q, scale = _empty_outputs(x, axis)
     x_float = x.float() if row_multipliers is None else x.float() * row_multipliers.float().reshape(-1, 1)
     x_rows = _as_rows(x_float, axis)
-    amax = _torch_abs_max(x_rows) if col_amax is None else col_amax.reshape(-1, 1)
+    amax = abs_max(x_rows, 1) if col_amax is None else col_amax.reshape(-1, 1)
     # An empty slice (no tokens) has no maximum: the floor stands in for it.
     amax = amax.clamp(min=_min_amax(x.dtype))
     # Divided by a tensor: CUDA torch multiplies by the reciprocal of a Python number, 1 ulp off the kernels' division.
@@ -351,14 +346,20 @@ def _round_to_scale_dtype(scale: Tensor, dtype: torch.dtype) -> Tensor:
 # The Triton path.
 
 
+def whole_row_blocks(n_cols: int) -> tuple[int, int]:
+    """(rows, columns) of the block the whole-row pass holds in registers for rows ``n_cols`` wide: the row padded
+    to a power of two, and as many rows as fit 2048 values (at most 16)."""
+    block_cols = max(triton.next_power_of_2(n_cols), 16)
+    return max(1, min(16, 2048 // block_cols)), block_cols
+
+
 def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None, col_amax: Tensor | None = None,
                                 col_row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Row-wise, one read of x; also folds each column's abs-max (of x with row i multiplied by
     ``col_row_multipliers[i]`` where given) into ``col_amax`` (float32 [C], zeros or earlier maxima) where given."""
     q, scale = _empty_outputs(x, 1)
     n_rows, n_cols = x.shape
-    block_cols = max(triton.next_power_of_2(n_cols), 16)
-    block_rows = max(1, min(16, 2048 // block_cols))
+    block_rows, block_cols = whole_row_blocks(n_cols)
     # Measured on an H200 at 16384 x 2048 and x 5632 (bf16), every blocks-per-program x warps setting timed on its
     # own: one block of rows a program and 4 warps for the plain pass (~2.8 TB/s); 32 rows a program and 8 warps
     # where it folds the column maxima (each program then sends one atomic a column: 1 row a program took 10x

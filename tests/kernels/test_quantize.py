@@ -34,8 +34,7 @@ quantize_paths = pytest.mark.parametrize("quantize", PATHS.values(), ids=PATHS.k
 
 def reference_quantize(x: torch.Tensor, axis: int, scales_as: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The documented math, one slice at a time, in numpy float32 (x times the IEEE reciprocal of its scale, np.rint
-    ties to even), with the
-    scales in the dtype of `scales_as`'s scales (default: x's)."""
+    ties to even), with the scales in the dtype of `scales_as`'s scales (default: x's)."""
     slices = (x if axis == 1 else x.t()).float().numpy()
     q = np.empty(slices.shape, dtype=np.int8)
     scales = []
