@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from qt.kernels import (quantize_fp8, quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax,
-                        scaled_fp8_mm, scaled_int8_mm)
+                        scaled_fp8_mm, scaled_int8_mm, to_column_major)
 from qt.kernels.fp8 import E4M3, FP8_DTYPES, SCALINGS, abs_max
 
 FORMATS = (None, "int8", "fp8")
@@ -100,8 +100,8 @@ class LinearPlan:
     - with a grad_weight quantized in the output's format, row-wise: X's codes themselves. They hold a scale per
       token, along the dimension grad_weight reduces, so the scales are folded into dY instead: dY.T @ X ~
       (s * dY).T @ X_q, with s * dY quantized by columns as dY would be (in the same pass for INT8). This spares
-      the backward X's column-wise quantization (an abs-max pass and a quantize pass over X) for a transpose of
-      its codes;
+      the forward the fold of X's column abs-maxima and the backward X's column-wise quantization (a read of X)
+      for a copy of its codes into the column-major layout (`qt.kernels.layout` for INT8);
     - with FP8 tensor-wise scales alike in both: X's codes and their one scale, the same numbers as casting X again
       with the abs-max the forward took (a transpose of the codes instead of a cast of X)."""
 
@@ -257,8 +257,8 @@ class _QuantizedLinear(torch.autograd.Function):
                     x_q, x_scale = x_saved
                     # Row-wise, the scales went into dY; the codes' own are ones, along the dimension grad_weight keeps.
                     scale = x_scale.new_ones(1, x_q.shape[1]) if fold_x_scales else x_scale
-                    grad_w = planned_matmul(dy_cols.T, QuantizedOperand(x_q.t().contiguous().t(), scale), dtype,
-                                            plan.grad_weight)
+                    x_q = to_column_major(x_q) if plan.grad_weight.int8 else x_q.t().contiguous().t()
+                    grad_w = planned_matmul(dy_cols.T, QuantizedOperand(x_q, scale), dtype, plan.grad_weight)
                 elif plan.grad_weight.quantized:
                     x_amax = x_saved[1] if len(x_saved) > 1 else None
                     x_cols = quantize_operand(x_saved[0], 0, plan.grad_weight, "activation", x_amax)

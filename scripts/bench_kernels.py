@@ -4,6 +4,7 @@
     PYTHONPATH=. python scripts/bench_kernels.py --training_matmuls
     PYTHONPATH=. python scripts/bench_kernels.py --whole_row_configs
     PYTHONPATH=. python scripts/bench_kernels.py --tile_configs
+    PYTHONPATH=. python scripts/bench_kernels.py --column_major_configs
 
 --training_matmuls: the three matmuls of each TinyLlama-1.1B linear in a training step, as the recipes run them
 (output, grad_input, and grad_weight, which reduces over the tokens), K-contiguous: qt's INT8 kernel against
@@ -281,6 +282,42 @@ def tile_configs_markdown(device: str, m: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+COLUMN_MAJOR_SETTINGS = [(r, c, w) for r, c in ((32, 32), (64, 64), (64, 128), (128, 64), (128, 128), (256, 64),
+                                                (64, 256)) for w in (2, 4, 8)]  # (BLOCK_ROWS, BLOCK_COLS, warps)
+
+
+def column_major_configs_markdown(device: str, m: int) -> str:
+    """qt.kernels.layout's copy of row-major int8 codes into the column-major layout (X's codes for grad_weight,
+    with grad_weight_sees_quantized_input) at every tile x warps setting of COLUMN_MAJOR_SETTINGS, launched
+    directly, on TinyLlama-1.1B's activation shapes; then the copy torch.compile generates for `.t().contiguous()`.
+    Each result is checked against torch's. GB/s counts the codes read once and written once."""
+    from qt.kernels import layout
+
+    lines = [f"## Column-major copy of int8 codes on {device} (torch {torch.__version__}, triton {triton.__version__})",
+             "", "| q | BLOCK_ROWS x BLOCK_COLS | warps | us | GB/s |", "| --- | --- | ---: | ---: | ---: |"]
+    for cols in (2048, 5632):
+        q = torch.randint(-127, 128, (m, cols), device=DEVICE, dtype=torch.int8)
+        out = torch.empty(cols, m, device=DEVICE, dtype=torch.int8).t()
+        inductor = torch.compile(lambda t: t.t().contiguous(), fullgraph=True, dynamic=False)
+
+        def kernel_copy(block_rows, block_cols, warps):
+            def launch():
+                layout._to_column_major_kernel[(triton.cdiv(m, block_rows), triton.cdiv(cols, block_cols))](
+                    q, out, m, cols, cols, 1, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps)
+                return out
+            return launch
+
+        copies = [(f"{r} x {c}", w, kernel_copy(r, c, w)) for r, c, w in COLUMN_MAJOR_SETTINGS]
+        for tile, warps, launch in [*copies, ("Inductor's copy", "", lambda: inductor(q).t())]:
+            out.zero_()
+            ok = torch.equal(launch(), q)
+            us = time_ms(launch) * 1e3
+            lines.append(f"| {m} x {cols} int8 | {tile} | {warps} | {us:.1f} | {q.numel() * 2 / us / 1e3:.0f}"
+                         f"{'' if ok else ' WRONG'} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def markdown(device: str, matmuls: list[dict], quantizes: list[dict]) -> str:
     lines = [
         f"## INT8 kernels on {device} (torch {torch.__version__}, triton {triton.__version__})",
@@ -333,13 +370,16 @@ def main() -> None:
                         help="only the whole-row quantize pass at every blocks-per-program x warps setting")
     parser.add_argument("--tile_configs", action="store_true",
                         help="only the column-wise tile quantize pass at every tile x warps setting")
+    parser.add_argument("--column_major_configs", action="store_true",
+                        help="only the column-major copy of int8 codes at every tile x warps setting, and Inductor's")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
     for chosen, table_of, name in ((args.whole_row_configs, whole_row_configs_markdown, "whole_row_configs"),
-                                   (args.tile_configs, tile_configs_markdown, "tile_configs")):
+                                   (args.tile_configs, tile_configs_markdown, "tile_configs"),
+                                   (args.column_major_configs, column_major_configs_markdown, "column_major_configs")):
         if chosen:
             table = table_of(device, args.m)
             print(table)

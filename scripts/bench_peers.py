@@ -51,7 +51,8 @@ ACTIVE_TOKENS = 1024  # the synthetic stream's tokens: learnable within a few do
 
 
 # qt rows beyond each recipe's defaults: the options the speed targets name, and grad_weight from the forward's codes
-# (fewer quantize passes, but a transpose of the codes: slower for INT8 in rounds 8 and 9, docs/benchmarks.md).
+# (fewer quantize passes, but a column-major copy of the codes: slower for INT8 in rounds 8 and 9, where Inductor
+# generated that copy; docs/benchmarks.md).
 QT_VARIANTS = {"int8_weight_only": {"int8_activations": {"int8_activations": True}},
                "int8_mixed_precision": {"codes": {"grad_weight_sees_quantized_input": True}},
                "fp8_mixed_precision": {"codes": {"grad_weight_sees_quantized_input": True},

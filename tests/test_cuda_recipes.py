@@ -97,6 +97,8 @@ def test_compiled_graph_launches_the_kernels_directly(recipe, kwargs):
     plan = linear.weight.plan
     if any(matmul.int8 for matmul in (plan.output, plan.grad_input, plan.grad_weight)):
         assert "_scaled_int8_mm_kernel" in code
+    if plan.grad_weight_sees_quantized_input and plan.grad_weight.int8:  # X's codes copied by qt's kernel
+        assert "_to_column_major_kernel" in code
     for got, want in zip(result, eager):
         assert rel_err(got, want) < 1e-2
 

@@ -26,10 +26,11 @@ class GpuTargetOnly:
 
 triton.runtime.driver.set_active(GpuTargetOnly())
 import torch._inductor.config
-import qt.kernels.int8_mm, qt.kernels.quantize
+import qt.kernels.int8_mm, qt.kernels.layout, qt.kernels.quantize
 
 torch._inductor.config.cpu_backend = "triton"
-qt.kernels.quantize.use_triton = qt.kernels.int8_mm.use_triton = lambda t, triton_available: True
+for module in (qt.kernels.int8_mm, qt.kernels.layout, qt.kernels.quantize):
+    module.use_triton = lambda t, triton_available: True
 """
 
 

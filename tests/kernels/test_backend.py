@@ -39,8 +39,9 @@ def test_recipes_give_the_same_numbers_through_triton_and_torch(recipe, kwargs, 
 @pytest.mark.parametrize(("kwargs", "expected"), [
     # X, W and dY by rows keeping their columns' abs-maxima, then each by columns in one pass: no abs-max pass.
     ({}, {"_triton_quantize_whole_rows": 3, "_triton_tile_quantize": 3}),
-    # X's codes serve grad_weight: X by rows alone; dY by columns with X's scales folded in.
-    ({"grad_weight_sees_quantized_input": True}, {"_triton_quantize_whole_rows": 3, "_triton_tile_quantize": 2}),
+    # X's codes serve grad_weight, copied column-major: X by rows alone; dY by columns with X's scales folded in.
+    ({"grad_weight_sees_quantized_input": True},
+     {"_triton_quantize_whole_rows": 3, "_triton_tile_quantize": 2, "_to_column_major": 1}),
     # X and W 8200 wide: past 8192 columns the tiles take their rows, the abs-max pass keeping the columns' maxima
     # for later; dY (24 wide) in whole rows.
     ({"wide": True}, {"_triton_tile_amax": 2, "_triton_tile_quantize": 5, "_triton_quantize_whole_rows": 1}),
@@ -49,14 +50,15 @@ def test_an_int8_linear_takes_each_abs_max_once(kwargs, expected, monkeypatch):
     """int8_mixed_precision's forward and backward launch exactly these passes (each reads its input once): each
     operand's column abs-maxima are taken once, with its row-wise quantization (in the whole-row pass up to 8192
     columns, in the tiles' abs-max pass beyond), and its later column-wise pass reuses them."""
-    from qt.kernels import quantize
+    from qt.kernels import layout, quantize
 
     kwargs = dict(kwargs)
     in_features = 8200 if kwargs.pop("wide", False) else 40
     launches = {}
-    for name in ("_triton_quantize_whole_rows", "_triton_tile_amax", "_triton_tile_quantize"):
-        kernel = getattr(quantize, name)
-        monkeypatch.setattr(quantize, name, lambda *a, kernel=kernel, name=name, **kw: launches.update(
+    for module, name in ((quantize, "_triton_quantize_whole_rows"), (quantize, "_triton_tile_amax"),
+                         (quantize, "_triton_tile_quantize"), (layout, "_to_column_major")):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, kernel=kernel, name=name, **kw: launches.update(
             {name: launches.get(name, 0) + 1}) or kernel(*a, **kw))
     monkeypatch.setenv("QT_KERNEL_BACKEND", "triton")
     linear, x, dy = make_case((3,), bias=False, in_features=in_features, out_features=24)
