@@ -33,7 +33,7 @@ def to_column_major(q: Tensor) -> Tensor:
     column contiguous. ``q`` itself where it is laid out so already."""
     if q.dtype != torch.int8 or q.dim() != 2:
         raise ValueError(f"to_column_major: q must be a 2-D int8 tensor, got {q.dtype} {list(q.shape)}")
-    if q.stride(0) == 1 and (q.stride(1) == q.shape[0] or q.shape[1] <= 1):
+    if q.t().is_contiguous():
         return q
     if traced(q):
         return torch.ops.qt.to_column_major(q)
