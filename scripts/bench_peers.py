@@ -264,7 +264,8 @@ def main(argv=None) -> str:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["tinyllama-1.1b", "llama-120m"], choices=list(MODELS))
-    parser.add_argument("--only", nargs="+", metavar="PREFIX", help="rows whose name starts so (the baseline always runs)")
+    parser.add_argument("--only", nargs="+", metavar="PREFIX",
+                        help="rows whose name starts so, or is the PREFIX before a closing $ (the baseline always runs)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the timing (compilation)")
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -295,6 +296,12 @@ def main(argv=None) -> str:
     return text
 
 
+def row_is_chosen(name: str, prefix: str) -> bool:
+    """`--only`'s rule: `name` starts with `prefix`, or is `prefix` less its closing $ (a row whose name other rows'
+    names start with, alone)."""
+    return name == prefix[:-1] if prefix.endswith("$") else name.startswith(prefix)
+
+
 def measure_call(args, argv: list[str]) -> dict:
     gpu = torch.cuda.is_available() and not args.smoke
     if not gpu and not args.smoke:
@@ -311,7 +318,7 @@ def measure_call(args, argv: list[str]) -> dict:
     for model in models:
         seq_len, batch_size = MODELS[model]
         names = [name for name in row_names(args.quantize_small_linears)
-                 if not args.only or any(name.startswith(prefix) for prefix in args.only)]
+                 if not args.only or any(row_is_chosen(name, prefix) for prefix in args.only)]
         base_speed = None
         for name in [baseline, *names]:
             spec = {"model": model, "row": name, "seq_len": seq_len, "batch_size": batch_size, "steps": steps,

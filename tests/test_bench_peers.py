@@ -64,3 +64,12 @@ def test_variant_rows_quantize_with_their_options():
     model = tiny_llama()
     bench_peers.apply_row(model, "qt fp8_mixed_precision rowwise", small_linears=False)
     assert model.model.layers[0].mlp.up_proj.weight.config.scaling == "rowwise"
+
+
+def test_only_takes_prefixes_and_whole_names():
+    names = ["qt fp8_mixed_precision", "qt fp8_mixed_precision codes", "qt fp8_mixed_precision rowwise"]
+    chosen = lambda prefix: [name for name in names if bench_peers.row_is_chosen(name, prefix)]  # noqa: E731
+    assert chosen("qt fp8") == names
+    assert chosen("qt fp8_mixed_precision$") == ["qt fp8_mixed_precision"]
+    assert chosen("qt fp8_mixed_precision rowwise$") == ["qt fp8_mixed_precision rowwise"]
+    assert chosen("qt fp8_mixed$") == []
