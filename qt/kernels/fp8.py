@@ -97,11 +97,7 @@ def quantize_fp8(x: Tensor, axis: int, dtype: torch.dtype = E4M3, scaling: str =
         amax_of_x = abs_max(rows, None if scaling == "tensorwise" else 1)
     scale = scale_from_amax(amax_of_x, dtype, power_of_two_scales)
     largest = torch.finfo(dtype).max
-    # Multiplied by the reciprocal, one a scale, as the INT8 kernels do: Inductor's kernels would otherwise divide
-    # each element (an IEEE division, about ten instructions), which left the INT8 passes short of issue slots
-    # before memory bandwidth (docs/kernels.md, round 9). The same bits with power-of-two scales; otherwise the
-    # float32 quotient may differ in its last bit, which moves an FP8 value about once in 2^20.
-    q = (rows.float() * torch.reciprocal(scale)).clamp(-largest, largest).to(dtype).contiguous()
+    q = (rows.float() / scale).clamp(-largest, largest).to(dtype).contiguous()
     return (q, scale) if axis == 1 else (q.t(), scale.t())
 
 
