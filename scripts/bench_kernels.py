@@ -5,6 +5,7 @@
     PYTHONPATH=. python scripts/bench_kernels.py --whole_row_configs
     PYTHONPATH=. python scripts/bench_kernels.py --tile_configs
     PYTHONPATH=. python scripts/bench_kernels.py --column_major_configs
+    PYTHONPATH=. python scripts/bench_kernels.py --fp8_casts [--baseline OLD_FP8_PY]
 
 --training_matmuls: the three matmuls of each TinyLlama-1.1B linear in a training step, as the recipes run them
 (output, grad_input, and grad_weight, which reduces over the tokens), K-contiguous: qt's INT8 kernel against
@@ -181,10 +182,10 @@ BASELINE_MODES = {  # name -> the call of a baseline module
 
 
 def load_baseline(path: str):
-    """Another version of qt/kernels/quantize.py as a module of its own: its torch.library ops get the
-    namespace qt_baseline, so they do not collide with qt's."""
+    """Another version of a module of qt/kernels/ (quantize.py, fp8.py) as a module of its own: its torch.library ops
+    get the namespace qt_baseline, so they do not collide with qt's."""
     source = Path(path).read_text().replace('"qt::', '"qt_baseline::').replace("torch.ops.qt.", "torch.ops.qt_baseline.")
-    spec = importlib.util.spec_from_loader("qt_baseline_quantize", loader=None)
+    spec = importlib.util.spec_from_loader(f"qt_baseline_{Path(path).stem}", loader=None)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     exec(compile(source, path, "exec"), module.__dict__)
@@ -318,6 +319,37 @@ def column_major_configs_markdown(device: str, m: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+FP8_CASTS = [("tensorwise", 1), ("tensorwise", 0), ("rowwise", 1), ("rowwise", 0)]  # (scaling, reduced axis)
+
+
+def fp8_casts_markdown(device: str, m: int, baseline_path: str | None) -> str:
+    """quantize_fp8 to E4M3 compiled by Inductor, as the FP8 recipe runs it (the abs-max, then the cast; axis 0 writes
+    the codes transposed), on TinyLlama's activation shapes; beside a baseline version of qt/kernels/fp8.py compiled
+    in the same process, where given, with the share of codes that differ. GB/s counts x read once and the codes
+    written once (the abs-max reads x a second time)."""
+    from qt.kernels import fp8
+
+    torch._dynamo.config.cache_size_limit = 64  # one graph per shape, scaling and axis, of each version
+    modules = {"qt": fp8, "baseline": load_baseline(baseline_path)} if baseline_path else {"qt": fp8}
+    lines = [f"## FP8 casts compiled by Inductor on {device} (torch {torch.__version__}, triton {triton.__version__})",
+             "", "| x | scaling | reduced axis | qt us | qt GB/s | baseline us | codes differing from the baseline |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for cols in (2048, 5632):
+        x = torch.randn(m, cols, device=DEVICE, dtype=torch.bfloat16)
+        for scaling, axis in FP8_CASTS:
+            results = {}
+            for name, module in modules.items():
+                cast = torch.compile(functools.partial(module.quantize_fp8, axis=axis, scaling=scaling), fullgraph=True,
+                                     dynamic=False)
+                results[name] = (cast(x)[0].view(torch.uint8), time_ms(lambda: cast(x)) * 1e3)
+            (codes, us), baseline = results["qt"], results.get("baseline")
+            differing = f"{(codes != baseline[0]).float().mean().item():.2e}" if baseline else ""
+            lines.append(f"| {m} x {cols} bf16 | {scaling} | {axis} | {us:.1f} | {x.numel() * 3 / us / 1e3:.0f} "
+                         f"| {f'{baseline[1]:.1f}' if baseline else ''} | {differing} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def markdown(device: str, matmuls: list[dict], quantizes: list[dict]) -> str:
     lines = [
         f"## INT8 kernels on {device} (torch {torch.__version__}, triton {triton.__version__})",
@@ -360,7 +392,8 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=16384, help="tokens per matmul (rows of a and of x)")
     parser.add_argument("--quick", action="store_true", help="only the first (N, K) shape and no stochastic rounding")
     parser.add_argument("--quantize_only", action="store_true", help="skip the matmuls")
-    parser.add_argument("--baseline", help="another version of qt/kernels/quantize.py to time beside this one")
+    parser.add_argument("--baseline", help="another version of qt/kernels/quantize.py (with --fp8_casts: fp8.py) to time "
+                                           "beside this one")
     parser.add_argument("--widths", type=int, nargs="+", help="only the quantize shapes of these widths")
     parser.add_argument("--training_matmuls", action="store_true",
                         help="only a training step's matmuls: INT8 vs FP8 vs bf16")
@@ -370,6 +403,8 @@ def main() -> None:
                         help="only the whole-row quantize pass at every blocks-per-program x warps setting")
     parser.add_argument("--tile_configs", action="store_true",
                         help="only the column-wise tile quantize pass at every tile x warps setting")
+    parser.add_argument("--fp8_casts", action="store_true",
+                        help="only the FP8 casts compiled by Inductor (with --baseline: an earlier qt/kernels/fp8.py)")
     parser.add_argument("--column_major_configs", action="store_true",
                         help="only the column-major copy of int8 codes at every tile x warps setting, and Inductor's")
     args = parser.parse_args()
@@ -377,7 +412,9 @@ def main() -> None:
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
-    for chosen, table_of, name in ((args.whole_row_configs, whole_row_configs_markdown, "whole_row_configs"),
+    for chosen, table_of, name in ((args.fp8_casts, functools.partial(fp8_casts_markdown, baseline_path=args.baseline),
+                                    "fp8_casts"),
+                                   (args.whole_row_configs, whole_row_configs_markdown, "whole_row_configs"),
                                    (args.tile_configs, tile_configs_markdown, "tile_configs"),
                                    (args.column_major_configs, column_major_configs_markdown, "column_major_configs")):
         if chosen:
