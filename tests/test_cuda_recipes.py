@@ -80,6 +80,15 @@ def test_quantize_kernels_give_the_torch_ops_bits(shape, dtype):
         assert got.stride() == want.stride() and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("shape", [(16384, 2048), (16384, 5632), (333, 9000), (7, 3)])
+def test_column_major_copy_of_codes(shape):
+    from qt.kernels import to_column_major
+
+    q = torch.randint(-127, 128, shape, device="cuda", dtype=torch.int8)
+    copy = through("triton", to_column_major)(q)
+    assert copy.stride() == (1, shape[0]) and torch.equal(copy, q)
+
+
 @pytest.mark.parametrize(("recipe", "kwargs"), [r for r in RECIPES if not r[1].get("stochastic_rounding")])
 def test_compiled_graph_launches_the_kernels_directly(recipe, kwargs):
     from torch._inductor.utils import run_and_get_code
