@@ -15,7 +15,8 @@ def codes(rows: int, cols: int) -> torch.Tensor:
     return torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=torch.Generator().manual_seed(rows + cols))
 
 
-# Odd shapes cross the 64 x 64 tiles' edges; 1 x 200 and 200 x 1 are single rows and columns of several tiles.
+# Odd shapes cross the 64 x 64 tiles' edges; 1 x 200 is a row across several tiles (200 x 1, a column, is
+# column-major already).
 @pytest.mark.parametrize("shape", [(1, 200), (200, 1), (65, 63), (130, 257), (3, 5)])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_values_and_layout(shape, backend):
@@ -26,8 +27,8 @@ def test_values_and_layout(shape, backend):
 
 
 def test_the_kernel_runs_and_reads_any_strides(monkeypatch):
-    """The Triton path launches the kernel (not the torch copy), and reads a view with other strides: a slice of
-    every other row, and a transposed view of a row-major matrix that is not column-major."""
+    """The Triton path launches the kernel (not the torch copy), and reads views with other strides: every other
+    row, a slice of the columns, and a strided transposed view."""
     wrapped = []
     original = layout.wrap_triton
     monkeypatch.setattr(layout, "wrap_triton", lambda kernel: wrapped.append(kernel) or original(kernel))
