@@ -2,7 +2,7 @@
 
     python scripts/trace_summary.py RUN_DIR/profile/trace_rank0.json [--steps 3]
 
-Groups the trace's GPU kernels by what they do (INT8 and cuBLAS matmuls, qt's quantize kernels, attention,
+Groups the trace's GPU kernels by what they do (INT8 and cuBLAS matmuls, qt's quantize kernels and copies, attention,
 Inductor's fused kernels, the optimizer, communication, the rest), per step (the profiler records --steps steps),
 and sets the time the GPU worked (the union of its kernels on every stream) against the wall time of the
 profiled steps: the difference is time the GPU waited, on the host or on nothing at all. On several GPUs the time
@@ -24,6 +24,7 @@ GROUPS = [
     (COMMUNICATION, r"nccl"),
     ("INT8 matmuls (qt)", r"scaled_int8_mm"),
     ("qt quantize kernels", r"_quantize|_tile_amax"),
+    ("qt column-major copies of INT8 codes", r"_to_column_major"),
     ("attention", r"flash|fmha|attention|cudnn"),
     ("cuBLAS / CUTLASS matmuls", r"nvjet|gemm|cutlass|sm90_xmma|ampere_|cublas"),
     ("optimizer (fused / foreach; qt's INT8 Adam)", r"multi_tensor_apply|fused_adam|FusedAdam|_foreach|_adam_kernel"),
