@@ -392,8 +392,8 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=16384, help="tokens per matmul (rows of a and of x)")
     parser.add_argument("--quick", action="store_true", help="only the first (N, K) shape and no stochastic rounding")
     parser.add_argument("--quantize_only", action="store_true", help="skip the matmuls")
-    parser.add_argument("--baseline", help="another version of qt/kernels/quantize.py (with --fp8_casts: fp8.py) to time "
-                                           "beside this one")
+    parser.add_argument("--baseline",
+                        help="another qt/kernels/quantize.py (with --fp8_casts: fp8.py) to time beside this one")
     parser.add_argument("--widths", type=int, nargs="+", help="only the quantize shapes of these widths")
     parser.add_argument("--training_matmuls", action="store_true",
                         help="only a training step's matmuls: INT8 vs FP8 vs bf16")

@@ -265,7 +265,7 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["tinyllama-1.1b", "llama-120m"], choices=list(MODELS))
     parser.add_argument("--only", nargs="+", metavar="PREFIX",
-                        help="rows whose name starts so, or is the PREFIX before a closing $ (the baseline always runs)")
+                        help="rows whose name starts so, or is PREFIX less a closing $ (the baseline always runs)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the timing (compilation)")
     parser.add_argument("--lr", type=float, default=3e-4)

@@ -12,7 +12,8 @@ from tests.kernels.backends import through
 
 
 def codes(rows: int, cols: int) -> torch.Tensor:
-    return torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=torch.Generator().manual_seed(rows + cols))
+    generator = torch.Generator().manual_seed(rows + cols)
+    return torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=generator)
 
 
 # Odd shapes cross the 64 x 64 tiles' edges; 1 x 200 is a row across several tiles (200 x 1, a column, is
