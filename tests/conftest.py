@@ -7,9 +7,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # torch.compile's on-disk caches key a graph by the ops it calls, not by the Python that implements qt's
 # ops: a cache left by an earlier version of qt would serve stale kernels. Each test session compiles afresh.
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="qt-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)  # ~8 MB a session
 
 
 import pytest  # noqa: E402
