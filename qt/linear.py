@@ -257,6 +257,7 @@ class _QuantizedLinear(torch.autograd.Function):
                     x_q, x_scale = x_saved
                     # Row-wise, the scales went into dY; the codes' own are ones, along the dimension grad_weight keeps.
                     scale = x_scale.new_ones(1, x_q.shape[1]) if fold_x_scales else x_scale
+                    # The kernel copies INT8 codes; FP8's keep torch's copy (not timed against the kernel).
                     x_q = to_column_major(x_q) if plan.grad_weight.int8 else x_q.t().contiguous().t()
                     grad_w = planned_matmul(dy_cols.T, QuantizedOperand(x_q, scale), dtype, plan.grad_weight)
                 elif plan.grad_weight.quantized:

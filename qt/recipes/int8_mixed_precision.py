@@ -41,9 +41,9 @@ class Int8MixedPrecisionConfig(RecipeConfig):
     its column-wise quantization (qt.linear.LinearPlan): the backward transposes X's codes instead of quantizing X
     by columns (one pass over X in BF16, its abs-max kept from the forward), another rounding of grad_weight than
     the default's. Off by default: slower on an H100 (0.97x BF16 against the default's 1.08x, docs/benchmarks.md
-    round 9; round 8 found Inductor's transposes of the codes cost more than the quantize passes saved), and not
-    run through the convergence sweep. With `grad_weight=False`, grad_weight is dY.T @ dequantized X (BitNet's
-    straight-through estimator)."""
+    round 9; round 8 found Inductor's transposes of the codes cost more than the quantize passes saved; a kernel
+    of qt's makes that copy now, `qt.kernels.layout`, not yet timed), and not run through the convergence sweep.
+    With `grad_weight=False`, grad_weight is dY.T @ dequantized X (BitNet's straight-through estimator)."""
 
     name = "int8_mixed_precision"
     output: bool = True
