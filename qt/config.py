@@ -20,12 +20,16 @@ class RecipeConfig:
         hints = typing.get_type_hints(type(self))
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            expected = hints[field.name]
+            # An option typed `X | None` takes None for "decided by the other options".
+            expected, *none = typing.get_args(hints[field.name]) or (hints[field.name],)
+            if value is None and none:
+                continue
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, field.name, float(value))
             elif not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
                 raise TypeError(
                     f"recipe '{self.name}' option {field.name}={value!r} must be a {expected.__name__}"
+                    + (" or None" if none else "")
                 )
 
     @classmethod

@@ -51,10 +51,10 @@ ACTIVE_TOKENS = 1024  # the synthetic stream's tokens: learnable within a few do
 
 
 # qt rows beyond each recipe's defaults: the options the speed targets name, and grad_weight from the forward's codes
-# (fewer quantize passes, but a column-major copy of the codes: slower for INT8 in rounds 8 and 9, where Inductor
-# generated that copy; docs/benchmarks.md).
+# or not (fewer quantize passes, but a column-major copy of the codes: int8_mixed_precision's default since round
+# 11, where qt's kernel makes that copy; docs/benchmarks.md).
 QT_VARIANTS = {"int8_weight_only": {"int8_activations": {"int8_activations": True}},
-               "int8_mixed_precision": {"codes": {"grad_weight_sees_quantized_input": True}},
+               "int8_mixed_precision": {"X by columns": {"grad_weight_sees_quantized_input": False}},
                "fp8_mixed_precision": {"codes": {"grad_weight_sees_quantized_input": True},
                                        "rowwise": {"scaling": "rowwise"},
                                        "rowwise codes": {"scaling": "rowwise", "grad_weight_sees_quantized_input": True}}}

@@ -15,7 +15,7 @@ def build():
                           nn.GELU(), nn.Linear(32, 32))
     model.to(torch.bfloat16)
     recipes = {0: ("int8_weight_only", {}), 2: ("int8_mixed_precision", {}), 4: ("bitnet", {}),
-               6: ("int8_mixed_precision", {"grad_weight_sees_quantized_input": True})}
+               6: ("int8_mixed_precision", {"grad_weight_sees_quantized_input": False})}
     for index, (recipe, options) in recipes.items():
         qt.quantize_(model, recipe, **options, filter_fn=lambda m, name, index=index: name == str(index))
     return model

@@ -23,7 +23,7 @@ pytestmark = [
 ]
 
 RECIPES = [("int8_mixed_precision", {}), ("int8_mixed_precision", {"stochastic_rounding": True}),
-           ("int8_mixed_precision", {"grad_weight_sees_quantized_input": True}),
+           ("int8_mixed_precision", {"grad_weight_sees_quantized_input": False}),
            ("int8_weight_only", {}), ("int8_weight_only", {"int8_activations": True}), ("bitnet", {})]
 
 

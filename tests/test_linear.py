@@ -34,8 +34,9 @@ def test_int8_mixed_precision_is_bit_exact_with_its_matmuls_written_separately(b
     w = linear.weight.detach().clone()
     expected = through(backend, separate_mixed_precision)(w, x, dy, *flags)
     output, grad_input, grad_weight = flags
+    # X by columns for grad_weight (grad_weight from X's codes: test_grad_weight_from_the_forwards_codes_is_...).
     qt.quantize_(linear, "int8_mixed_precision", output=output, grad_input=grad_input, grad_weight=grad_weight,
-                 filter_fn=lambda m, n: True)
+                 grad_weight_sees_quantized_input=False, filter_fn=lambda m, n: True)
     got = through(backend, run_linear)(linear, x, dy)[:3]
     for name, a, b in zip(("output", "grad_input", "grad_weight"), got, expected):
         assert torch.equal(a, b), name
@@ -166,10 +167,11 @@ QUANTIZED_INPUT_CASES = [("int8_mixed_precision", {}, "torch"), ("int8_mixed_pre
 @pytest.mark.parametrize(("recipe", "options", "backend"), QUANTIZED_INPUT_CASES,
                          ids=[f"{r}-{o}-{b}" for r, o, b in QUANTIZED_INPUT_CASES])
 def test_grad_weight_from_the_forwards_codes_is_the_written_out_math(recipe, options, backend):
-    """The output and grad_input are the recipe's default ones bit for bit; grad_weight is the written-out math."""
+    """The output and grad_input are those of the recipe without the option bit for bit; grad_weight is the
+    written-out math."""
     linear, x, dy = make_case((33,), bias=False, in_features=48, out_features=40)
     default = __import__("copy").deepcopy(linear)
-    qt.quantize_(default, recipe, **options, filter_fn=lambda m, n: True)
+    qt.quantize_(default, recipe, **options, grad_weight_sees_quantized_input=False, filter_fn=lambda m, n: True)
     qt.quantize_(linear, recipe, **options, grad_weight_sees_quantized_input=True, filter_fn=lambda m, n: True)
     got_out, got_gx, got_gw, _ = through(backend, run_linear)(linear, x, dy)
     out, gx, _, _ = through(backend, run_linear)(default, x, dy)

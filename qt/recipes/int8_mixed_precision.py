@@ -38,12 +38,15 @@ class Int8MixedPrecisionConfig(RecipeConfig):
 
     `grad_weight_sees_quantized_input`: save X as the forward quantized it (INT8 rows, one byte an element) instead
     of X. With grad_weight in INT8, grad_weight comes from those codes, X's per-token scales folded into dY before
-    its column-wise quantization (qt.linear.LinearPlan): the backward transposes X's codes instead of quantizing X
-    by columns (one pass over X in BF16, its abs-max kept from the forward), another rounding of grad_weight than
-    the default's. Off by default: slower on an H100 (0.97x BF16 against the default's 1.08x, docs/benchmarks.md
-    round 9; round 8 found Inductor's transposes of the codes cost more than the quantize passes saved; a kernel
-    of qt's makes that copy now, `qt.kernels.layout`, not yet timed), and not run through the convergence sweep.
-    With `grad_weight=False`, grad_weight is dY.T @ dequantized X (BitNet's straight-through estimator)."""
+    its column-wise quantization (qt.linear.LinearPlan): the backward copies X's codes column-major
+    (`qt.kernels.layout`) instead of quantizing X by columns, and the forward folds no column abs-max of X.
+    None (the default) turns it on wherever output and grad_weight both run in INT8: 1.13x BF16 against 1.10x
+    without it on an H200 (TinyLlama-1.1B shape, compiled; docs/benchmarks.md round 11). On the 124M convergence
+    run, side by side on one GPU, its final validation loss was 3.429 against 3.438 without it (a rerun's spread:
+    round 9 gave 3.428 without it). It rounds grad_weight differently: worse where a few channels of X hold
+    outliers, better where tokens differ in size (tests/test_linear.py). False quantizes X by columns for
+    grad_weight, as before round 11. With `grad_weight=False`, True gives grad_weight = dY.T @ dequantized X
+    (BitNet's straight-through estimator)."""
 
     name = "int8_mixed_precision"
     output: bool = True
@@ -51,10 +54,12 @@ class Int8MixedPrecisionConfig(RecipeConfig):
     grad_weight: bool = True
     stochastic_rounding: bool = False
     int8_all_gather: bool = False
-    grad_weight_sees_quantized_input: bool = False
+    grad_weight_sees_quantized_input: bool | None = None
 
     def __post_init__(self):
         super().__post_init__()
+        if self.grad_weight_sees_quantized_input is None:
+            object.__setattr__(self, "grad_weight_sees_quantized_input", self.output and self.grad_weight)
         for option in ("int8_all_gather", "grad_weight_sees_quantized_input"):
             if getattr(self, option) and not self.output:
                 raise ValueError(f"recipe '{self.name}' option {option}=True uses what the forward quantizes: it "

@@ -37,14 +37,15 @@ def test_recipes_give_the_same_numbers_through_triton_and_torch(recipe, kwargs, 
 
 
 @pytest.mark.parametrize(("kwargs", "expected"), [
-    # X, W and dY by rows keeping their columns' abs-maxima, then each by columns in one pass: no abs-max pass.
-    ({}, {"_triton_quantize_whole_rows": 3, "_triton_tile_quantize": 3}),
-    # X's codes serve grad_weight, copied column-major: X by rows alone; dY by columns with X's scales folded in.
-    ({"grad_weight_sees_quantized_input": True},
-     {"_triton_quantize_whole_rows": 3, "_triton_tile_quantize": 2, "_to_column_major": 1}),
+    # By default X's codes serve grad_weight, copied column-major: X by rows alone; W and dY by rows keeping their
+    # columns' abs-maxima, then by columns in one pass (dY's with X's scales folded in): no abs-max pass.
+    ({}, {"_triton_quantize_whole_rows": 3, "_triton_tile_quantize": 2, "_to_column_major": 1}),
+    # X too by rows keeping its columns' abs-maxima, and by columns for grad_weight.
+    ({"grad_weight_sees_quantized_input": False}, {"_triton_quantize_whole_rows": 3, "_triton_tile_quantize": 3}),
     # X and W 8200 wide: past 8192 columns the tiles take their rows, the abs-max pass keeping the columns' maxima
     # for later; dY (24 wide) in whole rows.
-    ({"wide": True}, {"_triton_tile_amax": 2, "_triton_tile_quantize": 5, "_triton_quantize_whole_rows": 1}),
+    ({"wide": True, "grad_weight_sees_quantized_input": False},
+     {"_triton_tile_amax": 2, "_triton_tile_quantize": 5, "_triton_quantize_whole_rows": 1}),
 ])
 def test_an_int8_linear_takes_each_abs_max_once(kwargs, expected, monkeypatch):
     """int8_mixed_precision's forward and backward launch exactly these passes (each reads its input once): each

@@ -317,7 +317,8 @@ from torch._functorch.compile_utils import fx_graph_cse
 
 gate, up = (torch.nn.Linear(128, 256, bias=False).bfloat16() for _ in range(2))
 for linear in (gate, up):
-    qt.quantize_(linear, "int8_mixed_precision", filter_fn=lambda module, name: True)
+    qt.quantize_(linear, "int8_mixed_precision", grad_weight_sees_quantized_input=False,
+                 filter_fn=lambda module, name: True)
 joint = []
 
 def keep_joint(graph_module, inputs, **kwargs):
