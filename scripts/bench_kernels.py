@@ -225,31 +225,40 @@ def bench_quantize(x: torch.Tensor, mode: str, stochastic: bool, baseline=None) 
 
 
 def whole_row_configs_markdown(device: str, m: int) -> str:
-    """The whole-row pass (quantize_int8 by rows, up to 8192 columns) at every blocks-per-program x warps setting,
-    launched directly (no autotuner), with and without folding the column abs-maxima; the settings
-    qt/kernels/quantize.py fixes come from this table. GB/s counts x read once and q written once."""
+    """The whole-row pass (quantize_int8 by rows, up to 8192 columns) at every rows-a-block x blocks-a-program x
+    warps setting, launched directly (no autotuner), with and without folding the column abs-maxima; the settings
+    qt/kernels/quantize.py fixes come from this table. Rows a block beyond quantize.whole_row_blocks' (2048
+    values a block) are tried where the pass folds the maxima, up to 16384 values a block: more rows in flight a
+    program. `--m` sets the rows (16384: activations; 2048 or 5632: a master weight). GB/s counts x read once and
+    q written once."""
     from qt.kernels import quantize
 
     lines = [f"## Whole-row pass settings on {device} (torch {torch.__version__}, triton {triton.__version__})", "",
-             "| x | column abs-max | blocks a program | warps | us | GB/s |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+             "| x | column abs-max | rows a block | blocks a program | warps | us | GB/s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for width in (2048, 5632):
         x = torch.randn(m, width, device=DEVICE, dtype=torch.bfloat16)
         q, scale = torch.empty_like(x, dtype=torch.int8), torch.empty(m, 1, device=DEVICE, dtype=torch.bfloat16)
         col_amax = torch.zeros(width, device=DEVICE)
-        block_rows, block_cols = quantize.whole_row_blocks(width)
+        default_rows, block_cols = quantize.whole_row_blocks(width)
         for keep_col_amax in (False, True):
-            for blocks in (1, 4, 16, 32, 64):
-                for warps in (4, 8):
-                    def launch():
-                        quantize._quantize_whole_rows_kernel[(triton.cdiv(m, block_rows * blocks),)](
-                            x, q, scale, None, col_amax if keep_col_amax else None, None, m, width, width, 1,
-                            MIN_AMAX=1e-12, STOCHASTIC=False, SCALE_IS_BF16=True, COL_AMAX=keep_col_amax,
-                            COLS_MULTIPLIED=False, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-                            BLOCKS_PER_PROGRAM=blocks, num_warps=warps)
-                    us = time_ms(launch) * 1e3
-                    lines.append(f"| {m} x {width} bf16 | {'yes' if keep_col_amax else 'no'} | {blocks} | {warps} "
-                                 f"| {us:.1f} | {x.numel() * 3 / us / 1e3:.0f} |")
-                    print(lines[-1], flush=True)
+            block_rows_tried = [r for r in (1, 2, 4, 8) if r >= default_rows and r * block_cols <= 16384] \
+                if keep_col_amax else [default_rows]
+            for block_rows in block_rows_tried:
+                for blocks in (1, 4, 8, 16, 32, 64):
+                    if block_rows * blocks > 64:
+                        continue
+                    for warps in (4, 8):
+                        def launch():
+                            quantize._quantize_whole_rows_kernel[(triton.cdiv(m, block_rows * blocks),)](
+                                x, q, scale, None, col_amax if keep_col_amax else None, None, m, width, width, 1,
+                                MIN_AMAX=1e-12, STOCHASTIC=False, SCALE_IS_BF16=True, COL_AMAX=keep_col_amax,
+                                COLS_MULTIPLIED=False, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+                                BLOCKS_PER_PROGRAM=blocks, num_warps=warps)
+                        us = time_ms(launch) * 1e3
+                        lines.append(f"| {m} x {width} bf16 | {'yes' if keep_col_amax else 'no'} | {block_rows} "
+                                     f"| {blocks} | {warps} | {us:.1f} | {x.numel() * 3 / us / 1e3:.0f} |")
+                        print(lines[-1], flush=True)
     return "\n".join(lines) + "\n"
 
 

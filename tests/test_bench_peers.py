@@ -18,7 +18,7 @@ def table(text):
 
 def test_smoke_trains_the_rows_in_their_own_processes_and_reports_them(tmp_path, capsys):
     out = tmp_path / "peers.md"
-    text = bench_peers.main(["--smoke", "--only", "qt bitnet", "torchao", "--out", str(out)])
+    text = bench_peers.main(["--smoke", "--only", "qt bitnet$", "torchao", "--out", str(out)])
     rows = table(text)
     assert list(rows) == ["row", "fp32", "qt bitnet", *bench_peers.TORCHAO_ROWS]
     tok_s, speedup, memory, loss, sqnr, call = rows["qt bitnet"]
@@ -31,7 +31,7 @@ def test_smoke_trains_the_rows_in_their_own_processes_and_reports_them(tmp_path,
     if bench_peers.torchao_missing():
         # this interpreter's pip: a bare `pip` may install for another Python (it did on the device machine)
         assert f"{sys.executable} -m pip install torchao=={bench_peers.TORCHAO_RELEASE}" in capsys.readouterr().out
-    assert out.read_text() == text and "--smoke --only qt bitnet torchao" in text
+    assert out.read_text() == text and "--smoke --only qt bitnet$ torchao" in text
     calls = json.loads(out.with_suffix(".json").read_text())["calls"]
     assert bench_peers.main(["--report", str(out.with_suffix(".json")), "--out", str(tmp_path / "again.md")]) == text
     assert [row["row"] for row in calls[0]["rows"]][:2] == ["fp32", "qt bitnet"]

@@ -12,10 +12,11 @@ def build():
     torch.manual_seed(0)
     # bf16, as users train: Inductor pattern-matches bf16 matmuls with INT8 weights specially.
     model = nn.Sequential(nn.Linear(256, 128, bias=False), nn.GELU(), nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 32),
-                          nn.GELU(), nn.Linear(32, 32))
+                          nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32))
     model.to(torch.bfloat16)
     recipes = {0: ("int8_weight_only", {}), 2: ("int8_mixed_precision", {}), 4: ("bitnet", {}),
-               6: ("int8_mixed_precision", {"grad_weight_sees_quantized_input": False})}
+               6: ("int8_mixed_precision", {"grad_weight_sees_quantized_input": False}),
+               8: ("bitnet", {"int8_backward": True})}
     for index, (recipe, options) in recipes.items():
         qt.quantize_(model, recipe, **options, filter_fn=lambda m, name, index=index: name == str(index))
     return model

@@ -24,7 +24,8 @@ pytestmark = [
 
 RECIPES = [("int8_mixed_precision", {}), ("int8_mixed_precision", {"stochastic_rounding": True}),
            ("int8_mixed_precision", {"grad_weight_sees_quantized_input": False}),
-           ("int8_weight_only", {}), ("int8_weight_only", {"int8_activations": True}), ("bitnet", {})]
+           ("int8_weight_only", {}), ("int8_weight_only", {"int8_activations": True}), ("bitnet", {}),
+           ("bitnet", {"int8_backward": True})]
 
 
 def linear_case(recipe, kwargs, tokens=1000, in_features=768, out_features=640):

@@ -60,6 +60,29 @@ def test_bitnet_forward_and_grad_weight_are_bit_exact_with_the_written_out_math(
     torch.testing.assert_close(got_gx, dy @ (ternary.float() * w_scale))  # the scale now multiplies W first
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bitnet_int8_backward_is_bit_exact_with_the_written_out_math(backend):
+    """int8_backward: dY both ways in one op (its columns with X's per-token scales folded in), grad_input against
+    W's ternary codes, grad_weight against X's codes from the forward."""
+    from qt.recipes.bitnet import ternarize
+
+    linear, x, dy = make_case((33,), bias=False, in_features=48, out_features=40)
+    ternary, w_scale = ternarize(linear.weight.detach())
+
+    def written_out():
+        x_q, x_scale = quantize_int8(x, 1)
+        dy_rows, dy_row_scale, dy_cols, dy_col_scale = quantize_int8_rows_and_cols(dy, col_row_multipliers=x_scale)
+        return (scaled_int8_mm(x_q, ternary.T, x_scale, w_scale),
+                scaled_int8_mm(dy_rows, ternary.t().contiguous().t(), dy_row_scale, w_scale),
+                scaled_int8_mm(dy_cols.T, x_q.t().contiguous().t(), dy_col_scale.T, x_scale.new_ones(1, x.shape[1])))
+
+    expected = through(backend, written_out)()
+    qt.quantize_(linear, "bitnet", int8_backward=True, filter_fn=lambda m, n: True)
+    got = through(backend, run_linear)(linear, x, dy)[:3]
+    for name, a, b in zip(("output", "grad_input", "grad_weight"), got, expected):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("int8_activations", [False, True])
 def test_int8_weight_only_is_bit_exact_with_the_written_out_math(int8_activations):
     linear, x, dy = make_case((33,), bias=False, in_features=48, out_features=40)

@@ -9,7 +9,10 @@ Backward: the straight-through estimator treats both quantizers as the identity,
     grad_input  = dY @ (W_t * w_scale)
     grad_weight = dY.T @ (X_q * x_scale)    (flows to the latent high-precision weight)
 which is exactly the gradient of the reference `x + (quant(x) - x).detach()` formulation. In
-qt/linear.py's terms: `BITNET_PLAN`, with the weight operands below.
+qt/linear.py's terms: `BITNET_PLAN`, with the weight operands below. With `int8_backward=True` the two backward
+matmuls run in INT8 as well (`BITNET_INT8_BACKWARD_PLAN`): grad_input = Q(dY) @ W_t * w_scale (the ternary codes
+are exact in INT8, only dY is rounded) and grad_weight from X's codes, X's per-token scales folded into dY's
+column-wise quantization, as `int8_mixed_precision` does by default.
 
 `convert_llama_to_bitnet` does the model surgery the training tips call for, after `quantize_`: in each decoder
 layer with a BitNet linear, an RMSNorm before each linear (BitNet's "SubLN") and the layer's own RMSNorms removed.
@@ -28,12 +31,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from qt.config import RecipeConfig
+from qt.kernels import to_column_major
 from qt.linear import Int8Operand, LinearPlan, MatmulPlan
 from qt.subclass import QuantizedWeight, keep_for_current_stream
 
 _MIN_WEIGHT_SCALE = 1e-5  # the reference implementation's clamp: keeps an all-zero weight finite
 # The forward in INT8 (X row-wise, the ternary weight); the backward in high precision, straight through.
 BITNET_PLAN = LinearPlan(output=MatmulPlan("int8"), grad_weight_sees_quantized_input=True)
+# The straight-through backward with its two matmuls in INT8 too (`int8_backward`).
+BITNET_INT8_BACKWARD_PLAN = LinearPlan(*[MatmulPlan("int8")] * 3, grad_weight_sees_quantized_input=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,17 +50,23 @@ class BitNetConfig(RecipeConfig):
     default: on 2 H100s (TinyLlama-1.1B shape) it scaled to 69% of twice the one-GPU speed, against 92% for
     BF16, with its packing in FSDP2's hooks twice a step (since moved to once a step after the optimizer step,
     `qt.prepare_all_gathers`, not re-measured) and its unpacking there at every all-gather; gathering the latent
-    weight scaled to 90.2% (BF16: 91.5%, docs/scaling.md)."""
+    weight scaled to 90.2% (BF16: 91.5%, docs/scaling.md).
+
+    `int8_backward`: run grad_input and grad_weight as INT8 matmuls too (dY quantized by rows and by columns in one
+    op; W's ternary codes as they are; grad_weight from X's codes as the forward quantized them) instead of in the
+    compute dtype. Not BitNet b1.58's method, whose backward is in high precision: off by default, not yet timed
+    on a GPU nor run through the convergence sweep."""
 
     name = "bitnet"
     ternary_all_gather: bool = False
+    int8_backward: bool = False
 
     def quantize_weight(self, weight: Tensor) -> Tensor:
         return BitNetWeight(weight, self)
 
     @property
     def plan(self) -> LinearPlan:
-        return BITNET_PLAN
+        return BITNET_INT8_BACKWARD_PLAN if self.int8_backward else BITNET_PLAN
 
 
 def ternarize(weight: Tensor, abs_mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -71,7 +83,6 @@ class BitNetWeight(QuantizedWeight):
     """The latent high-precision weight; every forward ternarizes it afresh."""
 
     _inner_names = ("latent",)
-    plan = BITNET_PLAN
 
     @staticmethod
     @torch._dynamo.disable
@@ -104,7 +115,7 @@ class BitNetWeight(QuantizedWeight):
     def _forward_operands(self, dtype: torch.dtype, plan: LinearPlan):
         return _ternary_operands(*ternarize(self.latent))
 
-    _grad_input_operand = staticmethod(lambda saved, dtype, plan: _dequantize_ternary(*saved, dtype))
+    _grad_input_operand = staticmethod(lambda saved, dtype, plan: _ternary_grad_input_operand(*saved, dtype, plan))
 
     # FSDP2: all-gather the latent shard (in FSDP's param dtype when it has one); or, with `ternary_all_gather`,
     # ternarize the shard with the scale of the whole weight (the sum of |W| over the shards, see
@@ -145,7 +156,7 @@ class BitNetWeight(QuantizedWeight):
             with torch.autograd._unsafe_preserve_version_counter(out.w_scale):
                 out.w_scale.copy_(w_scale)
             return None
-        return BitNetTernaryWeight(ternary, w_scale, param_dtype), (ternary,)
+        return BitNetTernaryWeight(ternary, w_scale, param_dtype, self.config), (ternary,)
 
 
 class BitNetTernaryWeight(QuantizedWeight):
@@ -153,20 +164,20 @@ class BitNetTernaryWeight(QuantizedWeight):
     straight-through gradient that FSDP2 reduce-scatters back to the latent shards."""
 
     _inner_names = ("ternary", "w_scale")
-    plan = BITNET_PLAN
 
     @staticmethod
     @torch._dynamo.disable
-    def __new__(cls, ternary: Tensor, w_scale: Tensor, dtype: torch.dtype):
+    def __new__(cls, ternary: Tensor, w_scale: Tensor, dtype: torch.dtype, config: BitNetConfig):
         return QuantizedWeight._wrapper(cls, ternary, dtype)
 
     @torch._dynamo.disable
-    def __init__(self, ternary: Tensor, w_scale: Tensor, dtype: torch.dtype):
+    def __init__(self, ternary: Tensor, w_scale: Tensor, dtype: torch.dtype, config: BitNetConfig):
         self.ternary = ternary
         self.w_scale = w_scale
+        self.config = config
 
     def _metadata(self):
-        return (self.dtype,)
+        return (self.dtype, self.config)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return _dequantize_ternary(self.ternary, self.w_scale, dtype or self.dtype)
@@ -175,7 +186,8 @@ class BitNetTernaryWeight(QuantizedWeight):
         raise RuntimeError("an un-sharded BitNet weight is rebuilt every all-gather; update the sharded latent weight")
 
     def _to(self, device, dtype):
-        return BitNetTernaryWeight(self.ternary.to(device=device), self.w_scale.to(device=device), dtype or self.dtype)
+        return BitNetTernaryWeight(self.ternary.to(device=device), self.w_scale.to(device=device), dtype or self.dtype,
+                                   self.config)
 
     def _new_zeros(self, size, device):
         raise RuntimeError("an un-sharded BitNet weight cannot be re-sharded; shard the latent weight")
@@ -193,6 +205,14 @@ def _ternary_operands(ternary: Tensor, w_scale: Tensor):
 
 def _dequantize_ternary(ternary: Tensor, w_scale: Tensor, dtype: torch.dtype) -> Tensor:
     return ternary.to(dtype) * w_scale.to(dtype)
+
+
+def _ternary_grad_input_operand(ternary: Tensor, w_scale: Tensor, dtype: torch.dtype, plan: LinearPlan):
+    """grad_input's right operand W [out, in]: in INT8 the ternary codes themselves (exact), laid out with
+    out_features (the dimension dY @ W reduces) contiguous; else W dequantized."""
+    if plan.grad_input.int8:
+        return Int8Operand(to_column_major(ternary), w_scale)
+    return _dequantize_ternary(ternary, w_scale, dtype)
 
 
 def pack_ternary(ternary: Tensor) -> Tensor:

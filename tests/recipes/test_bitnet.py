@@ -5,7 +5,7 @@ import torch
 
 import qt
 from tests.recipes.linear_harness import SAME_MATH_TOL, SHAPES, identity, make_case, reference, run_linear
-from tests.reference import fake_quant_int8, rel_err, ternary_fake_quant
+from tests.reference import fake_quant_int8, rel_err, sqnr_db, ternary_fake_quant
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -25,6 +25,49 @@ def test_bitnet_matches_reference(shape, bias):
     assert rel_err(out, ref_out) < SAME_MATH_TOL
     assert rel_err(gx, ref_gx) < SAME_MATH_TOL
     assert rel_err(gw, ref_gw) < SAME_MATH_TOL
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_bitnet_int8_backward_matches_reference(shape, bias):
+    """The same forward; grad_input from dY by rows against the exact ternary W; grad_weight from X's codes, X's
+    per-token scales s folded into dY before its column-wise quantization: (Q(s * dY) / s).T @ (s * X's codes)."""
+    linear, x, dy = make_case(shape, bias)
+    w, b = linear.weight.detach().clone(), None if linear.bias is None else linear.bias.detach().clone()
+    qt.quantize_(linear, "bitnet", int8_backward=True, filter_fn=lambda m, n: True)
+    got = run_linear(linear, x, dy)
+
+    def rows(t):
+        return fake_quant_int8(t.float(), 1)
+
+    s = (x.reshape(-1, x.shape[-1]).abs().amax(1, keepdim=True) / 127).double()
+    expected = reference(w, b, x, dy, rows, ternary_fake_quant, rows, ternary_fake_quant,
+                         lambda t: fake_quant_int8(s * t, 0) / s, rows)
+    for name, actual, want in zip(("output", "grad_input", "grad_weight"), got[:3], expected):
+        assert rel_err(actual, want) < SAME_MATH_TOL, name
+
+
+def test_bitnet_int8_backward_gives_the_default_output_and_a_gradient_close_to_it():
+    linear, x, dy = make_case((64,), bias=False, in_features=96, out_features=80)
+    default = __import__("copy").deepcopy(linear)
+    qt.quantize_(default, "bitnet", filter_fn=lambda m, n: True)
+    qt.quantize_(linear, "bitnet", int8_backward=True, filter_fn=lambda m, n: True)
+    (out, gx, gw, _), (want_out, want_gx, want_gw, _) = run_linear(linear, x, dy), run_linear(default, x, dy)
+    assert torch.equal(out, want_out)
+    assert sqnr_db(gx, want_gx) > 30 and sqnr_db(gw, want_gw) > 30
+
+
+def test_an_unsharded_bitnet_weight_keeps_its_config():
+    """FSDP2's ternary all-gather rebuilds the weight with the shard's config: its plan (int8_backward) holds."""
+    from qt.recipes.bitnet import BITNET_INT8_BACKWARD_PLAN, BitNetTernaryWeight, BitNetWeight, pack_ternary, ternarize
+
+    latent = torch.randn(8, 12)
+    config = qt.resolve_recipe("bitnet", int8_backward=True, ternary_all_gather=True)
+    ternary, w_scale = ternarize(latent)
+    weight, _ = BitNetWeight(latent, config).fsdp_post_all_gather((pack_ternary(ternary),), (w_scale, 12),
+                                                                   torch.float32)
+    assert type(weight) is BitNetTernaryWeight and weight.plan is BITNET_INT8_BACKWARD_PLAN
+    assert weight._to("cpu", None).plan is BITNET_INT8_BACKWARD_PLAN
 
 
 def test_pack_unpack_ternary_round_trips_odd_widths():
