@@ -101,7 +101,7 @@ class LinearPlan:
       token, along the dimension grad_weight reduces, so the scales are folded into dY instead: dY.T @ X ~
       (s * dY).T @ X_q, with s * dY quantized by columns as dY would be (in the same pass for INT8). This spares
       the forward the fold of X's column abs-maxima and the backward X's column-wise quantization (a read of X)
-      for a copy of its codes into the column-major layout (`qt.kernels.layout` for INT8);
+      for a copy of its codes into the column-major layout (`qt.kernels.layout`);
     - with FP8 tensor-wise scales alike in both: X's codes and their one scale, the same numbers as casting X again
       with the abs-max the forward took (a transpose of the codes instead of a cast of X)."""
 
@@ -257,8 +257,7 @@ class _QuantizedLinear(torch.autograd.Function):
                     x_q, x_scale = x_saved
                     # Row-wise, the scales went into dY; the codes' own are ones, along the dimension grad_weight keeps.
                     scale = x_scale.new_ones(1, x_q.shape[1]) if fold_x_scales else x_scale
-                    # The kernel copies INT8 codes; FP8's keep torch's copy (not timed against the kernel).
-                    x_q = to_column_major(x_q) if plan.grad_weight.int8 else x_q.t().contiguous().t()
+                    x_q = to_column_major(x_q)
                     grad_w = planned_matmul(dy_cols.T, QuantizedOperand(x_q, scale), dtype, plan.grad_weight)
                 elif plan.grad_weight.quantized:
                     x_amax = x_saved[1] if len(x_saved) > 1 else None

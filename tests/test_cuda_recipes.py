@@ -152,16 +152,19 @@ def test_fp8_kernel_path_keeps_non_finite_values_visible(scaling, monkeypatch):
 
 
 @needs_fp8
+@pytest.mark.parametrize("codes", [False, True])
 @pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
-def test_compiled_fp8_graphs_call_scaled_mm_without_a_graph_break(scaling):
+def test_compiled_fp8_graphs_call_scaled_mm_without_a_graph_break(scaling, codes):
     from torch._inductor.utils import run_and_get_code
 
-    linear, x, dy = linear_case("fp8_mixed_precision", {"scaling": scaling})
+    linear, x, dy = linear_case("fp8_mixed_precision", {"scaling": scaling, "grad_weight_sees_quantized_input": codes})
     eager = forward_backward(linear, x, dy)
     torch._dynamo.reset()
     compiled = torch.compile(linear, fullgraph=True)  # fullgraph: a graph break is an error
     result, sources = run_and_get_code(forward_backward, compiled, x, dy)
     assert len(sources) >= 2 and all("_scaled_mm" in source for source in sources)  # forward and backward
+    # X's FP8 codes go column-major through qt's kernel, as int8 bytes.
+    assert ("_to_column_major_kernel" in "\n".join(sources)) == codes
     # Fusion keeps some bf16 intermediates in float32 (the output before its bias): FP8 codes may flip downstream.
     for got, want in zip(result, eager):
         assert rel_err(got, want) < 2e-2

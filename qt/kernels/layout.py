@@ -1,4 +1,4 @@
-"""INT8 codes copied into the other memory layout, in one Triton kernel.
+"""INT8 or FP8 codes copied into the other memory layout, in one Triton kernel.
 
 A matmul reads its INT8 operands fastest with the dimension it reduces contiguous, and the same codes can serve
 two matmuls that reduce over different dimensions: a linear's forward quantizes X by rows (output = X @ W.T
@@ -8,7 +8,7 @@ ran at ~0.3 TB/s on an H100 for int8 (docs/benchmarks.md, round 8: 33 ms a TinyL
 tiles, each read along its rows and written along its columns.
 
 The op is a ``torch.library.triton_op``, so torch.compile calls the kernel from its generated code. CPU tensors
-(and ``QT_KERNEL_BACKEND=torch``) copy with torch ops.
+(and ``QT_KERNEL_BACKEND=torch``) copy with torch ops. FP8 codes go through the same kernel as int8 bits.
 """
 
 import torch
@@ -29,13 +29,19 @@ except ImportError:  # qt must still import, and fall back to torch, where Trito
 _BLOCK_ROWS, _BLOCK_COLS, _WARPS = 64, 128, 4
 
 
+CODE_DTYPES = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def to_column_major(q: Tensor) -> Tensor:
-    """The int8 matrix ``q`` [R, C] (any strides) laid out column-major, strides (1, R): the same values, with each
-    column contiguous. ``q`` itself where it is laid out so already."""
-    if q.dtype != torch.int8 or q.dim() != 2:
-        raise ValueError(f"to_column_major: q must be a 2-D int8 tensor, got {q.dtype} {list(q.shape)}")
+    """The int8 or FP8 matrix ``q`` [R, C] (any strides) laid out column-major, strides (1, R): the same values,
+    with each column contiguous. ``q`` itself where it is laid out so already."""
+    if q.dtype not in CODE_DTYPES or q.dim() != 2:
+        raise ValueError(f"to_column_major: q must be a 2-D tensor of int8 or FP8 codes, got {q.dtype} "
+                         f"{list(q.shape)}")
     if q.t().is_contiguous():
         return q
+    if q.dtype != torch.int8:  # the same bytes
+        return to_column_major(q.view(torch.int8)).view(q.dtype)
     if traced(q):
         return torch.ops.qt.to_column_major(q)
     with eager_launch():

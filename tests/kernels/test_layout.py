@@ -1,5 +1,6 @@
 """to_column_major: the same int8 values, each column contiguous, through the Triton kernel (interpreted) and torch."""
 
+import json
 import re
 
 import pytest
@@ -50,9 +51,18 @@ def test_empty():
     assert out.shape == (0, 7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fp8_codes_keep_their_bits_and_dtype(dtype, backend):
+    q = codes(65, 130).view(dtype)  # every byte, NaN encodings included
+    out = through(backend, to_column_major)(q)
+    assert out.dtype == dtype and out.t().is_contiguous()
+    assert torch.equal(out.view(torch.int8), q.view(torch.int8))
+
+
 @pytest.mark.parametrize("bad", [torch.zeros(4, 4), torch.zeros(2, 3, 4, dtype=torch.int8)])
 def test_other_tensors_are_refused(bad):
-    with pytest.raises(ValueError, match="to_column_major: q must be a 2-D int8 tensor"):
+    with pytest.raises(ValueError, match="to_column_major: q must be a 2-D tensor of int8 or FP8 codes"):
         to_column_major(bad)
 
 
@@ -61,11 +71,13 @@ def test_opcheck():
 
 
 _CODES_SCRIPT = """
+import json, sys
 import qt
 from torch import nn
 
 linear = nn.Linear(64, 32, bias=False, dtype=torch.bfloat16)
-qt.quantize_(linear, "int8_mixed_precision", filter_fn=lambda m, n: True, grad_weight_sees_quantized_input=True)
+qt.quantize_(linear, sys.argv[1], filter_fn=lambda m, n: True, grad_weight_sees_quantized_input=True,
+             **json.loads(sys.argv[2]))
 
 def step(x):
     linear(x).float().square().sum().backward()
@@ -78,11 +90,15 @@ except Exception:  # the launch, with no GPU
 
 
 @pytest.mark.slow  # a process of its own, compiling
-def test_compiled_codes_for_grad_weight_are_copied_by_the_kernel(tmp_path):
-    """int8_mixed_precision with grad_weight_sees_quantized_input, compiled for a GPU: X's codes go column-major
-    through qt's kernel (placed in the forward by the partitioner), not through a copy Inductor generates (which
-    ran at ~0.3 TB/s on an H100)."""
-    log = inductor_for_a_gpu.run(_CODES_SCRIPT, tmp_path, log_code=True).stderr
-    assert "_quantize_whole_rows_kernel" in log, f"nothing compiled; the log ends:\n{log[-3000:]}"
-    assert "_to_column_major_kernel" in log
+@pytest.mark.parametrize(("recipe", "options", "compiled_first"), [
+    ("int8_mixed_precision", {}, "_quantize_whole_rows_kernel"),
+    ("fp8_mixed_precision", {"scaling": "rowwise"}, "def triton_"),  # Inductor's FP8 casts
+])
+def test_compiled_codes_for_grad_weight_are_copied_by_the_kernel(tmp_path, recipe, options, compiled_first):
+    """A recipe with grad_weight_sees_quantized_input, compiled for a GPU: X's codes (INT8, or FP8 as int8 bytes) go
+    column-major through qt's kernel (placed in the forward by the partitioner), not through a copy Inductor
+    generates (which ran at ~0.3 TB/s on an H100)."""
+    log = inductor_for_a_gpu.run(_CODES_SCRIPT, tmp_path, recipe, json.dumps(options), log_code=True).stderr
+    assert compiled_first in log, f"nothing compiled; the log ends:\n{log[-3000:]}"
+    assert "_to_column_major_kernel" in log, log[-3000:]
     assert not re.search(r"def triton_\w*clone", log), "Inductor copies the codes itself"
