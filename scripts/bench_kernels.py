@@ -52,8 +52,20 @@ DEVICE = "cuda"
 MAX_REL_ERR = 1e-2  # bf16 output rounding alone gives ~1e-3 (normwise)
 
 
+CUDA_GRAPHS = False  # --cuda_graphs
+
+
 def time_ms(fn) -> float:
+    """Median milliseconds of `fn`. With --cuda_graphs, of replays of a CUDA graph of it: no Python or launch
+    overhead, which otherwise bounds kernels of a few tens of microseconds (a master weight's quantize pass)."""
+    if CUDA_GRAPHS:
+        return triton.testing.do_bench_cudagraph(fn, return_mode="median")
     return triton.testing.do_bench(fn, return_mode="median")
+
+
+def timing() -> str:
+    return ("medians of CUDA-graph replays (triton.testing.do_bench_cudagraph: no launch overhead)" if CUDA_GRAPHS
+            else "medians of triton.testing.do_bench (launch overhead included)")
 
 
 def picked_config(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -137,8 +149,7 @@ def training_matmuls_markdown(device: str, rows: list[dict]) -> str:
         f"## A training step's matmuls on {device} (torch {torch.__version__}, triton {triton.__version__})",
         "",
         "TinyLlama-1.1B linears over the tokens of one step, K-contiguous operands (the recipes' layout); "
-        "qt's scaled INT8 matmul, torch._scaled_mm FP8 E4M3 with row-wise scales, bf16 torch.mm; medians of "
-        "triton.testing.do_bench.",
+        f"qt's scaled INT8 matmul, torch._scaled_mm FP8 E4M3 with row-wise scales, bf16 torch.mm; {timing()}.",
         "",
         "| matmul | M x N x K | QT_INT8_MM_KERNEL | INT8 TOP/s | INT8 config (bits differing from _int_mm) "
         "| FP8 TFLOP/s | bf16 TFLOP/s | INT8 / FP8 | INT8 / bf16 |",
@@ -364,7 +375,7 @@ def markdown(device: str, matmuls: list[dict], quantizes: list[dict]) -> str:
         f"## INT8 kernels on {device} (torch {torch.__version__}, triton {triton.__version__})",
         "",
         "scaled_int8_mm (bf16 scales and output) vs torch._int_mm (int32 product only) and bf16 torch.mm; "
-        "medians of triton.testing.do_bench. The autotuner keys on (M bucket, N, K), not the layout: "
+        f"{timing()}. The autotuner keys on (M bucket, N, K), not the layout: "
         "every layout of a shape runs the config tuned for the first, K-contiguous one.",
         "",
         "| M x N x K | layout | qt TOP/s | qt config | torch._int_mm TOP/s (operands) | bf16 mm TFLOP/s "
@@ -414,11 +425,15 @@ def main() -> None:
                         help="only the column-wise tile quantize pass at every tile x warps setting")
     parser.add_argument("--fp8_casts", action="store_true",
                         help="only the FP8 casts compiled by Inductor (with --baseline: an earlier qt/kernels/fp8.py)")
+    parser.add_argument("--cuda_graphs", action="store_true",
+                        help="time replays of CUDA graphs (no launch overhead); the compiled torch baselines too")
     parser.add_argument("--column_major_configs", action="store_true",
                         help="only the column-major copy of int8 codes at every tile x warps setting, and Inductor's")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
+    global CUDA_GRAPHS
+    CUDA_GRAPHS = args.cuda_graphs
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
     for chosen, table_of, name in ((args.fp8_casts, functools.partial(fp8_casts_markdown, baseline_path=args.baseline),
@@ -427,7 +442,7 @@ def main() -> None:
                                    (args.tile_configs, tile_configs_markdown, "tile_configs"),
                                    (args.column_major_configs, column_major_configs_markdown, "column_major_configs")):
         if chosen:
-            table = table_of(device, args.m)
+            table = table_of(device, args.m) + f"\nTimes: {timing()}.\n"
             print(table)
             if out_dir := os.environ.get("OUT"):
                 Path(out_dir, f"bench_{name}.md").write_text(table)
