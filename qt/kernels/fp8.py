@@ -99,9 +99,9 @@ def quantize_fp8(x: Tensor, axis: int, dtype: torch.dtype = E4M3, scaling: str =
     largest = torch.finfo(dtype).max
     # Multiplied by the reciprocal, one a scale, as the INT8 kernels do: Inductor's kernels would otherwise divide
     # each element (an IEEE division, about ten instructions). End to end on an H200, 0.8-1.0% more tokens a second
-    # tensor-wise and 1.3-2.0% row-wise, in two calls of opposite orders (docs/benchmarks.md, round 11). The same bits with power-of-two scales; otherwise
-    # x * (1 / s) and x / s may round apart at exact ties (none in the benchmark's casts on the GPU; 3e-4 to 6e-4 of
-    # row-wise codes on the CPU for bf16 randn).
+    # tensor-wise and 1.3-2.0% row-wise, in two calls of opposite orders (docs/kernels.md, round 11). The same bits
+    # with power-of-two scales; otherwise x * (1 / s) and x / s may round apart at exact ties (none in the
+    # benchmark's casts on the GPU; 3e-4 to 6e-4 of row-wise codes on the CPU for bf16 randn).
     q = (rows.float() * torch.reciprocal(scale)).clamp(-largest, largest).to(dtype).contiguous()
     return (q, scale) if axis == 1 else (q.t(), scale.t())
 
