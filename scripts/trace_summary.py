@@ -1,6 +1,6 @@
 """Where a profiled step's GPU time goes: a table from the Chrome trace `llm_pretrain.py --profile` writes.
 
-    python scripts/trace_summary.py RUN_DIR/profile/trace_rank0.json [--steps 3]
+    python scripts/trace_summary.py RUN_DIR/profile/trace_rank0.json [MORE_TRACES ...] [--steps 3]
 
 Groups the trace's GPU kernels by what they do (INT8 and cuBLAS matmuls, qt's quantize kernels and copies, attention,
 Inductor's fused kernels, the optimizer, communication, the rest), per step (the profiler records --steps steps),
@@ -102,14 +102,17 @@ def markdown(summary: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("trace", type=Path)
-    parser.add_argument("--steps", type=int, default=3, help="steps the trace holds (llm_pretrain's profiler: 3)")
-    args = parser.parse_args()
-    if not args.trace.is_file():
-        raise SystemExit(f"error: no trace at {args.trace}: run llm_pretrain.py with --profile first")
-    print(markdown(summarize(load_events(args.trace), args.steps), str(args.trace)))
+    parser.add_argument("traces", type=Path, nargs="+", help="one table each, in turn")
+    parser.add_argument("--steps", type=int, default=3, help="steps each trace holds (llm_pretrain's profiler: 3)")
+    args = parser.parse_args(argv)
+    for trace in args.traces:
+        if not trace.is_file():
+            raise SystemExit(f"error: no trace at {trace}: run llm_pretrain.py with --profile first")
+    text = "\n".join(markdown(summarize(load_events(trace), args.steps), str(trace)) for trace in args.traces)
+    print(text)
+    return text
 
 
 if __name__ == "__main__":

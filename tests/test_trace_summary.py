@@ -38,3 +38,16 @@ def test_summary_per_step_from_a_trace(tmp_path):
     assert summary["busy_ms"] == pytest.approx(7 / 2)
     assert summary["compute_busy_ms"] == pytest.approx(5 / 2)  # the all-gather's last 2 ms overlapped nothing
     assert summary["groups_ms"] == {"communication (NCCL)": 2.0, "INT8 matmuls (qt)": 1.5, "Inductor's fused kernels": 1.0}
+
+
+def test_several_traces_give_a_table_each_and_a_missing_one_a_clear_error(tmp_path):
+    from scripts.trace_summary import main
+
+    kernel = {"ph": "X", "cat": "kernel", "name": "triton_poi_fused_0", "ts": 0}
+    for name, dur in (("a", 1000), ("b", 3000)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"traceEvents": [{**kernel, "dur": dur}]}))
+    text = main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--steps", "1"])
+    assert text.index("a.json") < text.index("b.json")
+    assert "| Inductor's fused kernels | 1.0 |" in text and "| Inductor's fused kernels | 3.0 |" in text
+    with pytest.raises(SystemExit, match="no trace at .*missing.json"):
+        main([str(tmp_path / "a.json"), str(tmp_path / "missing.json")])
