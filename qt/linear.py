@@ -193,6 +193,8 @@ def _quantize_operand_pair(t: Tensor, rows: MatmulPlan | None, cols: MatmulPlan 
         return QuantizedOperand(q_rows, row_scale), QuantizedOperand(q_cols, col_scale)
     if rows and cols and _tensorwise_fp8_alike(rows, cols, "gradient"):
         # Transposing the 1-byte codes moves 2 bytes an element; a second cast would read t (2 bytes) twice more.
+        # torch's copy here, which Inductor may fuse with the cast that writes q_rows (to_column_major, an opaque
+        # kernel, could not be fused; not timed against it).
         q_rows = quantize_operand(t, 1, rows, "gradient")
         return q_rows, QuantizedOperand(q_rows.q.t().contiguous().t(), q_rows.scale)
     return (quantize_operand(t, 1, rows, "gradient") if rows else None,

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/bench_kernels.py [--quick] [--m 16384] [--quantize_only] [--baseline FILE]
     PYTHONPATH=. python scripts/bench_kernels.py --training_matmuls
-    PYTHONPATH=. python scripts/bench_kernels.py --whole_row_configs
+    PYTHONPATH=. python scripts/bench_kernels.py --whole_row_configs [--m 2048] [--cuda_graphs]
     PYTHONPATH=. python scripts/bench_kernels.py --tile_configs
     PYTHONPATH=. python scripts/bench_kernels.py --column_major_configs
     PYTHONPATH=. python scripts/bench_kernels.py --fp8_casts [--baseline OLD_FP8_PY]
@@ -420,7 +420,7 @@ def main() -> None:
     parser.add_argument("--mm_kernels", default="auto",
                         help="--training_matmuls: comma-separated QT_INT8_MM_KERNEL values to time, e.g. classic,tma")
     parser.add_argument("--whole_row_configs", action="store_true",
-                        help="only the whole-row quantize pass at every blocks-per-program x warps setting")
+                        help="only the whole-row quantize pass at every rows-a-block x blocks-a-program x warps setting")
     parser.add_argument("--tile_configs", action="store_true",
                         help="only the column-wise tile quantize pass at every tile x warps setting")
     parser.add_argument("--fp8_casts", action="store_true",
@@ -428,7 +428,7 @@ def main() -> None:
     parser.add_argument("--cuda_graphs", action="store_true",
                         help="time replays of CUDA graphs (no launch overhead); the compiled torch baselines too")
     parser.add_argument("--column_major_configs", action="store_true",
-                        help="only the column-major copy of int8 codes at every tile x warps setting, and Inductor's")
+                        help="only the column-major copy of 1-byte codes at every tile x warps setting, and Inductor's")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
