@@ -353,6 +353,26 @@ def whole_row_blocks(n_cols: int) -> tuple[int, int]:
     return max(1, min(16, 2048 // block_cols)), block_cols
 
 
+def col_amax_pass_settings(n_rows: int, n_cols: int, stochastic: bool) -> tuple[int, int, int]:
+    """(rows a block, blocks a program, warps) of the whole-row pass that also folds each column's abs-max. Each
+    program sends one atomic a column, so it takes many rows (1 row a program took 10x longer). From
+    `bench_kernels.py --whole_row_configs` and `--baseline` on an H100 (docs/kernels.md, round 12):
+    - rounding to nearest: about 128-256 programs of 16-64 rows; where rows are at most 2048 wide, blocks of 4-8
+      rows (4 warps) keep more of x in flight while a block waits for its row maxima (16384 x 2048: 57.6 us
+      against 68.2 with the stochastic setting); wider rows, blocks of one row (8 warps);
+    - stochastic rounding: 32 rows a program, the whole-row block, 8 warps (blocks of 8 rows with its random bits
+      took 5x longer).
+    Fixed rather than autotuned: the autotuner times launches that take as long as these kernels."""
+    block_rows, block_cols = whole_row_blocks(n_cols)
+    if stochastic:
+        return block_rows, max(1, 32 // block_rows), 8
+    rows_per_program = min(64, max(16, triton.next_power_of_2(triton.cdiv(n_rows, 128))))
+    if block_cols > 2048:
+        return 1, rows_per_program, 8
+    block_rows = max(1, min(8, rows_per_program // 4, 16384 // block_cols))
+    return block_rows, max(1, rows_per_program // block_rows), 4
+
+
 def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None, col_amax: Tensor | None = None,
                                 col_row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Row-wise, one read of x; also folds each column's abs-max (of x with row i multiplied by
@@ -360,19 +380,18 @@ def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None, col_amax: Tensor
     q, scale = _empty_outputs(x, 1)
     n_rows, n_cols = x.shape
     block_rows, block_cols = whole_row_blocks(n_cols)
-    # Measured on an H200 at 16384 x 2048 and x 5632 (bf16), every blocks-per-program x warps setting timed on its
-    # own: one block of rows a program and 4 warps for the plain pass (~2.8 TB/s); 32 rows a program and 8 warps
-    # where it folds the column maxima (each program then sends one atomic a column: 1 row a program took 10x
-    # longer). Fixed rather than autotuned: the autotuner times launches that take as long as these kernels.
     keep_col_amax = col_amax is not None
-    blocks_per_program = max(1, 32 // block_rows) if keep_col_amax else 1
+    if keep_col_amax:
+        block_rows, blocks_per_program, warps = col_amax_pass_settings(n_rows, n_cols, seed is not None)
+    else:
+        # One block of rows a program and 4 warps: ~2.8 TB/s on an H200 at 16384 x 2048 and x 5632 (bf16).
+        blocks_per_program, warps = 1, 4
     wrap_triton(_quantize_whole_rows_kernel)[(triton.cdiv(n_rows, block_rows * blocks_per_program),)](
         x, q, scale, seed, col_amax, col_row_multipliers,
         n_rows, n_cols, x.stride(0), x.stride(1),
         MIN_AMAX=_min_amax(x.dtype), STOCHASTIC=seed is not None, SCALE_IS_BF16=scale.dtype == torch.bfloat16,
         COL_AMAX=keep_col_amax, COLS_MULTIPLIED=col_row_multipliers is not None,
-        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, BLOCKS_PER_PROGRAM=blocks_per_program,
-        num_warps=8 if keep_col_amax else 4,
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, BLOCKS_PER_PROGRAM=blocks_per_program, num_warps=warps,
     )  # fmt: skip
     return q, scale
 

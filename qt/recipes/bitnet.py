@@ -54,8 +54,9 @@ class BitNetConfig(RecipeConfig):
 
     `int8_backward`: run grad_input and grad_weight as INT8 matmuls too (dY quantized by rows and by columns in one
     op; W's ternary codes as they are; grad_weight from X's codes as the forward quantized them) instead of in the
-    compute dtype. Not BitNet b1.58's method, whose backward is in high precision: off by default, not yet timed
-    on a GPU nor run through the convergence sweep."""
+    compute dtype. Not BitNet b1.58's method, whose backward is in high precision. Off by default: on TinyLlama's
+    shape it trains at 1.05x BF16 against bitnet's 0.96x (H100), but the 124M run's validation loss trailed
+    bitnet's by 0.008-0.024 at every evaluation (docs/benchmarks.md, round 12)."""
 
     name = "bitnet"
     ternary_all_gather: bool = False

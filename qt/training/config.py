@@ -45,8 +45,8 @@ class TrainConfig:
     run_dir: str | None = flag(None, "directory for config, metrics.jsonl, checkpoints (default runs/RUN_NAME)")
     run_name: str | None = flag(None, "name of the run (default derived from the model and recipe)")
     resume: bool = flag(False, "continue the run in --run_dir from its last checkpoint (starts fresh if it has none); "
-                               "the flags it may change: the logging and checkpoint ones, --grad_accum and "
-                               "--fsdp_prefetch, and (e.g. after a divergence) --lr, --clip_grad_norm, "
+                               "the flags it may change: the logging and checkpoint ones, --grad_accum, "
+                               "--fsdp_prefetch, --gc_interval, and (e.g. after a divergence) --lr, --clip_grad_norm, "
                                "--warmup_steps, --schedule, --decay_fraction, --min_lr_ratio")
     wandb: str = flag("auto", "wandb mode; auto = online if an API key is configured, else offline",
                       ("auto", "online", "offline", "disabled"))
@@ -61,6 +61,10 @@ class TrainConfig:
     profile: bool = flag(False, "write a Chrome trace of a few steps to RUN_DIR/profile/")
     sync_debug: bool = flag(False, "on a GPU, warn (with where) at each host-device synchronization inside a step "
                                    "that logs nothing, from step 3 (steps 1-2 compile)")
+    gc_interval: int = flag(50, "steps between Python garbage collections (of the young generations) while "
+                                "training, with automatic collection off; 0 = Python's automatic collection. "
+                                "Under torchrun a collection that comes at different times on different ranks "
+                                "holds every rank up at the next collective")
     seed: int = flag(0, "seed for initialization, data order and stochastic rounding")
 
     # Steps and batch
@@ -124,10 +128,10 @@ def is_baseline(quantize: str) -> bool:
 
 # Settings that may differ when a run is resumed: they change neither the model nor the loss curve (grad_accum
 # splits the same global batch into other micro-steps, e.g. to continue on fewer GPUs; fsdp_prefetch and
-# fsdp_reshard_after_forward only move or skip all-gathers).
+# fsdp_reshard_after_forward only move or skip all-gathers; gc_interval only moves Python's garbage collections).
 RESUMABLE_CHANGES = {"run_dir", "resume", "wandb", "project", "run_name", "log_interval", "eval_interval",
                      "ckpt_interval", "keep_checkpoints", "save_checkpoints", "async_checkpoint", "profile",
-                     "sync_debug", "grad_accum", "fsdp_prefetch", "fsdp_reshard_after_forward"}
+                     "sync_debug", "gc_interval", "grad_accum", "fsdp_prefetch", "fsdp_reshard_after_forward"}
 # What a run saved before a setting existed did, where that is not the setting's default.
 SETTINGS_BEFORE_THEY_EXISTED = {"quantize_small_linears": True}
 # The optimisation settings a user changes after a divergence: a resume may change them too (the loop notes it in
@@ -318,7 +322,7 @@ def check_train_flags(cfg, world_size: int, positive: tuple[str, ...] = ()) -> N
     for name in ("n_steps", "batch_size", "grad_accum", "log_interval", "keep_checkpoints", *positive):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, not {getattr(cfg, name)}")
-    for name in ("warmup_steps", "eval_interval", "ckpt_interval", "weight_decay", "fsdp_prefetch"):
+    for name in ("warmup_steps", "eval_interval", "ckpt_interval", "weight_decay", "fsdp_prefetch", "gc_interval"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
             raise ConfigError(f"--{name} must be at least 0, not {getattr(cfg, name)}")
     ranges = {"lr": (0 < cfg.lr < MAX_LR, f"a positive number below {MAX_LR:g}"),
@@ -374,7 +378,7 @@ def merge_for_resume(cfg, explicit: set[str], saved: dict):
         details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
         raise ConfigError(f"cannot resume with a different config ({details}); a resume may change only "
                           f"{', '.join('--' + k for k in RETUNABLE_ON_RESUME)}, the logging and checkpoint flags, "
-                          f"--grad_accum and --fsdp_prefetch: drop the others to continue the run, or start a new run with another --run_dir")
+                          f"--grad_accum, --fsdp_prefetch and --gc_interval: drop the others to continue the run, or start a new run with another --run_dir")
     merged = {k: v for k, v in {**SETTINGS_BEFORE_THEY_EXISTED, **saved}.items() if k in current}
     merged.update({k: current[k] for k in explicit & may_change})
     return type(cfg)(**merged)

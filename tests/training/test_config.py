@@ -71,10 +71,11 @@ def test_resume_may_change_the_optimisation_settings_a_divergence_calls_for():
 def test_resume_may_change_how_the_same_steps_are_computed():
     saved = TrainConfig(run_dir="runs/a", n_steps=100).__dict__
     cfg, explicit = parse_config(TrainConfig, ["--run_dir", "runs/a", "--resume", "--grad_accum", "4",
-                                               "--fsdp_prefetch", "1", "--no-fsdp_reshard_after_forward"], "test")
+                                               "--fsdp_prefetch", "1", "--no-fsdp_reshard_after_forward",
+                                               "--gc_interval", "0"], "test")
     merged = merge_for_resume(cfg, explicit, saved)
-    assert (merged.grad_accum, merged.fsdp_prefetch, merged.fsdp_reshard_after_forward, merged.n_steps) == (
-        4, 1, False, 100)
+    assert (merged.grad_accum, merged.fsdp_prefetch, merged.fsdp_reshard_after_forward, merged.gc_interval,
+            merged.n_steps) == (4, 1, False, 0, 100)
 
 
 def test_schedules():

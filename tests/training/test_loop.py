@@ -94,3 +94,40 @@ def test_the_run_logs_the_forward_sqnr_of_its_quantized_linear_once_in_its_first
     assert "forward SQNR of 0 vs its unquantized twin" in capsys.readouterr().out
     assert [r.get("forward_sqnr_db") for r in read_metrics(tmp_path / "metrics.jsonl")] == [records[0]["forward_sqnr_db"],
                                                                                           None, None, None]
+
+
+@pytest.mark.parametrize("gc_interval", [3, 0])
+def test_garbage_is_collected_every_gc_interval_steps_with_automatic_collection_off(tmp_path, gc_interval):
+    import gc
+
+    seen = []  # (steps drawn so far, automatic collection on, generation) at each collection while training
+    batches = RegressionBatches()
+
+    def loss_with_cyclic_garbage(model, batch):
+        for _ in range(2000):  # enough allocations to set off an automatic collection of generation 0
+            cycle = []
+            cycle.append(cycle)
+        return mse(model, batch)
+
+    def record(phase, info):
+        if phase == "start":
+            seen.append((batches.drawn, gc.isenabled(), info["generation"]))
+
+    model = nn.Linear(4, 1)
+    gc.callbacks.append(record)
+    try:
+        train(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), batches=batches,
+              loss_fn=loss_with_cyclic_garbage, cfg=config(tmp_path, n_steps=7, gc_interval=gc_interval,
+                                                           save_checkpoints=False),
+              dist_info=SINGLE, tokens_per_step=16)
+    finally:
+        gc.callbacks.remove(record)
+    assert gc.isenabled()
+    in_steps = [entry for entry in seen if entry[0] >= 1]
+    if gc_interval:
+        # one collection before the first step, then one after steps 3 and 6; automatic ones only once the
+        # loop has turned automatic collection back on, after its last step
+        assert [(drawn, generation) for drawn, enabled, generation in in_steps if not enabled] == [(3, 1), (6, 1)]
+        assert all(drawn == 7 for drawn, enabled, _ in in_steps if enabled)
+    else:
+        assert len(in_steps) > 7 and all(enabled for _, enabled, _ in in_steps)
