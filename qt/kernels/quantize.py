@@ -357,16 +357,18 @@ def col_amax_pass_settings(n_rows: int, n_cols: int, stochastic: bool) -> tuple[
     """(rows a block, blocks a program, warps) of the whole-row pass that also folds each column's abs-max. Each
     program sends one atomic a column, so it takes many rows (1 row a program took 10x longer). From
     `bench_kernels.py --whole_row_configs` and `--baseline` on an H100 (docs/kernels.md, round 12):
-    - rounding to nearest: about 128-256 programs of 16-64 rows; where rows are at most 2048 wide, blocks of 4-8
-      rows (4 warps) keep more of x in flight while a block waits for its row maxima (16384 x 2048: 57.6 us
-      against 68.2 with the stochastic setting); wider rows, blocks of one row (8 warps);
+    - rounding to nearest: 16-64 rows a program, 128-256 programs where that allows (2048 and 16384 rows timed
+      best there; a 5632-row weight given 88 programs, fewer than the SMs, took 45.7 us in a profiled step where
+      2048-row weights took 20-43). Where rows are at most 2048 wide, blocks of 4-8 rows (4 warps) keep more of x
+      in flight while a block waits for its row maxima (16384 x 2048: 57.6 us against 68.2 with the stochastic
+      setting); wider rows, blocks of one row (8 warps).
     - stochastic rounding: 32 rows a program, the whole-row block, 8 warps (blocks of 8 rows with its random bits
       took 5x longer).
     Fixed rather than autotuned: the autotuner times launches that take as long as these kernels."""
     block_rows, block_cols = whole_row_blocks(n_cols)
     if stochastic:
         return block_rows, max(1, 32 // block_rows), 8
-    rows_per_program = min(64, max(16, triton.next_power_of_2(triton.cdiv(n_rows, 128))))
+    rows_per_program = min(64, max(16, 1 << (triton.cdiv(n_rows, 128).bit_length() - 1)))
     if block_cols > 2048:
         return 1, rows_per_program, 8
     block_rows = max(1, min(8, rows_per_program // 4, 16384 // block_cols))

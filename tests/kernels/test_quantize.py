@@ -280,11 +280,15 @@ def test_row_multipliers_and_col_amax_go_with_column_scales(argument):
         quantize_int8(torch.ones(4, 6), 1, **{argument: torch.ones(6)})
 
 
+WIDE_SHAPES = [pytest.param(shape, marks=pytest.mark.slow) for shape in ((1100, 2100), (3, 9000))]
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("shape", [(37, 70), (1, 9), (70, 1), pytest.param((3, 9000), marks=pytest.mark.slow)])
+@pytest.mark.parametrize("shape", [(37, 70), (1, 9), (70, 1), (4100, 40), *WIDE_SHAPES])
 def test_kept_col_amax_is_each_columns_abs_max_with_nan_as_inf(backend, shape):
-    """(9000: wider than a whole-row block, the tiles' abs-max pass takes it.) A column holding NaN gets inf, and
-    its column-wise quantization an infinite scale."""
+    """(4100 rows: 32 rows a program in blocks of 8, and a last program partly out of bounds; 2100 columns: blocks
+    of one row; 9000: wider than a whole-row block, the tiles' abs-max pass takes it.) A column holding NaN gets
+    inf, and its column-wise quantization an infinite scale."""
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=torch.bfloat16) * torch.logspace(-3, 3, shape[1]).to(torch.bfloat16)
     x[0, shape[1] // 2] = float("nan")
