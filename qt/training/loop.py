@@ -175,11 +175,37 @@ def mean_loss(model, batches, loss_fn, device: torch.device) -> float:
 
 
 def clip_gradients(model, optimizer, max_norm: float) -> torch.Tensor:
-    """Clip the global gradient norm; returns it. An optimizer that moves gradients off the model (CPU
-    offload) clips where they are."""
+    """Clip the global gradient norm; returns it (a plain tensor, the same on every rank). An optimizer that moves
+    gradients off the model (CPU offload) clips where they are.
+
+    FSDP2's gradients are DTensors sharded over a 1-D mesh: the norm is then taken from their local shards (the
+    root of the sum over ranks of each shard's sum of squares, one all-reduce) and they are scaled in place, as
+    torch's clip_grad_norm_ does but without DTensor's dispatch for every gradient. In the gaps it left, FP8's GPUs sat
+    idle for about 6 ms of each profiled step on 4 GPUs (docs/scaling.md, round 12; not re-timed since)."""
     if hasattr(optimizer, "clip_grad_norm_"):
         return optimizer.clip_grad_norm_(max_norm)
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    group = _shard_group(grads)
+    if group is None:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    shards = [grad._local_tensor for grad in grads]  # to_local() would go through autograd, once a gradient
+    squares = torch.stack(torch._foreach_norm(shards, dtype=torch.float32)).square().sum()
+    torch_dist.all_reduce(squares, group=group)
+    norm = squares.sqrt()
+    torch._foreach_mul_(shards, (max_norm / (norm + 1e-6)).clamp(max=1.0))  # torch's clip_grad_norm_ coefficient
+    return norm
+
+
+def _shard_group(grads: list) -> torch_dist.ProcessGroup | None:
+    """The process group `grads` are sharded over where every one is a DTensor sharded on the same 1-D mesh (as
+    FSDP2 leaves them); else None."""
+    if not grads or not all(isinstance(grad, DTensor) for grad in grads):
+        return None
+    mesh = grads[0].device_mesh
+    if mesh.ndim != 1 or any(grad.device_mesh != mesh or not grad.placements[0].is_shard() for grad in grads):
+        return None
+    return mesh.get_group()
 
 
 def train(*, model, optimizer, batches, loss_fn, cfg, dist_info: Dist, tokens_per_step: int | None = None,
@@ -282,8 +308,6 @@ def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cf
                 loss += micro_loss.detach()
                 step_tokens += count_tokens(batch) if count_tokens else 0
             grad_norm = clip_gradients(model, optimizer, cfg.clip_grad_norm or math.inf)
-            if isinstance(grad_norm, DTensor):
-                grad_norm = grad_norm.full_tensor()
             # Counted tokens are summed over ranks; a fixed count is the global one, given by rank 0.
             stats.observe(step, loss, grad_norm, step_tokens if count_tokens else
                           tokens_per_step if dist_info.is_main else 0)

@@ -192,3 +192,47 @@ def test_each_block_prefetches_the_next_and_previous_blocks_asked_for(prefetch_r
         # prefetches the first two and the last two.
         assert results["lists"]["blocks"] == [[[1, 2], []], [[2, 3], [0]], [[3], [1, 0]], [[], [2, 1]]]
         assert results["lists"]["root"] == [[0, 1], [3, 2]]
+
+
+def clipping_worker(rank, init_method, out_dir):
+    """Each rank: FSDP2's sharded gradients clipped by the loop's clip_gradients and by torch's clip_grad_norm_,
+    from the same gradients; their norms and this rank's clipped shards."""
+    from qt.training.loop import clip_gradients
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+    results = {}
+    for recipe_options in (None, {}):
+        model, _, optimizer = wrapped(recipe_options, None, Dist(rank, 2, torch.device("cpu")))
+        tokens = next(markov_batches(1, batch=8, seed=2)).chunk(2)[rank]
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        grads = [p.grad for p in model.parameters()]
+        originals = [grad._local_tensor.clone() for grad in grads]
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05).full_tensor()
+        expected = [grad._local_tensor.clone() for grad in grads]
+        for grad, original in zip(grads, originals):
+            grad._local_tensor.copy_(original)
+        clip_grad_norm = torch.nn.utils.clip_grad_norm_
+        torch.nn.utils.clip_grad_norm_ = None  # the sharded path must not fall back to it
+        try:
+            ours = clip_gradients(model, optimizer, 0.05)
+        finally:
+            torch.nn.utils.clip_grad_norm_ = clip_grad_norm
+        results["bf16" if recipe_options is None else "int8_mixed_precision"] = {
+            "norms": [norm.item(), ours.item()], "plain": type(ours) is torch.Tensor,
+            "max shard error": max((a - b).abs().max().item() / b.abs().max().item()
+                                   for a, b in zip((g._local_tensor for g in grads), expected) if b.numel())}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    end_worker()
+
+
+def test_sharded_gradients_are_clipped_as_torch_clips_them(tmp_path):
+    mp.spawn(clipping_worker, args=(rendezvous_file(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for results in ranks:
+        for recipe, result in results.items():
+            torch_norm, ours = result["norms"]
+            assert torch_norm > 0.5, recipe  # far above 0.05: the gradients are scaled down
+            assert ours == pytest.approx(torch_norm, rel=1e-6), recipe
+            assert result["plain"] and result["max shard error"] < 1e-6, recipe
+    assert ranks[0]["bf16"]["norms"] == ranks[1]["bf16"]["norms"]
