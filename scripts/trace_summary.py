@@ -7,6 +7,10 @@ Inductor's fused kernels, the optimizer, communication, the rest), per step (the
 and sets the time the GPU worked (the union of its kernels on every stream) against the wall time of the
 profiled steps: the difference is time the GPU waited, on the host or on nothing at all. On several GPUs the time
 it computed (every kernel but NCCL's) against the wall time says how much communication or the host left exposed.
+
+--idle_causes adds where the GPU waited: each stretch with no kernel on any stream is set against the host op that
+launched the kernel ending it (the outermost op around that launch on its thread, layer numbers as N), summed per
+step. A stretch that ends with a kernel launched late says the host was behind there.
 """
 
 from __future__ import annotations
@@ -87,6 +91,53 @@ def summarize(events: list[dict], steps: int) -> dict:
     }
 
 
+HOST_CATEGORIES = ("cpu_op", "user_annotation", "python_function")
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
+
+
+def host_label(name: str) -> str:
+    """A host op's name with what differs from one layer or compiled graph to the next taken out."""
+    name = re.sub(r"layers\.\d+", "layers.N", name)
+    return re.sub(r"(CompiledFxGraph) \w+", r"\1", name)
+
+
+def idle_causes(events: list[dict], steps: int, top: int = 10) -> list[tuple[str, float, float]]:
+    """(host op, GPU idle ms a step, stretches a step) for the `top` host ops whose launches ended the longest
+    total GPU idle time: see the module's docstring."""
+    kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy",
+                                                                                  "gpu_memset")),
+                     key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events if e.get("ph") == "X"
+                and e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
+    host_ops = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in HOST_CATEGORIES and not e["name"].startswith("ProfilerStep"):
+            host_ops[e["tid"]].append(e)
+
+    def launched_in(launch: dict | None) -> str:
+        if launch is None:
+            return "(launch not in the trace)"
+        around = [e for e in host_ops[launch["tid"]] if e["ts"] <= launch["ts"] <= e["ts"] + e["dur"]]
+        return host_label(max(around, key=lambda e: e["dur"])["name"]) if around else "(no host op around it)"
+
+    idle, stretches = defaultdict(float), defaultdict(int)
+    busy_until = kernels[0]["ts"] + kernels[0]["dur"] if kernels else 0
+    for kernel in kernels[1:]:
+        if kernel["ts"] > busy_until:
+            label = launched_in(launches.get(kernel.get("args", {}).get("correlation")))
+            idle[label] += kernel["ts"] - busy_until
+            stretches[label] += 1
+        busy_until = max(busy_until, kernel["ts"] + kernel["dur"])
+    ranked = sorted(idle.items(), key=lambda kv: -kv[1])[:top]
+    return [(label, us / 1e3 / steps, stretches[label] / steps) for label, us in ranked]
+
+
+def idle_markdown(causes: list[tuple[str, float, float]]) -> str:
+    lines = ["", "| the GPU idle until a kernel launched in (host op) | ms | stretches |", "| --- | ---: | ---: |"]
+    lines += [f"| `{label[:90]}` | {ms:.1f} | {count:.0f} |" for label, ms, count in causes]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summary: dict, title: str) -> str:
     lines = [f"{title}: {summary['steps']} profiled steps, per step", "",
              "| | ms |", "| --- | ---: |",
@@ -106,11 +157,18 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("traces", type=Path, nargs="+", help="one table each, in turn")
     parser.add_argument("--steps", type=int, default=3, help="steps each trace holds (llm_pretrain's profiler: 3)")
+    parser.add_argument("--idle_causes", action="store_true",
+                        help="also the host ops whose launches ended the GPU's idle stretches (see above)")
     args = parser.parse_args(argv)
     for trace in args.traces:
         if not trace.is_file():
             raise SystemExit(f"error: no trace at {trace}: run llm_pretrain.py with --profile first")
-    text = "\n".join(markdown(summarize(load_events(trace), args.steps), str(trace)) for trace in args.traces)
+    tables = []
+    for trace in args.traces:
+        events = load_events(trace)
+        tables.append(markdown(summarize(events, args.steps), str(trace))
+                      + (idle_markdown(idle_causes(events, args.steps)) if args.idle_causes else ""))
+    text = "\n".join(tables)
     print(text)
     return text
 

@@ -51,3 +51,30 @@ def test_several_traces_give_a_table_each_and_a_missing_one_a_clear_error(tmp_pa
     assert "| Inductor's fused kernels | 1.0 |" in text and "| Inductor's fused kernels | 3.0 |" in text
     with pytest.raises(SystemExit, match="no trace at .*missing.json"):
         main([str(tmp_path / "a.json"), str(tmp_path / "missing.json")])
+
+
+def test_idle_stretches_are_set_against_the_host_op_that_launched_the_kernel_ending_them():
+    from scripts.trace_summary import idle_causes
+
+    def kernel(ts, dur, correlation):
+        return {"ph": "X", "cat": "kernel", "name": "k", "ts": ts, "dur": dur, "args": {"correlation": correlation}}
+
+    def launch(ts, correlation, tid=1):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 1, "tid": tid,
+                "args": {"correlation": correlation}}
+
+    def host(name, ts, dur, tid=1):
+        return {"ph": "X", "cat": "user_annotation", "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    events = [host("ProfilerStep#3", 0, 10_000), host("FSDP::pre_forward (model.layers.7)", 90, 30),
+              host("aten::_foreach_copy_", 100, 5),  # inside pre_forward: the outermost op names the gap
+              host("autograd::engine::evaluate_function: X", 300, 50, tid=2),
+              kernel(0, 50, 1), launch(1, 1),
+              kernel(110, 40, 2), launch(101, 2),  # idle 50-110 us: pre_forward's launch
+              kernel(120, 100, 3), launch(105, 3),  # overlaps: no idle stretch
+              kernel(400, 10, 4), launch(310, 4, tid=2),  # idle 220-400 us: the backward's launch
+              kernel(500, 10, 5), launch(600, 5, tid=3)]  # idle 410-500 us, launched outside any host op
+    causes = idle_causes(events, steps=2)
+    assert causes == [("autograd::engine::evaluate_function: X", 0.09, 0.5),
+                      ("(no host op around it)", 0.045, 0.5),
+                      ("FSDP::pre_forward (model.layers.N)", 0.03, 0.5)]
