@@ -20,6 +20,8 @@ import json
 import multiprocessing
 import os
 import shutil
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,6 +43,7 @@ END_OF_TEXT = "<|endoftext|>"  # the document separator of GPT-style text dumps,
 TXT_SPLITS = ("auto", "endoftext", "blank_lines", "lines", "file")
 DOCS_PER_TASK = 256
 READ_CHUNK = 1 << 24  # bytes read at a time when searching a file
+IN_FLIGHT_WAIT_S = 30  # on an error or Ctrl-C, how long to wait for the tasks already sent to the workers
 
 
 def parse_args(argv):
@@ -333,6 +336,20 @@ def _encode(task):
     return splits, [np.array(_worker["bos"] + e.ids + _worker["eos"], dtype=np.uint32) for e in encodings]
 
 
+def wait_for_tasks_in_flight(results, seconds: float) -> None:
+    """Waits, at most `seconds`, until the workers have returned every task the pool sent them (their results
+    dropped). Pool.terminate joins the pool's thread that sends tasks; caught in the middle of sending one larger
+    than the pipe's buffer, with the workers gone, that thread never returns (seen as a hung test after Ctrl-C)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            results.next(timeout=max(0.0, deadline - time.monotonic()))
+        except (StopIteration, multiprocessing.TimeoutError):
+            return
+        except Exception:  # a worker's error: the one that stopped the loop, if any, is already on its way out
+            continue
+
+
 def batched(items, size):
     batch = []
     for item in items:
@@ -480,8 +497,12 @@ def tokenize_documents(documents, tokenizer, bos, eos, metadata, output_dir: Pat
     writers = {name: ShardWriter(output_dir, name, metadata["dtype"], args.shard_tokens, split["shards"],
                                  record_shard) for name, split in splits.items()}
 
+    stop_feeding = threading.Event()
+
     def todo():
         for split, text in documents:
+            if stop_feeding.is_set():
+                return
             seen[split] += 1
             if seen[split] > done[split]:
                 yield split, text
@@ -501,9 +522,13 @@ def tokenize_documents(documents, tokenizer, bos, eos, metadata, output_dir: Pat
                 for split, tokens in zip(task_splits, token_arrays):
                     writers[split].add(tokens)
                 progress.update(len(token_arrays))
-    finally:  # every result is in (or a document could not be read: then no worker is needed either)
+    finally:  # every result is in, or something went wrong (a document could not be read, Ctrl-C)
         if parallel:
-            pool.terminate()
+            stop_feeding.set()
+            try:
+                wait_for_tasks_in_flight(results, IN_FLIGHT_WAIT_S)
+            finally:
+                pool.terminate()
     for writer in writers.values():
         writer.flush()
 

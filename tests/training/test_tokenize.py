@@ -97,3 +97,30 @@ def test_shared_corpus_reads_when_present():
         pytest.skip("../shared/corpus is not here")
     docs = list(tokenize_data.read_local_file(str(corpus), "text"))
     assert len(docs) > 10 and all(isinstance(d, str) and d for d in docs)
+
+
+
+def test_an_interrupted_parallel_run_gets_its_tasks_back_before_the_pool_terminates(dataset_dir, corpus_file,
+                                                                                      tmp_path, monkeypatch):
+    """Pool.terminate joins the pool's thread that sends tasks. Caught in the middle of sending one larger than the
+    pipe's buffer, with the workers gone, that thread never returns: a run stopped by Ctrl-C hung now and then.
+    So the feeding stops and the tasks already sent come back first (the pool's record of outstanding tasks,
+    `_cache`, is then empty)."""
+    import multiprocessing.pool
+
+    outstanding = []
+    terminate = multiprocessing.pool.Pool.terminate
+    def recording_terminate(pool):
+        outstanding.append(len(pool._cache))
+        terminate(pool)
+    monkeypatch.setattr(multiprocessing.pool.Pool, "terminate", recording_terminate)
+    flush = ShardWriter.flush
+    def crash_after_one_shard(self):
+        if len(self.shards) == 1:
+            raise KeyboardInterrupt
+        flush(self)
+    monkeypatch.setattr(ShardWriter, "flush", crash_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_data.main(["--data_files", str(corpus_file), "--tokenizer", str(dataset_dir), "--val_fraction",
+                            "0.05", "--shard_tokens", "2000", "--num_proc", "2", "--output_dir", str(tmp_path)])
+    assert outstanding == [0]
