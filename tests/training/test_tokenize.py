@@ -34,17 +34,24 @@ def test_rerun_skips_a_complete_folder(dataset_dir, corpus_file, capsys):
     assert "already complete" in capsys.readouterr().out
 
 
+def interrupt_after_shards(monkeypatch, shards: int):
+    """Ctrl-C, as it were, once a split has written `shards` shards; returns ShardWriter's own flush."""
+    flush = ShardWriter.flush
+
+    def interrupting_flush(self):
+        if len(self.shards) == shards:
+            raise KeyboardInterrupt
+        flush(self)
+    monkeypatch.setattr(ShardWriter, "flush", interrupting_flush)
+    return flush
+
+
 def test_interrupted_tokenization_finishes_identically(dataset_dir, corpus_file, tmp_path, monkeypatch):
     args = ["--data_files", str(corpus_file), "--tokenizer", str(dataset_dir), "--val_fraction", "0.05",
             "--shard_tokens", "30000", "--num_proc", "2"]
     tokenize_data.main(args + ["--output_dir", str(tmp_path / "whole")])
 
-    flush = ShardWriter.flush
-    def crash_after_three_shards(self):
-        if len(self.shards) == 3:
-            raise KeyboardInterrupt
-        flush(self)
-    monkeypatch.setattr(ShardWriter, "flush", crash_after_three_shards)
+    flush = interrupt_after_shards(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         tokenize_data.main(args + ["--output_dir", str(tmp_path / "resumed")])
     with pytest.raises(ConfigError, match="did not finish"):
@@ -114,12 +121,7 @@ def test_an_interrupted_parallel_run_gets_its_tasks_back_before_the_pool_termina
         outstanding.append(len(pool._cache))
         terminate(pool)
     monkeypatch.setattr(multiprocessing.pool.Pool, "terminate", recording_terminate)
-    flush = ShardWriter.flush
-    def crash_after_one_shard(self):
-        if len(self.shards) == 1:
-            raise KeyboardInterrupt
-        flush(self)
-    monkeypatch.setattr(ShardWriter, "flush", crash_after_one_shard)
+    interrupt_after_shards(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         tokenize_data.main(["--data_files", str(corpus_file), "--tokenizer", str(dataset_dir), "--val_fraction",
                             "0.05", "--shard_tokens", "2000", "--num_proc", "2", "--output_dir", str(tmp_path)])
