@@ -23,6 +23,10 @@ from collections import defaultdict
 from pathlib import Path
 
 COMMUNICATION = "communication (NCCL)"
+# Trace event categories: kernels and copies on the GPU, ops on the host, and the launches between them.
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_CATEGORIES = ("cpu_op", "user_annotation", "python_function")
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 # First match wins: (group, pattern on the kernel name).
 GROUPS = [
     (COMMUNICATION, r"nccl"),
@@ -64,8 +68,13 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def events_of(events: list[dict], categories: tuple[str, ...]) -> list[dict]:
+    """The complete events (with a duration) of the trace in `categories`."""
+    return [e for e in events if e.get("ph") == "X" and e.get("cat") in categories]
+
+
 def summarize(events: list[dict], steps: int) -> dict:
-    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    kernels = events_of(events, GPU_CATEGORIES)
     if not kernels:
         raise SystemExit("error: the trace holds no GPU kernels (was it recorded on a GPU with CUDA activity?)")
     per_group = defaultdict(float)
@@ -91,10 +100,6 @@ def summarize(events: list[dict], steps: int) -> dict:
     }
 
 
-HOST_CATEGORIES = ("cpu_op", "user_annotation", "python_function")
-LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
-
-
 def host_label(name: str) -> str:
     """A host op's name with what differs from one layer or compiled graph to the next taken out."""
     name = re.sub(r"layers\.\d+", "layers.N", name)
@@ -104,14 +109,12 @@ def host_label(name: str) -> str:
 def idle_causes(events: list[dict], steps: int, top: int = 10) -> list[tuple[str, float, float]]:
     """(host op, GPU idle ms a step, stretches a step) for the `top` host ops whose launches ended the longest
     total GPU idle time: see the module's docstring."""
-    kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy",
-                                                                                  "gpu_memset")),
-                     key=lambda e: e["ts"])
-    launches = {e["args"]["correlation"]: e for e in events if e.get("ph") == "X"
-                and e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
+    kernels = sorted(events_of(events, GPU_CATEGORIES), key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events_of(events, LAUNCH_CATEGORIES)
+                if "correlation" in e.get("args", {})}
     host_ops = defaultdict(list)
-    for e in events:
-        if e.get("ph") == "X" and e.get("cat") in HOST_CATEGORIES and not e["name"].startswith("ProfilerStep"):
+    for e in events_of(events, HOST_CATEGORIES):
+        if not e["name"].startswith("ProfilerStep"):
             host_ops[e["tid"]].append(e)
 
     def launched_in(launch: dict | None) -> str:
