@@ -117,11 +117,26 @@ def test_fp8_mixed_precision_is_bit_exact_with_its_matmuls_written_out(scaling):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("codes", [False, True])
+def test_fp8_rowwise_gradients_are_the_same_through_the_abs_max_kernel(codes):
+    """dY's row- and column-wise FP8 casts take their abs-maxima from qt's tile kernel on a GPU (here the interpreter)
+    and from torch ops elsewhere: the same bits either way, X's scales folded into dY's columns included."""
+    results = []
+    for backend in ("triton", "torch"):
+        linear, x, dy = make_case((3, 11), bias=True, in_features=48, out_features=40)
+        qt.quantize_(linear, "fp8_mixed_precision", scaling="rowwise", grad_weight_sees_quantized_input=codes,
+                     filter_fn=lambda m, n: True)
+        results.append(through(backend, run_linear)(linear, x, dy))
+    for name, a, b in zip(("output", "grad_input", "grad_weight", "grad_bias"), *results):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize(("scaling", "passes"), [("tensorwise", 3), ("rowwise", 6)])
 def test_fp8_tensorwise_takes_each_abs_max_once(scaling, passes, monkeypatch):
     """Tensor-wise, X's abs-max serves the forward and grad_weight, W's the forward and grad_input, and dY is cast
     once for both backward matmuls: the abs-max passes of one forward + backward are X, W and dY once each."""
     import qt.kernels.fp8 as fp8
+    import qt.kernels.quantize
     import qt.linear
 
     calls = []
@@ -133,6 +148,7 @@ def test_fp8_tensorwise_takes_each_abs_max_once(scaling, passes, monkeypatch):
     abs_max = fp8.abs_max
     monkeypatch.setattr(fp8, "abs_max", counted)
     monkeypatch.setattr(qt.linear, "abs_max", counted)
+    monkeypatch.setattr(qt.kernels.quantize, "abs_max", counted)  # dY's row-wise maxima, on the CPU
     linear, x, dy = make_case((33,), bias=False, in_features=48, out_features=40)
     qt.quantize_(linear, "fp8_mixed_precision", scaling=scaling, filter_fn=lambda m, n: True)
     run_linear(linear, x, dy)

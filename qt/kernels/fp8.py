@@ -83,8 +83,9 @@ def quantize_fp8(x: Tensor, axis: int, dtype: torch.dtype = E4M3, scaling: str =
         dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
         scaling: "rowwise" or "tensorwise".
         power_of_two_scales: round each scale up to a power of two.
-        amax_of_x: the abs-max to scale by instead of ``x``'s own (tensorwise only): an FSDP shard quantized
-            with the abs-max of the whole weight.
+        amax_of_x: the abs-max to scale by instead of ``x``'s own, shaped as ``abs_max`` gives it (one element
+            tensor-wise; [R, 1] or [1, C] row-wise, by the axis): an FSDP shard quantized with the abs-max of the
+            whole weight, or maxima taken earlier (``qt.kernels.quantize.abs_max_rows_and_cols``).
 
     Returns:
         ``(q, scale)``: ``q`` of ``dtype`` [R, C] with strides (C, 1) for ``axis=1``, (1, R) for ``axis=0``;
@@ -94,8 +95,10 @@ def quantize_fp8(x: Tensor, axis: int, dtype: torch.dtype = E4M3, scaling: str =
     _check_quantize_args(x, axis, dtype, scaling, amax_of_x)
     rows = x if axis == 1 else x.t()  # the slices that the reduction runs along, as rows
     if amax_of_x is None:
-        amax_of_x = abs_max(rows, None if scaling == "tensorwise" else 1)
-    scale = scale_from_amax(amax_of_x, dtype, power_of_two_scales)
+        amax_of_rows = abs_max(rows, None if scaling == "tensorwise" else 1)
+    else:
+        amax_of_rows = amax_of_x if axis == 1 or scaling == "tensorwise" else amax_of_x.t()
+    scale = scale_from_amax(amax_of_rows, dtype, power_of_two_scales)
     largest = torch.finfo(dtype).max
     # Multiplied by the reciprocal, one a scale, as the INT8 kernels do: Inductor's kernels would otherwise divide
     # each element (an IEEE division, about ten instructions). End to end on an H200, 0.8-1.0% more tokens a second
@@ -117,8 +120,11 @@ def _check_quantize_args(x, axis, dtype, scaling, amax_of_x) -> None:
         raise ValueError(f"quantize_fp8: dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
     if scaling not in SCALINGS:
         raise ValueError(f"quantize_fp8: scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
-    if amax_of_x is not None and scaling != "tensorwise":
-        raise ValueError("quantize_fp8: amax_of_x is for tensorwise scaling")
+    if amax_of_x is not None:
+        expected = (1, 1) if scaling == "tensorwise" else (x.shape[0], 1) if axis == 1 else (1, x.shape[1])
+        if amax_of_x.dtype != torch.float32 or tuple(amax_of_x.shape) != expected:
+            raise ValueError(f"quantize_fp8: amax_of_x must be float32 {list(expected)} ({scaling} scaling, axis "
+                             f"{axis}), got {amax_of_x.dtype} {list(amax_of_x.shape)}")
 
 
 def scaled_fp8_mm(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, out_dtype: torch.dtype,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax
-from qt.kernels.quantize import dequantize_rows, scale_dtype
+from qt.kernels.fp8 import abs_max
+from qt.kernels.quantize import abs_max_rows_and_cols, dequantize_rows, scale_dtype
 from tests.kernels import inductor_for_a_gpu
 from tests.kernels.backends import through
 from tests.reference import rel_err
@@ -350,3 +351,29 @@ def test_each_kernel_writes_its_own_allocation_after_compile_merges_common_subex
     # Each linear's six passes that write codes: X and W by rows, dY both ways, W and X by columns.
     assert len(written) == 12, result.stdout + result.stderr[-3000:]
     assert len(set(written)) == len(written), f"kernels share an allocation, which Inductor copies for each: {written}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("multiplied", [False, True])
+@pytest.mark.parametrize("shape", [(37, 70), (1, 9), (70, 1), (300, 129), (0, 5), (4, 0)])
+def test_abs_max_rows_and_cols_is_abs_max_along_each_axis(backend, multiplied, shape):
+    """What FP8's row-wise casts of dY take (qt/linear.py): abs_max(x, 1) and abs_max(x * multipliers, 0), NaN as inf,
+    an empty slice 0, in one pass over tiles on a GPU (here through the interpreter)."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.bfloat16) * torch.logspace(-3, 3, shape[1]).to(torch.bfloat16)
+    if x.numel():
+        x[shape[0] // 2, shape[1] // 3] = float("nan")
+    multipliers = torch.rand(shape[0], 1, dtype=torch.bfloat16) * 8 if multiplied else None
+    row_amax, col_amax = through(backend, abs_max_rows_and_cols)(x, multipliers)
+    of_columns = x if multipliers is None else x.float() * multipliers.float()
+    assert torch.equal(row_amax, abs_max(x, 1)) and row_amax.shape == (shape[0], 1)
+    assert torch.equal(col_amax, abs_max(of_columns, 0)) and col_amax.shape == (1, shape[1])
+    assert row_amax.dtype == col_amax.dtype == torch.float32
+
+
+def test_abs_max_rows_and_cols_opcheck_and_bad_multipliers():
+    x = torch.randn(17, 33, dtype=torch.bfloat16)
+    for multipliers in (None, torch.rand(17, dtype=torch.bfloat16)):
+        torch.library.opcheck(torch.ops.qt.abs_max_rows_and_cols.default, (x, multipliers))
+    with pytest.raises(ValueError, match=r"col_row_multipliers must be floating \[17, 1\] or \[17\]"):
+        abs_max_rows_and_cols(x, torch.rand(16))
