@@ -16,7 +16,8 @@ for any plan). So a recipe is a plan plus a weight class.
 
 The output gradient dY, which both backward matmuls need quantized (along different axes), is quantized both
 ways by one INT8 op that shares its reads of dY (FP8 casts are torch ops, which torch.compile fuses itself;
-with one scale for the whole tensor, dY is cast once and its codes transposed for the other layout).
+with one scale for the whole tensor, dY is cast once and its codes transposed for the other layout; with row-wise
+scales, its maxima along both axes come from one kernel).
 X and W are saved as they are, not as quantized copies: the linears that share an input (q/k/v, gate/up) then
 share its saved copy, and the peak memory stays below BF16's; each is quantized where its matmul runs. The
 forward's row-wise pass over each keeps the abs-maxima the backward's column-wise one needs, saved beside it (INT8:
