@@ -19,6 +19,11 @@ synchronization between steps), speedup over the baseline of the same call, peak
 the last 5 steps) and the forward SQNR of one quantized linear against its float64 twin (qt.sqnr), flagged where
 the row did not quantize. Writes OUT (markdown, with the command, GPU and versions) and OUT with .json, which
 --report joins with other calls' (the device runs a command for at most 10 minutes).
+
+Before and after a change, in one device call (a speedup counts only against a baseline of the same machine and
+call): `--qt_from DIR` trains every row with the qt package of another checkout (e.g. `git worktree add DIR REV`,
+or `git archive REV qt configs | tar -x -C DIR`), so that run the same script once with it and once without.
+Setting PYTHONPATH does not do it: this script puts its own checkout first on the import path.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -36,7 +42,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from anywhere without installing qt
+# The checkout whose qt a row's process imports (--qt_from), passed from the calling process.
+QT_FROM_VARIABLE = "BENCH_PEERS_QT_FROM"
+sys.path.insert(0, os.environ.get(QT_FROM_VARIABLE) or str(REPO))  # run from anywhere without installing qt
 
 import qt  # noqa: E402
 from qt.sqnr import forward_sqnr, random_input, sqnr_cell, twin_sqnr  # noqa: E402
@@ -185,7 +193,8 @@ def train_row(spec: dict) -> dict:
     losses = torch.stack(losses).float().tolist()
     return {"tokens_per_second": spec["batch_size"] * spec["seq_len"] / statistics.median(times),
             "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-            "final_loss": statistics.fmean(losses[-FINAL_LOSS_STEPS:]), "sqnr": sqnr}
+            "final_loss": statistics.fmean(losses[-FINAL_LOSS_STEPS:]), "sqnr": sqnr,
+            "qt": str(Path(qt.__file__).resolve().parent)}
 
 
 def profile_steps(train_step, first_step: int, trace: str, steps: int = 3) -> None:
@@ -198,17 +207,19 @@ def profile_steps(train_step, first_step: int, trace: str, steps: int = 3) -> No
             train_step(step)
         torch.cuda.synchronize()
     profiler.export_chrome_trace(trace)
-    print(markdown(summarize(load_events(Path(trace)), steps), trace), flush=True)
+    print(markdown(summarize(load_events(Path(trace)), steps, kernels_listed=30), trace), flush=True)
 
 
 # ---- the calling process ----
 
-def run_row(spec: dict, log: Path, timeout_s: float) -> dict:
-    """Row `spec` trained in a fresh process (its output in `log`): its results, or {"error": ...}."""
+def run_row(spec: dict, log: Path, timeout_s: float, qt_from: Path | None = None) -> dict:
+    """Row `spec` trained in a fresh process (its output in `log`), with the qt of the checkout `qt_from` where
+    given: its results, or {"error": ...}."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    env = {**os.environ, QT_FROM_VARIABLE: str(qt_from)} if qt_from else None
     try:
         with open(log, "w") as f:
-            done = subprocess.run(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s)
+            done = subprocess.run(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:g} s (see {log.name})"}
     results = [line for line in log.read_text().splitlines() if line.startswith("RESULT ")]
@@ -277,8 +288,18 @@ def main(argv=None) -> str:
     parser.add_argument("--smoke", action="store_true", help="CPU, the tiny model, 2 steps, the qt rows only")
     parser.add_argument("--profile", action="store_true",
                         help="per row, 3 more steps profiled: a trace beside its log, the kernel table in the log")
+    parser.add_argument("--qt_from", type=Path, metavar="DIR",
+                        help="train every row with the qt package of the checkout DIR (a folder holding qt/ and "
+                             "configs/; this script's training code runs against its qt, so a recent one): the "
+                             "other side of a before/after comparison in one call")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.qt_from:
+        args.qt_from = args.qt_from.resolve()
+        missing = [name for name in ("qt/__init__.py", "configs/models") if not (args.qt_from / name).exists()]
+        if missing:
+            parser.error(f"--qt_from {args.qt_from} holds no {' or '.join(missing)}: give a checkout of this "
+                         f"repository (git worktree add DIR REV)")
     if args.steps <= args.warmup:
         parser.error(f"--steps {args.steps} leaves no step to time after --warmup {args.warmup}")
     if args.worker:
@@ -331,7 +352,7 @@ def measure_call(args, argv: list[str]) -> dict:
             if name.startswith("torchao") and torchao_reason:
                 result = {"skipped": f"skipped: {torchao_reason}"}
             else:
-                result = run_row(spec, log, args.row_timeout_s)
+                result = run_row(spec, log, args.row_timeout_s, args.qt_from)
             if name == baseline:
                 base_speed = result.get("tokens_per_second")
             if "tokens_per_second" in result:
@@ -339,7 +360,8 @@ def measure_call(args, argv: list[str]) -> dict:
             rows.append({"model": model, "row": name, "baseline": name == baseline, "shape": [seq_len, batch_size],
                          "result": result})
             print(json.dumps(rows[-1]), flush=True)
-    return {"header": call_header(argv, torch.cuda.get_device_name() if gpu else "the CPU"), "rows": rows}
+    header = call_header(argv, torch.cuda.get_device_name() if gpu else "the CPU")
+    return {"header": header + (f", qt from {args.qt_from}" if args.qt_from else ""), "rows": rows}
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ def events_of(events: list[dict], categories: tuple[str, ...]) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and e.get("cat") in categories]
 
 
-def summarize(events: list[dict], steps: int) -> dict:
+def summarize(events: list[dict], steps: int, kernels_listed: int = 15) -> dict:
+    """The trace's figures per step; `kernels_listed`: how many kernels (by total time) the table lists."""
     kernels = events_of(events, GPU_CATEGORIES)
     if not kernels:
         raise SystemExit("error: the trace holds no GPU kernels (was it recorded on a GPU with CUDA activity?)")
@@ -96,7 +97,7 @@ def summarize(events: list[dict], steps: int) -> dict:
         "compute_busy_ms": busy_time(compute) / 1e3 / steps,
         "groups_ms": {g: t / 1e3 / steps for g, t in sorted(per_group.items(), key=lambda kv: -kv[1])},
         "top_kernels": [(name, t / 1e3 / steps, calls // steps)
-                        for name, (t, calls) in sorted(top.items(), key=lambda kv: -kv[1][0])[:15]],
+                        for name, (t, calls) in sorted(top.items(), key=lambda kv: -kv[1][0])[:kernels_listed]],
     }
 
 
@@ -151,15 +152,23 @@ def markdown(summary: dict, title: str) -> str:
              f"| no computation (wall - computing: waits on communication or the host) | "
              f"{summary['wall_ms'] - summary['compute_busy_ms']:.1f} |"]
     lines += [f"| {group} | {ms:.1f} |" for group, ms in summary["groups_ms"].items()]
-    lines += ["", "| kernel | ms | calls |", "| --- | ---: | ---: |"]
-    lines += [f"| `{name[:90]}` | {ms:.2f} | {calls} |" for name, ms, calls in summary["top_kernels"]]
+    lines += ["", "| kernel | ms | calls | us a call |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| `{_shortened(name)}` | {ms:.2f} | {calls} | {1e3 * ms / max(calls, 1):.1f} |"
+              for name, ms, calls in summary["top_kernels"]]
     return "\n".join(lines) + "\n"
+
+
+def _shortened(name: str, width: int = 100) -> str:
+    """A kernel name cut to `width` characters, keeping its end: Inductor's names differ in their last part (the
+    ops fused, then the kernel's number)."""
+    return name if len(name) <= width else name[:width // 2 - 2] + "..." + name[-(width // 2 - 1):]
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("traces", type=Path, nargs="+", help="one table each, in turn")
     parser.add_argument("--steps", type=int, default=3, help="steps each trace holds (llm_pretrain's profiler: 3)")
+    parser.add_argument("--kernels", type=int, default=15, help="how many kernels the table lists, by total time")
     parser.add_argument("--idle_causes", action="store_true",
                         help="also the host ops whose launches ended the GPU's idle stretches (see above)")
     args = parser.parse_args(argv)
@@ -169,7 +178,7 @@ def main(argv: list[str] | None = None) -> str:
     tables = []
     for trace in args.traces:
         events = load_events(trace)
-        tables.append(markdown(summarize(events, args.steps), str(trace))
+        tables.append(markdown(summarize(events, args.steps, args.kernels), str(trace))
                       + (idle_markdown(idle_causes(events, args.steps)) if args.idle_causes else ""))
     text = "\n".join(tables)
     print(text)

@@ -1,9 +1,11 @@
 """scripts/bench_peers.py: its CPU smoke run, its report, and the SQNR measurement of torchao's rows."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -73,3 +75,26 @@ def test_only_takes_prefixes_and_whole_names():
     assert chosen("qt fp8_mixed_precision$") == ["qt fp8_mixed_precision"]
     assert chosen("qt fp8_mixed_precision rowwise$") == ["qt fp8_mixed_precision rowwise"]
     assert chosen("qt fp8_mixed$") == []
+
+
+def test_qt_from_trains_the_rows_with_another_checkouts_qt(tmp_path):
+    """A before/after comparison in one call: the rows' processes import the qt of --qt_from, not this checkout's
+    (which PYTHONPATH cannot override), and each row and the report say which."""
+    repo = Path(bench_peers.REPO)
+    other = tmp_path / "other"
+    shutil.copytree(repo / "qt", other / "qt", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(repo / "configs", other / "configs")
+    out = tmp_path / "peers.md"
+    text = bench_peers.main(["--smoke", "--only", "qt int8_weight_only$", "--qt_from", str(other), "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())["calls"][0]["rows"]
+    assert [row["result"]["qt"] for row in rows] == [str((other / "qt").resolve())] * 2
+    assert f"qt from {other.resolve()}" in text and float(table(text)["qt int8_weight_only"][0].replace(",", "")) > 0
+    without = bench_peers.main(["--smoke", "--only", "qt int8_weight_only$", "--out", str(tmp_path / "here.md")])
+    here = json.loads((tmp_path / "here.json").read_text())["calls"][0]["rows"]
+    assert {row["result"]["qt"] for row in here} == {str((repo / "qt").resolve())} and "qt from" not in without
+
+
+def test_qt_from_must_be_a_checkout(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_peers.main(["--smoke", "--qt_from", str(tmp_path), "--out", str(tmp_path / "peers.md")])
+    assert "holds no qt/__init__.py or configs/models: give a checkout" in capsys.readouterr().err

@@ -49,6 +49,12 @@ def test_several_traces_give_a_table_each_and_a_missing_one_a_clear_error(tmp_pa
     text = main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--steps", "1"])
     assert text.index("a.json") < text.index("b.json")
     assert "| Inductor's fused kernels | 1.0 |" in text and "| Inductor's fused kernels | 3.0 |" in text
+    long_name = "triton_red_fused_" + "x" * 120 + "_view_7"
+    (tmp_path / "c.json").write_text(json.dumps({"traceEvents": [
+        {**kernel, "name": long_name, "dur": 300}, {**kernel, "name": long_name, "ts": 500, "dur": 300},
+        {**kernel, "name": "triton_poi_fused_1", "ts": 900, "dur": 100}]}))
+    listed = main([str(tmp_path / "c.json"), "--steps", "1", "--kernels", "1"])
+    assert "_view_7` | 0.60 | 2 | 300.0 |" in listed and "triton_poi_fused_1" not in listed
     with pytest.raises(SystemExit, match="no trace at .*missing.json"):
         main([str(tmp_path / "a.json"), str(tmp_path / "missing.json")])
 
