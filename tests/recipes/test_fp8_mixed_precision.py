@@ -86,6 +86,18 @@ def test_scales_come_from_the_abs_max_on_the_device():
     assert torch.equal(quantize_fp8(x, 0, scaling="tensorwise")[1], torch.tensor([[2.0]]))
 
 
+@pytest.mark.parametrize(("scaling", "axis"), [("rowwise", 1), ("rowwise", 0), ("tensorwise", 1), ("tensorwise", 0)])
+def test_abs_maxima_taken_earlier_give_the_same_cast(scaling, axis):
+    """What a linear passes from an earlier pass (dY's row and column maxima, a tensor's abs-max): the same codes and
+    scales as the cast's own; maxima of another shape are a one-line error."""
+    x = torch.randn(37, 70) * torch.logspace(-2, 2, 70)
+    amax = fp8.abs_max(x, None if scaling == "tensorwise" else axis)
+    given, own = quantize_fp8(x, axis, E4M3, scaling, amax_of_x=amax), quantize_fp8(x, axis, E4M3, scaling)
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip(given, own))
+    with pytest.raises(ValueError, match=rf"amax_of_x must be float32 \[.*\] \({scaling} scaling, axis {axis}\)"):
+        quantize_fp8(x, axis, E4M3, scaling, amax_of_x=amax.t() if scaling == "rowwise" else amax.view(1))
+
+
 @pytest.mark.parametrize("scaling", ["rowwise", "tensorwise"])
 def test_zeros_get_a_finite_scale_and_quantize_to_zero(scaling):
     x = torch.zeros(4, 32)
