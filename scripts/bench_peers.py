@@ -22,7 +22,7 @@ the row did not quantize. Writes OUT (markdown, with the command, GPU and versio
 
 Before and after a change, in one device call (a speedup counts only against a baseline of the same machine and
 call): `--qt_from DIR` trains every row with the qt package of another checkout (e.g. `git worktree add DIR REV`,
-or `git archive REV qt configs | tar -x -C DIR`), so that run the same script once with it and once without.
+or `git archive REV qt configs | tar -x -C DIR`): run the script once with it and once without, in the same call.
 Setting PYTHONPATH does not do it: this script puts its own checkout first on the import path.
 """
 
@@ -44,7 +44,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 # The checkout whose qt a row's process imports (--qt_from), passed from the calling process.
 QT_FROM_VARIABLE = "BENCH_PEERS_QT_FROM"
-sys.path.insert(0, os.environ.get(QT_FROM_VARIABLE) or str(REPO))  # run from anywhere without installing qt
+sys.path.insert(0, str(REPO))  # run from anywhere without installing qt
+if os.environ.get(QT_FROM_VARIABLE):
+    sys.path.insert(0, os.environ[QT_FROM_VARIABLE])
 
 import qt  # noqa: E402
 from qt.sqnr import forward_sqnr, random_input, sqnr_cell, twin_sqnr  # noqa: E402
@@ -200,7 +202,7 @@ def train_row(spec: dict) -> dict:
 def profile_steps(train_step, first_step: int, trace: str, steps: int = 3) -> None:
     """`steps` more steps under the profiler, after the timed ones (which it would slow): their GPU kernels as a
     Chrome trace at `trace` and, in the row's log, the table of scripts/trace_summary.py."""
-    from scripts.trace_summary import load_events, markdown, summarize
+    from trace_summary import load_events, markdown, summarize  # beside this script, whichever qt the row runs
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
         for step in range(first_step, first_step + steps):
