@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--idle_causes", action="store_true",
                         help="also the host ops whose launches ended the GPU's idle stretches (see above)")
     args = parser.parse_args(argv)
+    if args.kernels < 1:
+        parser.error(f"--kernels {args.kernels}: list at least one kernel")
     for trace in args.traces:
         if not trace.is_file():
             raise SystemExit(f"error: no trace at {trace}: run llm_pretrain.py with --profile first")

@@ -55,6 +55,8 @@ def test_several_traces_give_a_table_each_and_a_missing_one_a_clear_error(tmp_pa
         {**kernel, "name": "triton_poi_fused_1", "ts": 900, "dur": 100}]}))
     listed = main([str(tmp_path / "c.json"), "--steps", "1", "--kernels", "1"])
     assert "_view_7` | 0.60 | 2 | 300.0 |" in listed and "triton_poi_fused_1" not in listed
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "c.json"), "--kernels", "0"])
     with pytest.raises(SystemExit, match="no trace at .*missing.json"):
         main([str(tmp_path / "a.json"), str(tmp_path / "missing.json")])
 
