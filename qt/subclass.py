@@ -18,6 +18,7 @@ their states with `zeros_like` and do arithmetic with the weight as with any par
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -67,6 +68,15 @@ class QuantizedWeight(torch.Tensor):
     _gather_statistic: Tensor | None = None
     _gather_inputs: tuple | None = None
     _gather_args: tuple | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        hook = cls.__dict__.get("fsdp_pre_all_gather")
+        if hook is not None:
+            # FSDP2 calls inspect.signature on the hook before each all-gather of each weight, which took half of
+            # its host time per weight (scripts/bench_fsdp_hooks.py, docs/scaling.md round 14); inspect returns a
+            # function's own __signature__ as it is.
+            hook.__signature__ = inspect.signature(hook)
 
     @classmethod
     def _grad_input(cls, saved: tuple[Tensor, ...], dy, dtype: torch.dtype, plan) -> Tensor:

@@ -11,6 +11,11 @@ it computed (every kernel but NCCL's) against the wall time says how much commun
 --idle_causes adds where the GPU waited: each stretch with no kernel on any stream is set against the host op that
 launched the kernel ending it (the outermost op around that launch on its thread, layer numbers as N), summed per
 step. A stretch that ends with a kernel launched late says the host was behind there.
+
+--host_ops N adds where the host's time goes: on each thread that launched GPU work (Python's: the forward and the
+optimizer; autograd's: the backward), the outermost host ops summed per step by name (layer and graph numbers
+taken out), the N longest, and how long that thread was inside any op. Where the GPU waits on the host, these
+are the host's costs to cut (the profiler slows the host, so read them loosely).
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ def summarize(events: list[dict], steps: int, kernels_listed: int = 15) -> dict:
 def host_label(name: str) -> str:
     """A host op's name with what differs from one layer or compiled graph to the next taken out."""
     name = re.sub(r"layers\.\d+", "layers.N", name)
+    name = re.sub(r"(Torch-Compiled Region): \d+/\d+", r"\1", name)
     return re.sub(r"(CompiledFxGraph) \w+", r"\1", name)
 
 
@@ -134,6 +140,44 @@ def idle_causes(events: list[dict], steps: int, top: int = 10) -> list[tuple[str
         busy_until = max(busy_until, kernel["ts"] + kernel["dur"])
     ranked = sorted(idle.items(), key=lambda kv: -kv[1])[:top]
     return [(label, us / 1e3 / steps, stretches[label] / steps) for label, us in ranked]
+
+
+def host_ops(events: list[dict], steps: int, top: int) -> list[tuple[int, float, list[tuple[str, float, float]]]]:
+    """For each host thread that launched GPU work, most launches first (the Python thread runs the forward and the
+    optimizer, autograd's the backward): (thread id, ms a step it spent inside host ops, [(host op, ms a step,
+    calls a step)] for its `top` longest outermost ops by total time)."""
+    launches = defaultdict(int)
+    for launch in events_of(events, LAUNCH_CATEGORIES):
+        launches[launch["tid"]] += 1
+    threads = []
+    for tid in sorted(launches, key=launches.get, reverse=True):
+        ops = sorted((e for e in events_of(events, HOST_CATEGORIES)
+                      if e["tid"] == tid and not e["name"].startswith("ProfilerStep")),
+                     key=lambda e: (e["ts"], -e["dur"]))
+        if not ops:  # e.g. NCCL's own thread
+            continue
+        total, calls = defaultdict(float), defaultdict(int)
+        outer_end = float("-inf")
+        for op in ops:
+            if op["ts"] >= outer_end:  # not inside the previous outermost op
+                label = host_label(op["name"])
+                total[label] += op["dur"]
+                calls[label] += 1
+                outer_end = op["ts"] + op["dur"]
+        inside = busy_time([(op["ts"], op["ts"] + op["dur"]) for op in ops])
+        ranked = sorted(total.items(), key=lambda kv: -kv[1])[:top]
+        threads.append((tid, inside / 1e3 / steps, [(label, us / 1e3 / steps, calls[label] / steps)
+                                                    for label, us in ranked]))
+    return threads
+
+
+def host_markdown(threads: list[tuple[int, float, list[tuple[str, float, float]]]]) -> str:
+    lines = []
+    for tid, inside_ms, ops in threads:
+        lines += ["", f"Host thread {tid} was inside host ops {inside_ms:.1f} ms a step; its outermost ops:", "",
+                  "| host op | ms | calls |", "| --- | ---: | ---: |"]
+        lines += [f"| `{label[:90]}` | {ms:.1f} | {count:.0f} |" for label, ms, count in ops]
+    return "\n".join(lines) + "\n"
 
 
 def idle_markdown(causes: list[tuple[str, float, float]]) -> str:
@@ -171,7 +215,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--kernels", type=int, default=15, help="how many kernels the table lists, by total time")
     parser.add_argument("--idle_causes", action="store_true",
                         help="also the host ops whose launches ended the GPU's idle stretches (see above)")
+    parser.add_argument("--host_ops", type=int, default=0, metavar="N",
+                        help="also the N host ops of each launching thread that took the most time (see above)")
     args = parser.parse_args(argv)
+    if args.host_ops < 0:
+        parser.error(f"--host_ops {args.host_ops}: give how many host ops to list (0: none)")
     if args.kernels < 1:
         parser.error(f"--kernels {args.kernels}: list at least one kernel")
     for trace in args.traces:
@@ -181,7 +229,8 @@ def main(argv: list[str] | None = None) -> str:
     for trace in args.traces:
         events = load_events(trace)
         tables.append(markdown(summarize(events, args.steps, args.kernels), str(trace))
-                      + (idle_markdown(idle_causes(events, args.steps)) if args.idle_causes else ""))
+                      + (idle_markdown(idle_causes(events, args.steps)) if args.idle_causes else "")
+                      + (host_markdown(host_ops(events, args.steps, args.host_ops)) if args.host_ops else ""))
     text = "\n".join(tables)
     print(text)
     return text

@@ -182,3 +182,15 @@ def test_row_slices_and_splits_are_views_of_the_weight(recipe):
     with torch.no_grad():
         rows.copy_(torch.zeros(4, 64))  # writes through to the weight
     assert not linear.weight.dequantize()[5:9].any()
+
+
+@pytest.mark.parametrize("recipe", list(qt.RECIPES))
+def test_fsdp_hook_signature_is_precomputed(recipe):
+    """FSDP2 reads the all-gather hook's signature before every all-gather of every weight; the weight class
+    hands it over ready-made (QuantizedWeight.__init_subclass__) instead of inspect building it each time."""
+    import inspect
+    weight = quantized_linear(recipe).weight
+    hook = type(weight).fsdp_pre_all_gather
+    assert isinstance(hook.__dict__.get("__signature__"), inspect.Signature)
+    assert list(inspect.signature(weight.fsdp_pre_all_gather).parameters) == [
+        "mesh", "outer_size", "outer_stride", "module", "mp_policy"]

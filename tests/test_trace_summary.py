@@ -86,3 +86,30 @@ def test_idle_stretches_are_set_against_the_host_op_that_launched_the_kernel_end
     assert causes == [("autograd::engine::evaluate_function: X", 0.09, 0.5),
                       ("(no host op around it)", 0.045, 0.5),
                       ("FSDP::pre_forward (model.layers.N)", 0.03, 0.5)]
+
+
+def test_host_ops_sum_each_launching_threads_outermost_ops_per_step():
+    from scripts.trace_summary import host_ops, main
+
+    op = {"ph": "X", "cat": "cpu_op"}
+    launch = {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "dur": 5}
+    events = [
+        {**op, "tid": 1, "name": "FSDP::pre_forward (model.layers.0)", "ts": 0, "dur": 100},
+        {**op, "tid": 1, "name": "aten::copy_", "ts": 10, "dur": 50},  # inside the hook: not counted again
+        {**op, "tid": 1, "name": "FSDP::pre_forward (model.layers.1)", "ts": 200, "dur": 300},
+        {**op, "tid": 1, "name": "Torch-Compiled Region: 3/0", "ts": 600, "dur": 400},
+        {**op, "tid": 1, "name": "ProfilerStep#3", "ts": 0, "dur": 5000},  # the step itself: left out
+        {**op, "tid": 2, "name": "autograd::engine::evaluate_function: CompiledFunctionBackward", "ts": 0, "dur": 900},
+        {**op, "tid": 3, "name": "a thread that launched nothing", "ts": 0, "dur": 9000},
+        {**launch, "tid": 1, "ts": 20}, {**launch, "tid": 1, "ts": 700}, {**launch, "tid": 2, "ts": 10},
+        {**launch, "tid": 4, "ts": 30}, {**launch, "tid": 4, "ts": 40}, {**launch, "tid": 4, "ts": 50},  # no host ops
+    ]
+    (tid, inside_ms, ops), (backward_tid, backward_ms, backward_ops) = host_ops(events, steps=2, top=5)
+    assert (tid, inside_ms) == (1, pytest.approx(0.8 / 2))
+    assert ops == [("FSDP::pre_forward (model.layers.N)", pytest.approx(0.2), 1.0),
+                   ("Torch-Compiled Region", pytest.approx(0.2), 0.5)]
+    assert (backward_tid, backward_ms) == (2, pytest.approx(0.45))
+    assert backward_ops == [("autograd::engine::evaluate_function: CompiledFunctionBackward", pytest.approx(0.45), 0.5)]
+    assert host_ops([{**op, "tid": 1, "name": "x", "ts": 0, "dur": 1}], steps=1, top=3) == []
+    with pytest.raises(SystemExit):
+        main(["missing.json", "--host_ops", "-1"])

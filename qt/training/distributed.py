@@ -118,12 +118,12 @@ def autocast(device: torch.device, weight_dtype: torch.dtype, compute_dtype: tor
 
 def parallelize(model: nn.Module, blocks: list[nn.Module], dist_info: Dist, *, compute_dtype: torch.dtype,
                 activation_checkpointing: bool, compile: bool, ddp: bool, fsdp_prefetch: int = 0,
-                reshard_after_forward: bool = True) -> nn.Module:
+                reshard_after_forward: bool = True, unit_blocks: int = 1) -> nn.Module:
     """Wrap a (possibly quantized) model for training. Returns the module to call: DDP wraps the model,
     the other transformations work in place and keep the state_dict keys. `blocks` are in the order the
-    forward runs them; `fsdp_prefetch` (FSDP2 only): see `prefetch_blocks`; `reshard_after_forward` (FSDP2
-    only): False keeps every block's gathered weights from its forward to its backward (no all-gather in the
-    backward)."""
+    forward runs them. FSDP2 only: each `unit_blocks` consecutive blocks form one FSDP2 unit (gathered and
+    reduced together); `fsdp_prefetch`: see `prefetch_units`; `reshard_after_forward` False keeps every unit's
+    gathered weights from its forward to its backward (no all-gather in the backward)."""
     for block in blocks:
         if activation_checkpointing:
             # Overriding forward (instead of wrapping the block) keeps parameter names unchanged.
@@ -136,47 +136,44 @@ def parallelize(model: nn.Module, blocks: list[nn.Module], dist_info: Dist, *, c
         device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for i, block in enumerate(blocks):
-        # The last block stays gathered after its forward (as in torchtitan): the backward needs it first, right
+    units = [blocks[i:i + unit_blocks] for i in range(0, len(blocks), unit_blocks)]
+    for i, unit in enumerate(units):
+        # The last unit stays gathered after its forward (as in torchtitan): the backward needs it first, right
         # after the output layer's, so FSDP2 would free it only to all-gather it again at once. Keeping it saves
-        # that all-gather every micro-step for one block's gathered weights held through the output layer and
+        # that all-gather every micro-step for one unit's gathered weights held through the output layer and
         # the loss, and changes no number (a re-gather gives the same weights: a quantized all-gather reuses the
         # step's gather inputs). Always on, not tied to --fsdp_prefetch: implicit prefetching gains as much.
         # Like the root (FSDP2 never reshards it after forward), it also stays gathered after a forward without
         # gradients until the next backward; the loop validates after the optimizer step, so the next forward
         # still sees current weights (a forward without gradients before the optimizer step would leave both
-        # stale).
-        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
+        # stale). A unit of several blocks is one FSDP2 state that its blocks share.
+        fully_shard(unit if len(unit) > 1 else unit[0], mp_policy=policy,
+                    reshard_after_forward=reshard_after_forward and i < len(units) - 1)
     fully_shard(model, mp_policy=policy)
     if fsdp_prefetch:
-        prefetch_blocks(model, blocks, fsdp_prefetch)
+        prefetch_units(model, [unit[0] for unit in units], fsdp_prefetch)
     return model
 
 
-# Blocks ahead that FSDP2 all-gathers explicitly (`prefetch_blocks`) where --fsdp_prefetch is not given, by recipe
-# (--quantize). TinyLlama-1.1B shape, 8 sequences per GPU (docs/scaling.md): 2 took fp8_mixed_precision from 85.0% to
-# 87.0% scaling efficiency on 2 x H100 and left BF16 as it was (call F); int8_mixed_precision scaled better on 2 of 4
-# H200s with FSDP2's implicit prefetching, twice: 87.9% against 84.5% with 2 (calls I and H), 88.1% against 84.6%
-# (calls K and J); on all 4, 87.2% against 86.8% (K and J).
+# Units ahead that FSDP2 all-gathers explicitly (`prefetch_units`) where --fsdp_prefetch is not given. TinyLlama-1.1B
+# shape, 8 sequences per GPU, units of 2 blocks, 4 H200s (docs/scaling.md, round 14): int8_mixed_precision scaled
+# 87.0% with 2, against 85.1% with FSDP2's implicit prefetching, once its default with one block a unit (round 7).
 DEFAULT_FSDP_PREFETCH = 2
-FSDP_PREFETCH_BY_RECIPE = {"int8_mixed_precision": 0}
 
 
-def fsdp_prefetch_blocks(cfg) -> int:
-    """The run's --fsdp_prefetch, or its recipe's default."""
-    if cfg.fsdp_prefetch is not None:
-        return cfg.fsdp_prefetch
-    return FSDP_PREFETCH_BY_RECIPE.get(cfg.quantize, DEFAULT_FSDP_PREFETCH)
+def fsdp_prefetch_units(cfg) -> int:
+    """The run's --fsdp_prefetch, or the default (a run saved before the default existed has none)."""
+    return DEFAULT_FSDP_PREFETCH if cfg.fsdp_prefetch is None else cfg.fsdp_prefetch
 
 
-def prefetch_blocks(root: nn.Module, blocks: list[nn.Module], depth: int) -> None:
-    """Explicit FSDP2 prefetching, `depth` blocks ahead: block i starts the all-gathers of blocks i+1 .. i+depth
-    when its forward starts, and of blocks i-1 .. i-depth (in that order) when its backward starts, so each
-    all-gather has `depth` blocks' compute to hide behind, where FSDP2's implicit prefetching has one (and in the
-    forward issues each all-gather only once the CPU has launched the block before). The root, whose forward
-    starts before block 0 and whose backward starts before the last block's, prefetches the first `depth` blocks
-    and the last `depth` (last first). Each all-gather in flight holds its block's gathered weights: up to
-    `depth` + 1 blocks' at a time."""
+def prefetch_units(root: nn.Module, blocks: list[nn.Module], depth: int) -> None:
+    """Explicit FSDP2 prefetching, `depth` units ahead (`blocks`: a block of each FSDP2 unit, in forward order; a
+    unit's blocks share its state): unit i starts the all-gathers of units i+1 .. i+depth when its forward starts,
+    and of units i-1 .. i-depth (in that order) when its backward starts, so each all-gather has `depth` units'
+    compute to hide behind, where FSDP2's implicit prefetching has one (and in the forward issues each all-gather
+    only once the CPU has launched the unit before). The root, whose forward starts before unit 0 and whose
+    backward starts before the last unit's, prefetches the first `depth` units and the last `depth` (last first).
+    Each all-gather in flight holds its unit's gathered weights: up to `depth` + 1 units' at a time."""
     root.set_modules_to_forward_prefetch(blocks[:depth])
     root.set_modules_to_backward_prefetch(blocks[::-1][:depth])
     for i, block in enumerate(blocks):

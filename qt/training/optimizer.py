@@ -108,14 +108,17 @@ def parallelize_with_optimizer(model: nn.Module, blocks: list[nn.Module], cfg, d
     """(the module to train, its optimizer): the model wrapped for the run's flags (FSDP2 / DDP,
     activation checkpointing, compile), then the optimizer built over its parameters, after FSDP2
     has replaced them with sharded ones."""
-    from qt.training.distributed import fsdp_prefetch_blocks, parallelize
+    from qt.training.distributed import fsdp_prefetch_units, parallelize
 
-    prefetch = fsdp_prefetch_blocks(cfg)
+    prefetch = fsdp_prefetch_units(cfg)
     if dist_info.world_size > 1 and not cfg.ddp and dist_info.is_main:
-        print(f"FSDP2 over {dist_info.world_size} processes, " + (f"all-gathering {prefetch} blocks ahead" if prefetch
-              else "with its implicit prefetching") + " (--fsdp_prefetch)", flush=True)
+        unit = "block" if cfg.fsdp_unit_blocks == 1 else f"unit of {cfg.fsdp_unit_blocks} blocks"
+        print(f"FSDP2 over {dist_info.world_size} processes, a {unit} per all-gather, " +
+              (f"all-gathering {prefetch} ahead" if prefetch else "with its implicit prefetching")
+              + " (--fsdp_unit_blocks, --fsdp_prefetch)", flush=True)
     training_model = parallelize(model, blocks, dist_info, compute_dtype=compute_dtype,
                                  activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
                                  ddp=cfg.ddp, fsdp_prefetch=prefetch,
-                                 reshard_after_forward=cfg.fsdp_reshard_after_forward)
+                                 reshard_after_forward=cfg.fsdp_reshard_after_forward,
+                                 unit_blocks=cfg.fsdp_unit_blocks)
     return training_model, build_optimizer(model, cfg)

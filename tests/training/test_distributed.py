@@ -1,6 +1,7 @@
 """Two CPU processes (gloo): under torchrun, FSDP2 and DDP train on the same data as one process does, and an
-FSDP2 run resumes bit-exactly from its sharded checkpoint; FSDP2's explicit prefetching (--fsdp_prefetch) and the
-last block kept gathered after the forward, like every block with --no-fsdp_reshard_after_forward, change no number."""
+FSDP2 run resumes bit-exactly from its sharded checkpoint; FSDP2's explicit prefetching (--fsdp_prefetch), blocks
+grouped into units (--fsdp_unit_blocks) and the last unit kept gathered after the forward, like every block with
+--no-fsdp_reshard_after_forward, change no number."""
 
 import json
 import os
@@ -19,7 +20,7 @@ from torch.distributed.tensor import DTensor
 import llm_pretrain
 import qt
 from qt.training.config import TrainConfig
-from qt.training.distributed import Dist, fsdp_prefetch_blocks
+from qt.training.distributed import Dist, fsdp_prefetch_units
 from qt.training.models import decoder_blocks
 from qt.training.optimizer import build_optimizer, parallelize_with_optimizer
 from tests.rendezvous import end_worker, rendezvous_file
@@ -80,9 +81,13 @@ def test_ddp_matches_one_process(dataset_dir, single_process_run, tmp_path):
 PREFETCH_RECIPES = {"fp32": None, "int8_mixed_precision int8_all_gather": {"int8_all_gather": True}}
 # How the model is wrapped: as parallelize did before --fsdp_prefetch (every block resharded after its forward),
 # and through the run config.
-PREFETCH_SETTINGS = {"before": None, "prefetch 0": {"fsdp_prefetch": 0}, "prefetch 2 (the default)": {},
-                     "prefetch 2, activation checkpointing": {"fsdp_prefetch": 2, "activation_checkpointing": True},
-                     "kept gathered from forward to backward": {"fsdp_reshard_after_forward": False}}
+PREFETCH_SETTINGS = {"before": None, "a block a unit, prefetch 0": {"fsdp_unit_blocks": 1, "fsdp_prefetch": 0},
+                     "a block a unit, prefetch 2": {"fsdp_unit_blocks": 1},
+                     "a block a unit, prefetch 2, activation checkpointing": {"fsdp_unit_blocks": 1,
+                                                                              "activation_checkpointing": True},
+                     "kept gathered from forward to backward": {"fsdp_unit_blocks": 1,
+                                                                "fsdp_reshard_after_forward": False},
+                     "the defaults (units of 2 blocks, prefetch 2)": {}}
 BLOCKS = 4
 
 
@@ -145,9 +150,13 @@ def prefetch_worker(rank, init_method, out_dir):
             model, blocks, optimizer = wrapped(options, settings, dist_info)
             losses, gathered = train_and_evaluate(model, blocks, optimizer, rank)
             results[f"{recipe}, {setting}"] = {"losses": losses, "gathered after forward": gathered}
-            if setting == "prefetch 2 (the default)" and options is None:
+            if setting == "a block a unit, prefetch 2" and options is None:
                 results["lists"] = {"root": prefetched(model, blocks),
                                     "blocks": [prefetched(block, blocks) for block in blocks]}
+            if setting == "the defaults (units of 2 blocks, prefetch 2)" and options is None:
+                units = blocks[::2]
+                results["unit lists"] = {"root": prefetched(model, units),
+                                         "units": [prefetched(block, units) for block in blocks]}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     end_worker()
@@ -173,25 +182,30 @@ def test_prefetching_and_blocks_kept_gathered_change_no_loss(recipe, prefetch_re
             assert run["losses"] == before["losses"], setting
             if setting == "kept gathered from forward to backward":
                 assert run["gathered after forward"] == [True] * BLOCKS
+            elif setting == "the defaults (units of 2 blocks, prefetch 2)":  # the last unit, both its blocks
+                assert run["gathered after forward"] == [False, False, True, True]
             elif setting != "before":
                 assert run["gathered after forward"] == [False] * (BLOCKS - 1) + [True], setting
 
 
-@pytest.mark.parametrize(("flags", "blocks"), [({}, 2), ({"quantize": "fp8_mixed_precision"}, 2),
-                                               ({"quantize": "int8_mixed_precision"}, 0),
-                                               ({"quantize": "int8_mixed_precision", "fsdp_prefetch": 3}, 3),
-                                               ({"fsdp_prefetch": 0}, 0)])
-def test_prefetch_depth_is_the_flag_or_the_recipes_measured_default(flags, blocks):
-    assert fsdp_prefetch_blocks(TrainConfig(**flags)) == blocks
+@pytest.mark.parametrize(("flags", "units"), [({}, 2), ({"quantize": "int8_mixed_precision"}, 2),
+                                              ({"quantize": "int8_mixed_precision", "fsdp_prefetch": 3}, 3),
+                                              ({"fsdp_prefetch": 0}, 0), ({"fsdp_prefetch": None}, 2)])
+def test_prefetch_depth_is_the_flag_or_the_measured_default(flags, units):
+    assert fsdp_prefetch_units(TrainConfig(**flags)) == units
 
 
-def test_each_block_prefetches_the_next_and_previous_blocks_asked_for(prefetch_results):
+def test_each_unit_prefetches_the_next_and_previous_units_asked_for(prefetch_results):
     for results in prefetch_results:
         # --fsdp_prefetch 2 on 4 blocks: block i prefetches i+1, i+2 in the forward and i-1, i-2 in the backward
         # (as far as there are blocks); the root, which runs before block 0 and is differentiated before block 3,
         # prefetches the first two and the last two.
         assert results["lists"]["blocks"] == [[[1, 2], []], [[2, 3], [0]], [[3], [1, 0]], [[], [2, 1]]]
         assert results["lists"]["root"] == [[0, 1], [3, 2]]
+        # The defaults: two units, blocks 0-1 and 2-3, whose blocks share the unit's state; each prefetches the
+        # other where it can, the root both.
+        assert results["unit lists"]["units"] == [[[1], []], [[1], []], [[], [0]], [[], [0]]]
+        assert results["unit lists"]["root"] == [[0, 1], [1, 0]]
 
 
 def clipping_worker(rank, init_method, out_dir):

@@ -30,6 +30,7 @@ def checked(argv, cls=TrainConfig):
     (["--keep_checkpoints", "0"], "--keep_checkpoints must be at least 1"),
     (["--ckpt_interval", "-1"], "--ckpt_interval must be at least 0"),
     (["--fsdp_prefetch", "-1"], "--fsdp_prefetch must be at least 0, not -1"),
+    (["--fsdp_unit_blocks", "0"], "--fsdp_unit_blocks must be at least 1, not 0"),
     (["--gc_interval", "-1"], "--gc_interval must be at least 0, not -1"),
 ])
 def test_out_of_range_flags_are_refused(flags, message):
