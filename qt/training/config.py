@@ -133,7 +133,8 @@ def is_baseline(quantize: str) -> bool:
 
 # Settings that may differ when a run is resumed: they change neither the model nor the loss curve (grad_accum
 # splits the same global batch into other micro-steps, e.g. to continue on fewer GPUs; fsdp_prefetch,
-# fsdp_reshard_after_forward and fsdp_unit_blocks only move, skip or merge all-gathers; gc_interval only moves Python's garbage collections).
+# fsdp_reshard_after_forward and fsdp_unit_blocks only move, skip or merge all-gathers; gc_interval only moves
+# Python's garbage collections).
 RESUMABLE_CHANGES = {"run_dir", "resume", "wandb", "project", "run_name", "log_interval", "eval_interval",
                      "ckpt_interval", "keep_checkpoints", "save_checkpoints", "async_checkpoint", "profile",
                      "sync_debug", "gc_interval", "grad_accum", "fsdp_prefetch", "fsdp_reshard_after_forward",

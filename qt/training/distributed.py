@@ -162,7 +162,7 @@ DEFAULT_FSDP_PREFETCH = 2
 
 
 def fsdp_prefetch_units(cfg) -> int:
-    """The run's --fsdp_prefetch, or the default (a run saved before the default existed has none)."""
+    """The run's --fsdp_prefetch, or the default where it gives none."""
     return DEFAULT_FSDP_PREFETCH if cfg.fsdp_prefetch is None else cfg.fsdp_prefetch
 
 
