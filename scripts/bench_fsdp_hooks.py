@@ -1,7 +1,7 @@
 """Host time of FSDP2's per-weight work before each all-gather, per recipe.
 
-    python scripts/bench_fsdp_hooks.py                               # every recipe and BF16, on the CPU
-    python scripts/bench_fsdp_hooks.py --device cuda --recipes bf16 fp8_mixed_precision
+    python scripts/bench_fsdp_hooks.py                               # every recipe and BF16
+    python scripts/bench_fsdp_hooks.py --recipes bf16 fp8_mixed_precision --iters 200
 
 On several GPUs a faster recipe leaves less GPU work to hide FSDP2's hooks behind: they run in Python on the host,
 between the compiled blocks' launches (docs/scaling.md, round 14). Before each all-gather, FSDP2 asks every weight
@@ -9,7 +9,7 @@ of the unit for its all-gather inputs (`FSDPParam.all_gather_inputs`): for a pla
 param dtype; for a recipe's weight, through the weight's `fsdp_pre_all_gather` hook. This times that step
 alone, for every weight of a model of --blocks blocks of the seven linears of a Llama block (q, k, v, o, gate,
 up, down), --width wide, wrapped per block by `fully_shard` with BF16 all-gathers as the training loop wraps it:
-one process, so nothing is sent. The time is the host's: the median over --repeats of the mean us a weight.
+one CPU process, so nothing is sent (the Python is the same as beside a GPU). The time is the host's: the median over --repeats of the mean us a weight.
 It reads FSDP2's private per-parameter state (`_get_fsdp_state()`), which torch may rename. Prints a markdown table.
 """
 
@@ -67,7 +67,6 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", nargs="+", default=[BASELINE, *qt.RECIPES],
                         help=f"'{BASELINE}' (plain weights) and recipe names")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--iters", type=int, default=50, help="passes over the weights a repeat")
@@ -78,18 +77,16 @@ def main(argv=None) -> None:
         parser.error(f"unknown recipe(s) {unknown}: use '{BASELINE}' or one of {', '.join(qt.RECIPES)}")
     if min(args.blocks, args.width, args.iters, args.repeats) < 1:
         parser.error("--blocks, --width, --iters and --repeats must be at least 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: this machine has no CUDA GPU")
-    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    device = torch.device("cpu")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    dist.init_process_group("gloo", rank=0, world_size=1, device_id=None)
+    dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         rows = [(recipe, host_us_per_weight(recipe, args, device)) for recipe in args.recipes]
     finally:
         dist.destroy_process_group()
     print(f"FSDP2's all-gather inputs, host us a weight ({LINEARS_PER_BLOCK * args.blocks} weights {args.width} "
-          f"wide, {device.type}, torch {torch.__version__}):\n")
+          f"wide, torch {torch.__version__}):\n")
     print("| recipe | host us a weight |\n| --- | ---: |")
     for recipe, us in rows:
         print(f"| {recipe} | {us:.1f} |")

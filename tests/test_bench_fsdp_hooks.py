@@ -16,7 +16,7 @@ def test_times_every_weight_of_plain_and_quantized_models():
     result = run("--recipes", "bf16", "fp8_mixed_precision", "int8_weight_only", "--blocks", "2", "--iters", "3",
                  "--repeats", "2")
     assert result.returncode == 0, result.stderr
-    assert "(14 weights 64 wide, cpu" in result.stdout
+    assert "(14 weights 64 wide, torch" in result.stdout
     rows = dict(re.findall(r"^\| (\w+) \| ([\d.]+) \|$", result.stdout, re.MULTILINE))
     assert set(rows) == {"bf16", "fp8_mixed_precision", "int8_weight_only"}
     assert all(float(us) > 0 for us in rows.values())
