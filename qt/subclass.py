@@ -18,6 +18,7 @@ their states with `zeros_like` and do arithmetic with the weight as with any par
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -49,6 +50,25 @@ def _writes_first_argument(func) -> bool:
     return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
 
 
+class _HookWithItsSignature:
+    """A method whose bound form carries its signature ready-made. FSDP2 calls inspect.signature on a weight's
+    `fsdp_pre_all_gather` before each all-gather of each weight. For a bound method inspect builds a new signature
+    each time, even from a function that carries its own; an object's own `__signature__` it returns as it is
+    (scripts/bench_fsdp_hooks.py, docs/scaling.md rounds 14 and 15)."""
+
+    def __init__(self, function):
+        self.function = function
+        parameters = list(inspect.signature(function).parameters.values())
+        self.bound_signature = inspect.Signature(parameters[1:])  # without self
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self.function
+        bound = functools.partial(self.function, instance)
+        bound.__signature__ = self.bound_signature
+        return bound
+
+
 class QuantizedWeight(torch.Tensor):
     """Base class of the recipes' weights. Subclasses define:
 
@@ -73,10 +93,7 @@ class QuantizedWeight(torch.Tensor):
         super().__init_subclass__(**kwargs)
         hook = cls.__dict__.get("fsdp_pre_all_gather")
         if hook is not None:
-            # FSDP2 calls inspect.signature on the hook before each all-gather of each weight, which took half of
-            # its host time per weight (scripts/bench_fsdp_hooks.py, docs/scaling.md round 14); inspect returns a
-            # function's own __signature__ as it is.
-            hook.__signature__ = inspect.signature(hook)
+            cls.fsdp_pre_all_gather = _HookWithItsSignature(hook)
 
     @classmethod
     def _grad_input(cls, saved: tuple[Tensor, ...], dy, dtype: torch.dtype, plan) -> Tensor:
