@@ -9,7 +9,8 @@ of the unit for its all-gather inputs (`FSDPParam.all_gather_inputs`): for a pla
 param dtype; for a recipe's weight, through the weight's `fsdp_pre_all_gather` hook. This times that step
 alone, for every weight of a model of --blocks blocks of the seven linears of a Llama block (q, k, v, o, gate,
 up, down), --width wide, wrapped per block by `fully_shard` with BF16 all-gathers as the training loop wraps it:
-one CPU process, so nothing is sent (the Python is the same as beside a GPU). The time is the host's: the median over --repeats of the mean us a weight.
+one CPU process, so nothing is sent (the Python is the same as beside a GPU). The time is the host's: the median
+over --repeats of the mean us a weight.
 It reads FSDP2's private per-parameter state (`_get_fsdp_state()`), which torch may rename. Prints a markdown table.
 """
 

@@ -192,4 +192,5 @@ def test_fsdp_hook_signature_is_precomputed(recipe):
     weight = quantized_linear(recipe).weight
     hook = weight.fsdp_pre_all_gather
     assert hook.__signature__ is weight.fsdp_pre_all_gather.__signature__  # made once, not per all-gather
+    assert inspect.signature(hook) is hook.__signature__  # what FSDP2 calls: returned as it is, not rebuilt
     assert list(inspect.signature(hook).parameters) == ["mesh", "outer_size", "outer_stride", "module", "mp_policy"]
