@@ -6,6 +6,7 @@
 
 from qt import optim
 from qt.config import RecipeConfig
+from qt.kernels import inductor_options
 from qt.quantize import SMALL_LINEAR_MIN_SHAPE, MinShape, quantization_summary, quantize_, resolve_recipe
 from qt.sqnr import forward_sqnr
 from qt.recipes import (
@@ -30,6 +31,7 @@ __all__ = [
     "RecipeConfig",
     "convert_llama_to_bitnet",
     "forward_sqnr",
+    "inductor_options",
     "quantization_summary",
     "quantize_",
     "prepare_all_gathers",

@@ -20,7 +20,9 @@ Each element is multiplied by the reciprocal of its scale and rounded to the nea
 (stochastically where asked); the torch path computes the same, so the two give the same bits.
 
 The ops are ``torch.library.triton_op``s: torch.compile sees the Triton launches themselves and calls
-them from its generated code, with no Python between kernels. CPU tensors (and ``QT_KERNEL_BACKEND=torch``)
+them from its generated code, with no Python between kernels. By default a linear's input is the exception:
+compiled, its row-wise quantization is written in torch ops, which Inductor fuses into the op producing the input
+(``QT_COMPILED_QUANTIZE``, ``inductor_options``). CPU tensors (and ``QT_KERNEL_BACKEND=torch``)
 run the same math in torch ops, which torch.compile traces and fuses like any other.
 
 Non-finite input is not hidden: a slice holding NaN or inf gets an infinite scale, so whatever is
@@ -106,7 +108,7 @@ def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False,
     if col_amax is not None:
         col_amax = _checked_col_amax(x, col_amax)
     seed = _draw_seeds(x, 1, stochastic_rounding)
-    if _in_torch_ops_when_compiled(x):
+    if _in_torch_ops_when_compiled(x, plain_rows=axis == 1 and not stochastic_rounding):
         return _torch_quantize_int8(x, axis, seed, row_multipliers, col_amax)
     # The op is what torch.compile traces; eager calls skip its dispatch (tens of µs a call).
     if traced(x):
@@ -222,15 +224,32 @@ def dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return (q.to(torch.float32) * scale).to(dtype)
 
 
-def _in_torch_ops_when_compiled(x: Tensor) -> bool:
-    """``QT_COMPILED_QUANTIZE=inductor``: under torch.compile, quantize in torch ops instead of calling the
-    kernels, so that Inductor generates the kernels, fuses them into the ops that produce ``x`` (an RMSNorm,
-    the SwiGLU product, a weight's cast) and computes a quantization once for the linears that share ``x``
-    (q/k/v, gate/up). The default, ``kernel``, calls the Triton kernels."""
-    choice = os.environ.get("QT_COMPILED_QUANTIZE", "kernel")
-    if choice not in ("kernel", "inductor"):
-        raise ValueError(f"QT_COMPILED_QUANTIZE={choice!r}: use kernel or inductor")
-    return choice == "inductor" and traced(x)
+def _in_torch_ops_when_compiled(x: Tensor, plain_rows: bool = False) -> bool:
+    """Whether, under torch.compile, this quantization is written in torch ops, which Inductor generates kernels for
+    and fuses into the op that produces ``x`` (an RMSNorm, the SwiGLU product, whose BF16 copy then need not be
+    stored) and computes once for the linears that share ``x`` (gate/up), rather than a call of qt's Triton kernels.
+    ``QT_COMPILED_QUANTIZE`` says which: ``rows`` (the default) the ``plain_rows`` ones (by rows, rounding to nearest,
+    no column maxima kept: a linear's input in the forward), ``inductor`` every one, ``kernel`` none. Measured in
+    docs/benchmarks.md, round 16; with ``inductor_options()``."""
+    return _compiled_quantize_choice() in (("rows", "inductor") if plain_rows else ("inductor",)) and traced(x)
+
+
+def _compiled_quantize_choice() -> str:
+    choice = os.environ.get("QT_COMPILED_QUANTIZE", "rows")
+    if choice not in ("kernel", "rows", "inductor"):
+        raise ValueError(f"QT_COMPILED_QUANTIZE={choice!r}: use one of rows, kernel, inductor")
+    return choice
+
+
+def inductor_options() -> dict:
+    """The Inductor options to compile a model whose linears a qt recipe quantized with
+    (``torch.compile(block, options=qt.inductor_options())``; the training loop passes them): where quantizations
+    are written in torch ops (``QT_COMPILED_QUANTIZE``), multi-kernel reductions. Fusing a row-wise quantization into
+    the op that produces its input makes a reduction over rows wider than Inductor keeps in registers by default
+    (1,024 elements): it then loops over each row twice, computing the producer twice (the SwiGLU product's
+    quantization took 308 us a TinyLlama layer on an H200, 218 with these options, which compile both forms and
+    keep the faster)."""
+    return {"triton.multi_kernel": 1} if _compiled_quantize_choice() != "kernel" else {}
 
 
 def _empty_outputs(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
@@ -344,22 +363,26 @@ def _torch_quantize_int8(x: Tensor, axis: int, seed: Tensor | None, row_multipli
                          col_amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`row_multipliers` [R]: quantize x with each row multiplied by its number (in float32) instead of x.
     `col_amax` [C] (axis 0): the abs-max of each column of that, already taken."""
-    q, scale = _empty_outputs(x, axis)
     x_float = x.float() if row_multipliers is None else x.float() * row_multipliers.float().reshape(-1, 1)
     x_rows = _as_rows(x_float, axis)
     amax = abs_max(x_rows, 1) if col_amax is None else col_amax.reshape(-1, 1)
     # An empty slice (no tokens) has no maximum: the floor stands in for it.
     amax = amax.clamp(min=_min_amax(x.dtype))
     # Divided by a tensor: CUDA torch multiplies by the reciprocal of a Python number, 1 ulp off the kernels' division.
-    scale_rows = _round_to_scale_dtype(amax / amax.new_full((1, 1), QUANT_MAX), scale.dtype)
+    scale_rows = _round_to_scale_dtype(amax / amax.new_full((1, 1), QUANT_MAX), scale_dtype(x.dtype))
     scaled = x_rows * torch.reciprocal(scale_rows)  # as the kernels compute it
     if seed is None:
         rounded = torch.round(scaled)
     else:
         rounded = torch.floor(scaled + _uniform_from_hash(seed, *scaled.shape, x.device))
     # Finite values of a slice holding inf or NaN quantize to 0; its infinite scale carries the news.
-    rounded = torch.where(torch.isfinite(scaled), rounded, 0.0)
-    _as_rows(q, axis).copy_(rounded.clamp(-QUANT_MAX, QUANT_MAX))
+    codes = torch.where(torch.isfinite(scaled), rounded, 0.0).clamp(-QUANT_MAX, QUANT_MAX).to(torch.int8)
+    if axis == 1:
+        # New tensors rather than copies into allocated ones, so that torch.compile computes one quantization for the
+        # linears that share x (gate/up) instead of a store of the same codes for each.
+        return codes.contiguous(), scale_rows.to(scale_dtype(x.dtype))
+    q, scale = _empty_outputs(x, axis)
+    _as_rows(q, axis).copy_(codes)
     _as_rows(scale, axis).copy_(scale_rows)
     return q, scale
 

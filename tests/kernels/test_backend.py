@@ -127,8 +127,54 @@ def test_quantize_written_for_inductor_matches_eager(monkeypatch):
 
 def test_unknown_compiled_quantize_choice_is_refused(monkeypatch):
     monkeypatch.setenv("QT_COMPILED_QUANTIZE", "triton")
-    with pytest.raises(ValueError, match="use kernel or inductor"):
+    with pytest.raises(ValueError, match="use one of rows, kernel, inductor"):
         qt.kernels.quantize_int8(torch.randn(4, 4), 1)
+    with pytest.raises(ValueError, match="use one of rows, kernel, inductor"):
+        qt.inductor_options()
+
+
+def test_inductor_options_ask_for_multi_kernel_reductions_where_inductor_quantizes(monkeypatch):
+    assert qt.inductor_options() == {"triton.multi_kernel": 1}  # the default, rows
+    monkeypatch.setenv("QT_COMPILED_QUANTIZE", "kernel")
+    assert qt.inductor_options() == {}
+
+
+# A SwiGLU MLP as in Llama, int8_mixed_precision: its forward compiled for a GPU.
+_MLP_SCRIPT = """
+import torch.nn.functional as F
+import qt
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.RMSNorm(256, dtype=torch.bfloat16)
+        self.gate, self.up = (torch.nn.Linear(256, 704, bias=False, dtype=torch.bfloat16) for _ in range(2))
+        self.down = torch.nn.Linear(704, 256, bias=False, dtype=torch.bfloat16)
+
+    def forward(self, x):
+        y = self.norm(x)
+        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+
+mlp = qt.quantize_(MLP(), "int8_mixed_precision", min_shape=None)
+try:
+    torch.compile(mlp, options=qt.inductor_options())(torch.randn(512, 256, dtype=torch.bfloat16, requires_grad=True))
+except Exception:  # the launch, with no GPU
+    pass
+"""
+
+
+@pytest.mark.slow  # a process of its own, compiling
+def test_compiled_inputs_are_quantized_inside_the_ops_producing_them(tmp_path):
+    """By default (QT_COMPILED_QUANTIZE=rows) a compiled forward quantizes each linear's input in the kernel that
+    computes it: gate and up share one quantization of the norm's output, and the SwiGLU product is never stored in
+    BF16, only its codes. qt's row-wise kernel quantizes the three weights alone."""
+    log = inductor_for_a_gpu.run(_MLP_SCRIPT, tmp_path, log_code=True).stderr
+    forward = log[log.index("def call(self, args)"):log.index("Output code written")]
+    assert len(re.findall(r"_quantize_whole_rows_kernel_\d+\.run\(", forward)) == 3
+    allocations = re.findall(r"empty_strided_cpu\((\(\d+, \d+\)), \(\d+, 1\), torch.(\w+)\)", forward)
+    assert allocations.count(("(512, 704)", "bfloat16")) == 2, allocations  # gate's and up's outputs, no product
+    assert allocations.count(("(512, 256)", "int8")) == 1, allocations  # the norm's output's codes, once
+    assert allocations.count(("(512, 704)", "int8")) == 1, allocations  # the product's codes
 
 
 # A tensor computed from two inputs and read by the three Triton launches of two qt ops (the both-axes op's
@@ -154,7 +200,8 @@ except Exception:  # the launch, with no GPU
 
 @pytest.mark.slow  # a process of its own, compiling
 @pytest.mark.parametrize("registration", ["with", "without"])
-def test_a_tensor_read_by_several_kernels_is_stored_once(registration, tmp_path):
+def test_a_tensor_read_by_several_kernels_is_stored_once(registration, tmp_path, monkeypatch):
+    monkeypatch.setenv("QT_COMPILED_QUANTIZE", "kernel")  # the row-wise pass too through qt's kernel
     log = inductor_for_a_gpu.run(_STORES_SCRIPT, tmp_path, registration, log_code=True).stderr
     kernels = re.findall(r"def (triton_poi\w*)\((.*?)'''", log, re.S)
     product_stores = [body.count("tl.store") for name, body in kernels if body.count("tl.load") == 2]
