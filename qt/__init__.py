@@ -6,8 +6,8 @@
 
 from qt import optim
 from qt.config import RecipeConfig
-from qt.kernels import inductor_options
-from qt.quantize import SMALL_LINEAR_MIN_SHAPE, MinShape, quantization_summary, quantize_, resolve_recipe
+from qt.quantize import (SMALL_LINEAR_MIN_SHAPE, MinShape, inductor_options, quantization_summary, quantize_,
+                         resolve_recipe)
 from qt.sqnr import forward_sqnr
 from qt.recipes import (
     RECIPES,

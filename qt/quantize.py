@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qt.config import RecipeConfig
+from qt.kernels.quantize import quantize_inductor_options
 from qt.recipes import RECIPES
 from qt.subclass import QuantizedWeight
 
@@ -143,6 +144,15 @@ def quantize_(
         module.extra_repr = types.MethodType(_quantized_linear_repr, module)
         module._register_load_state_dict_pre_hook(functools.partial(_quantize_loaded_weight, config))
     return model
+
+
+def inductor_options(model: nn.Module) -> dict:
+    """The Inductor options to compile `model` with, `torch.compile(model, options=qt.inductor_options(model))` (the
+    training loop compiles each block so): what qt's compiled quantizations want where `model` holds a recipe's
+    weight (multi-kernel reductions, for the quantizations Inductor fuses into the ops producing their inputs:
+    `qt.kernels.quantize.quantize_inductor_options`), else none."""
+    holds_quantized_weight = any(isinstance(p, QuantizedWeight) for p in model.parameters())
+    return quantize_inductor_options() if holds_quantized_weight else {}
 
 
 def _size_rule(min_shape, config: RecipeConfig, by_default: bool) -> Callable[[nn.Linear], str | None]:

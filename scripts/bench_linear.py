@@ -123,9 +123,7 @@ def main():
             try:
                 linear = apply(linear)
                 torch._dynamo.reset()
-                quantized = any(isinstance(p, qt.QuantizedWeight) for p in linear.parameters())  # as the loop compiles
-                forward = (torch.compile(linear, options=qt.inductor_options() if quantized else None)
-                           if args.compile else linear)
+                forward = torch.compile(linear, options=qt.inductor_options(linear)) if args.compile else linear
                 xr = x.detach().requires_grad_()
 
                 def step():

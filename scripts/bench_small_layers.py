@@ -58,9 +58,7 @@ def measure(recipe: str | None, k: int, n: int, tokens: int, device: torch.devic
     x = torch.randn(tokens, k, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(tokens, n, device=device, dtype=dtype)
     torch._dynamo.reset()  # a fresh graph for each shape: no recompile limit, no dynamic shapes
-    # Compiled as the training loop compiles a block holding a quantized linear.
-    options = qt.inductor_options() if recipe is not None else None
-    forward = torch.compile(linear, dynamic=False, options=options) if compile else linear
+    forward = torch.compile(linear, dynamic=False, options=qt.inductor_options(linear)) if compile else linear
 
     def step():
         forward(x).backward(dy)

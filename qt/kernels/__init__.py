@@ -5,8 +5,7 @@ FP8 GPUs, emulated elsewhere)."""
 from qt.kernels.fp8 import quantize_fp8, scaled_fp8_mm
 from qt.kernels.int8_mm import scaled_int8_mm
 from qt.kernels.layout import to_column_major
-from qt.kernels.quantize import (inductor_options, quantize_int8, quantize_int8_rows_and_cols,
-                                 quantize_int8_rows_keeping_col_amax)
+from qt.kernels.quantize import quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax
 
-__all__ = ["inductor_options", "quantize_fp8", "quantize_int8", "quantize_int8_rows_and_cols",
-           "quantize_int8_rows_keeping_col_amax", "scaled_fp8_mm", "scaled_int8_mm", "to_column_major"]
+__all__ = ["quantize_fp8", "quantize_int8", "quantize_int8_rows_and_cols", "quantize_int8_rows_keeping_col_amax",
+           "scaled_fp8_mm", "scaled_int8_mm", "to_column_major"]

@@ -22,7 +22,7 @@ Each element is multiplied by the reciprocal of its scale and rounded to the nea
 The ops are ``torch.library.triton_op``s: torch.compile sees the Triton launches themselves and calls
 them from its generated code, with no Python between kernels. By default a linear's input is the exception:
 compiled, its row-wise quantization is written in torch ops, which Inductor fuses into the op producing the input
-(``QT_COMPILED_QUANTIZE``, ``inductor_options``). CPU tensors (and ``QT_KERNEL_BACKEND=torch``)
+(``QT_COMPILED_QUANTIZE``, ``quantize_inductor_options``). CPU tensors (and ``QT_KERNEL_BACKEND=torch``)
 run the same math in torch ops, which torch.compile traces and fuses like any other.
 
 Non-finite input is not hidden: a slice holding NaN or inf gets an infinite scale, so whatever is
@@ -230,7 +230,7 @@ def _in_torch_ops_when_compiled(x: Tensor, plain_rows: bool = False) -> bool:
     stored) and computes once for the linears that share ``x`` (gate/up), rather than a call of qt's Triton kernels.
     ``QT_COMPILED_QUANTIZE`` says which: ``rows`` (the default) the ``plain_rows`` ones (by rows, rounding to nearest,
     no column maxima kept: a linear's input in the forward), ``inductor`` every one, ``kernel`` none. Measured in
-    docs/benchmarks.md, round 16; with ``inductor_options()``."""
+    docs/benchmarks.md, round 16; with ``quantize_inductor_options()``."""
     return _compiled_quantize_choice() in (("rows", "inductor") if plain_rows else ("inductor",)) and traced(x)
 
 
@@ -241,10 +241,10 @@ def _compiled_quantize_choice() -> str:
     return choice
 
 
-def inductor_options() -> dict:
-    """The Inductor options to compile a model whose linears a qt recipe quantized with
-    (``torch.compile(block, options=qt.inductor_options())``; the training loop passes them): where quantizations
-    are written in torch ops (``QT_COMPILED_QUANTIZE``), multi-kernel reductions. Fusing a row-wise quantization into
+def quantize_inductor_options() -> dict:
+    """The Inductor options compiled quantizations want (``qt.inductor_options(model)`` gives them for a model that
+    holds a recipe's weights): where they are written in torch ops (``QT_COMPILED_QUANTIZE``), multi-kernel
+    reductions. Fusing a row-wise quantization into
     the op that produces its input makes a reduction over rows wider than Inductor keeps in registers by default
     (1,024 elements): it then loops over each row twice, computing the producer twice (the SwiGLU product's
     quantization took 308 us a TinyLlama layer on an H200, 218 with these options, which compile both forms and
@@ -253,7 +253,9 @@ def inductor_options() -> dict:
 
 
 def _empty_outputs(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
-    """Allocates ``(q, scale)`` in the documented layout; shared by every path so their strides agree."""
+    """Allocates ``(q, scale)`` in the documented layout; shared by the kernels, their fake implementations and the
+    torch path's column-wise results, so their strides agree (the torch path's row-wise results are new contiguous
+    tensors of the same strides)."""
     rows, cols = x.shape
     dtype = scale_dtype(x.dtype)
     if axis == 1:
@@ -369,7 +371,8 @@ def _torch_quantize_int8(x: Tensor, axis: int, seed: Tensor | None, row_multipli
     # An empty slice (no tokens) has no maximum: the floor stands in for it.
     amax = amax.clamp(min=_min_amax(x.dtype))
     # Divided by a tensor: CUDA torch multiplies by the reciprocal of a Python number, 1 ulp off the kernels' division.
-    scale_rows = _round_to_scale_dtype(amax / amax.new_full((1, 1), QUANT_MAX), scale_dtype(x.dtype))
+    dtype = scale_dtype(x.dtype)
+    scale_rows = _round_to_scale_dtype(amax / amax.new_full((1, 1), QUANT_MAX), dtype)
     scaled = x_rows * torch.reciprocal(scale_rows)  # as the kernels compute it
     if seed is None:
         rounded = torch.round(scaled)
@@ -380,7 +383,7 @@ def _torch_quantize_int8(x: Tensor, axis: int, seed: Tensor | None, row_multipli
     if axis == 1:
         # New tensors rather than copies into allocated ones, so that torch.compile computes one quantization for the
         # linears that share x (gate/up) instead of a store of the same codes for each.
-        return codes.contiguous(), scale_rows.to(scale_dtype(x.dtype))
+        return codes.contiguous(), scale_rows.to(dtype)
     q, scale = _empty_outputs(x, axis)
     _as_rows(q, axis).copy_(codes)
     _as_rows(scale, axis).copy_(scale_rows)

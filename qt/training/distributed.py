@@ -22,8 +22,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
-from qt.kernels import inductor_options
-from qt.subclass import QuantizedWeight
+from qt.quantize import inductor_options
 from qt.training.config import ConfigError
 
 
@@ -131,8 +130,7 @@ def parallelize(model: nn.Module, blocks: list[nn.Module], dist_info: Dist, *, c
             # Overriding forward (instead of wrapping the block) keeps parameter names unchanged.
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
         if compile:
-            quantized = any(isinstance(p, QuantizedWeight) for p in block.parameters())
-            block.compile(options=inductor_options() if quantized else None)
+            block.compile(options=inductor_options(block))
     if dist_info.world_size == 1:
         return model
     if ddp:

@@ -130,13 +130,15 @@ def test_unknown_compiled_quantize_choice_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="use one of rows, kernel, inductor"):
         qt.kernels.quantize_int8(torch.randn(4, 4), 1)
     with pytest.raises(ValueError, match="use one of rows, kernel, inductor"):
-        qt.inductor_options()
+        qt.kernels.quantize.quantize_inductor_options()
 
 
 def test_inductor_options_ask_for_multi_kernel_reductions_where_inductor_quantizes(monkeypatch):
-    assert qt.inductor_options() == {"triton.multi_kernel": 1}  # the default, rows
+    quantized = qt.quantize_(torch.nn.Linear(16, 16), "int8_mixed_precision", filter_fn=lambda module, name: True)
+    assert qt.inductor_options(quantized) == {"triton.multi_kernel": 1}  # the default, rows
+    assert qt.inductor_options(torch.nn.Linear(16, 16)) == {}
     monkeypatch.setenv("QT_COMPILED_QUANTIZE", "kernel")
-    assert qt.inductor_options() == {}
+    assert qt.inductor_options(quantized) == {}
 
 
 # A SwiGLU MLP as in Llama, int8_mixed_precision: its forward compiled for a GPU.
@@ -157,7 +159,7 @@ class MLP(torch.nn.Module):
 
 mlp = qt.quantize_(MLP(), "int8_mixed_precision", min_shape=None)
 try:
-    torch.compile(mlp, options=qt.inductor_options())(torch.randn(512, 256, dtype=torch.bfloat16, requires_grad=True))
+    torch.compile(mlp, options=qt.inductor_options(mlp))(torch.randn(512, 256, dtype=torch.bfloat16, requires_grad=True))
 except Exception:  # the launch, with no GPU
     pass
 """

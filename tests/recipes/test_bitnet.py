@@ -252,38 +252,29 @@ def test_a_subln_before_a_high_precision_linear_computes_the_same_bits_as_one_th
         assert nbytes < ref_nbytes
 
 
-def opaque_quantize_int8():
-    """`torch.ops.qt.quantize_int8` as one opaque node in a compiled graph, as on a GPU, where it launches Triton
-    kernels that torch.compile's partitioner can neither fuse into nor recompute. On the CPU the op's torch ops
-    are traced instead, and the partitioner saves and recomputes around them as it does in no GPU graph."""
-    if not hasattr(torch.ops.qt_tests, "opaque_quantize_int8"):
-        from qt.kernels.quantize import _empty_outputs, _torch_quantize_int8
-
-        @torch.library.custom_op("qt_tests::opaque_quantize_int8", mutates_args=())
-        def opaque(x: torch.Tensor, axis: int, seed: torch.Tensor | None, row_multipliers: torch.Tensor | None,
-                   col_amax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-            return tuple(t.clone() for t in _torch_quantize_int8(x, axis, seed, row_multipliers, col_amax))
-
-        opaque.register_fake(lambda x, axis, seed, row_multipliers, col_amax: _empty_outputs(x, axis))
-    return torch.ops.qt_tests.opaque_quantize_int8
+def opaque(implementation, fake):
+    """`implementation` (typed, as torch.library.custom_op needs) as the op qt_tests::<its name>: one opaque node in a
+    compiled graph, as qt's ops are on a GPU, where they launch Triton kernels that torch.compile's partitioner can
+    neither fuse into nor recompute. On the CPU their torch ops are traced instead, and the partitioner saves and
+    recomputes around them as it does in no GPU graph. Traced so, qt's matmul led it to keep the SwiGLU product
+    for the down projection's SubLN (4 GB at TinyLlama's shape), which GPU runs do not: bitnet's peak memory stayed
+    32.67 GB there (docs/benchmarks.md, round 16)."""
+    name = implementation.__name__
+    if not hasattr(torch.ops.qt_tests, name):
+        torch.library.custom_op(f"qt_tests::{name}", implementation, mutates_args=()).register_fake(fake)
+    return getattr(torch.ops.qt_tests, name)
 
 
-def opaque_scaled_int8_mm():
-    """`torch.ops.qt.scaled_int8_mm` as one opaque node, as on a GPU (see `opaque_quantize_int8`). Traced into its
-    torch ops on the CPU, the matmul led the partitioner to keep the SwiGLU product for the down projection's SubLN
-    (4 GB at TinyLlama's shape), which GPU runs do not: bitnet's peak memory stayed 32.67 GB there
-    (docs/benchmarks.md, round 16)."""
-    if not hasattr(torch.ops.qt_tests, "opaque_scaled_int8_mm"):
-        from qt.kernels.int8_mm import _torch_scaled_int8_mm
+def opaque_quantize_int8(x: torch.Tensor, axis: int, seed: torch.Tensor | None, row_multipliers: torch.Tensor | None,
+                         col_amax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    from qt.kernels.quantize import _torch_quantize_int8
+    return tuple(t.clone() for t in _torch_quantize_int8(x, axis, seed, row_multipliers, col_amax))
 
-        @torch.library.custom_op("qt_tests::opaque_scaled_int8_mm", mutates_args=())
-        def opaque(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
-                   out_dtype: torch.dtype, kernel: str) -> torch.Tensor:
-            return _torch_scaled_int8_mm(a, b, row_scale, col_scale, out_dtype)
 
-        opaque.register_fake(lambda a, b, row_scale, col_scale, out_dtype, kernel: a.new_empty(
-            (a.shape[0], b.shape[1]), dtype=out_dtype))
-    return torch.ops.qt_tests.opaque_scaled_int8_mm
+def opaque_scaled_int8_mm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+                          out_dtype: torch.dtype, kernel: str) -> torch.Tensor:
+    from qt.kernels.int8_mm import _torch_scaled_int8_mm
+    return _torch_scaled_int8_mm(a, b, row_scale, col_scale, out_dtype)
 
 
 def test_a_compiled_bitnet_decoder_layer_saves_no_more_than_a_bf16_one(monkeypatch):
@@ -293,8 +284,13 @@ def test_a_compiled_bitnet_decoder_layer_saves_no_more_than_a_bf16_one(monkeypat
     Compiled by the aot_eager_decomp_partition backend: Inductor's decompositions and partitioner, hence Inductor's
     saved tensors (the same bytes for all three layers here), without its code generation, in seconds; qt's
     kernels opaque, as on a GPU (a linear's input quantized in torch ops by default, QT_COMPILED_QUANTIZE)."""
-    monkeypatch.setattr(torch.ops.qt, "quantize_int8", opaque_quantize_int8())
-    monkeypatch.setattr(torch.ops.qt, "scaled_int8_mm", opaque_scaled_int8_mm())
+    from qt.kernels.quantize import _empty_outputs
+
+    monkeypatch.setattr(torch.ops.qt, "quantize_int8", opaque(
+        opaque_quantize_int8, lambda x, axis, seed, row_multipliers, col_amax: _empty_outputs(x, axis)))
+    monkeypatch.setattr(torch.ops.qt, "scaled_int8_mm", opaque(
+        opaque_scaled_int8_mm, lambda a, b, row_scale, col_scale, out_dtype, kernel: a.new_empty(
+            (a.shape[0], b.shape[1]), dtype=out_dtype)))
     torch._dynamo.reset()
     x = torch.randn(1, 64, 256, dtype=torch.bfloat16)
 
