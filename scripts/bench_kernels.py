@@ -172,11 +172,22 @@ def col_amax(x: torch.Tensor) -> torch.Tensor:
     return abs_max(x, 0)
 
 
+@functools.cache  # eager calls take it once per x, outside the timed calls; torch.compile traces through the cache
+def row_multipliers(x: torch.Tensor) -> torch.Tensor:
+    """Positive numbers, one a row of x, as a linear folds X's scales into its dY's column-wise quantization; a
+    function of x alone, so Inductor's compiled torch baseline computes the same ones."""
+    return (x[:, :1].abs() + 0.5).to(x.dtype)
+
+
 QUANTIZE_MODES = {  # name -> (qt function, the same math in torch ops) on x
     "rows": (lambda x, sr: quantize_int8(x, 1, sr), lambda x: _torch_quantize_int8(x, 1, None)),
     "columns": (lambda x, sr: quantize_int8(x, 0, sr), lambda x: _torch_quantize_int8(x, 0, None)),
     "both": (quantize_int8_rows_and_cols,
              lambda x: (*_torch_quantize_int8(x, 1, None), *_torch_quantize_int8(x, 0, None))),
+    # A linear's dY, X's per-token scales folded into its columns (grad_weight from X's codes).
+    "both, columns multiplied": (
+        lambda x, sr: quantize_int8_rows_and_cols(x, sr, row_multipliers(x)),
+        lambda x: (*_torch_quantize_int8(x, 1, None), *_torch_quantize_int8(x, 0, None, row_multipliers(x)))),
     # A linear's X and W: by rows in the forward, keeping the columns' abs-max, then by columns in the backward.
     "rows keeping col amax": (quantize_int8_rows_keeping_col_amax,
                               lambda x: (*_torch_quantize_int8(x, 1, None), abs_max(x, 0))),
@@ -187,6 +198,7 @@ BASELINE_MODES = {  # name -> the call of a baseline module
     "rows": lambda module, x, sr: module.quantize_int8(x, 1, sr),
     "columns": lambda module, x, sr: module.quantize_int8(x, 0, sr),
     "both": lambda module, x, sr: module.quantize_int8_rows_and_cols(x, sr),
+    "both, columns multiplied": lambda module, x, sr: module.quantize_int8_rows_and_cols(x, sr, row_multipliers(x)),
     "rows keeping col amax": lambda module, x, sr: module.quantize_int8_rows_keeping_col_amax(x, sr),
     "columns, kept amax": lambda module, x, sr: module.quantize_int8(x, 0, sr, col_amax=col_amax(x)),
 }
@@ -236,40 +248,43 @@ def bench_quantize(x: torch.Tensor, mode: str, stochastic: bool, baseline=None) 
 
 
 def whole_row_configs_markdown(device: str, m: int) -> str:
-    """The whole-row pass (quantize_int8 by rows, up to 8192 columns) at every rows-a-block x blocks-a-program x
-    warps setting, launched directly (no autotuner), with and without folding the column abs-maxima; the settings
-    qt/kernels/quantize.py fixes come from this table. Rows a block beyond quantize.whole_row_blocks' (2048
-    values a block) are tried where the pass folds the maxima, up to 16384 values a block: more rows in flight a
-    program. `--m` sets the rows (16384: activations; 2048 or 5632: a master weight). GB/s counts x read once and
-    q written once."""
+    """The whole-row pass (quantize_int8 by rows, up to 8192 columns) that also folds each column's abs-max (of x with
+    each row multiplied by a number, as a linear's dY is quantized) at every rows-a-block x rows-a-program x warps x
+    pipeline-stages setting, launched directly (no autotuner); first the plain pass (no maxima, its fixed setting)
+    for reference. The settings qt/kernels/quantize.py fixes come from this table. `--m` sets the rows (16384:
+    activations; 2048 or 5632: a master weight). GB/s counts x read once and q written once."""
     from qt.kernels import quantize
 
     lines = [f"## Whole-row pass settings on {device} (torch {torch.__version__}, triton {triton.__version__})", "",
-             "| x | column abs-max | rows a block | blocks a program | warps | us | GB/s |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| x | column abs-max | rows a block | blocks a program | warps | stages | us | GB/s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for width in (2048, 5632):
         x = torch.randn(m, width, device=DEVICE, dtype=torch.bfloat16)
+        multipliers = torch.rand(m, device=DEVICE, dtype=torch.bfloat16)
         q, scale = torch.empty_like(x, dtype=torch.int8), torch.empty(m, 1, device=DEVICE, dtype=torch.bfloat16)
         col_amax = torch.zeros(width, device=DEVICE)
         default_rows, block_cols = quantize.whole_row_blocks(width)
-        for keep_col_amax in (False, True):
-            block_rows_tried = [r for r in (1, 2, 4, 8) if r >= default_rows and r * block_cols <= 16384] \
-                if keep_col_amax else [default_rows]
-            for block_rows in block_rows_tried:
-                for blocks in (1, 4, 8, 16, 32, 64):
-                    if block_rows * blocks > 64:
-                        continue
-                    for warps in (4, 8):
-                        def launch():
-                            quantize._quantize_whole_rows_kernel[(triton.cdiv(m, block_rows * blocks),)](
-                                x, q, scale, None, col_amax if keep_col_amax else None, None, m, width, width, 1,
-                                MIN_AMAX=1e-12, STOCHASTIC=False, SCALE_IS_BF16=True, COL_AMAX=keep_col_amax,
-                                COLS_MULTIPLIED=False, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-                                BLOCKS_PER_PROGRAM=blocks, num_warps=warps)
-                        us = time_ms(launch) * 1e3
-                        lines.append(f"| {m} x {width} bf16 | {'yes' if keep_col_amax else 'no'} | {block_rows} "
-                                     f"| {blocks} | {warps} | {us:.1f} | {x.numel() * 3 / us / 1e3:.0f} |")
-                        print(lines[-1], flush=True)
+        settings = [(False, default_rows, 1, 4, 1)] + [
+            (True, block_rows, rows // block_rows, warps, stages)
+            for block_rows in (1, 2, 4, 8) if block_rows * block_cols <= 16384
+            for rows in (16, 32, 64, 128) if rows >= block_rows
+            for warps in (4, 8) for stages in (1, 2, 3)]
+        for keep_col_amax, block_rows, blocks, warps, stages in settings:
+            def launch():
+                quantize._quantize_whole_rows_kernel[(triton.cdiv(m, block_rows * blocks),)](
+                    x, q, scale, None, col_amax if keep_col_amax else None, multipliers if keep_col_amax else None,
+                    m, width, width, 1, MIN_AMAX=1e-12, STOCHASTIC=False, SCALE_IS_BF16=True,
+                    COL_AMAX=keep_col_amax, COLS_MULTIPLIED=keep_col_amax, BLOCK_ROWS=block_rows,
+                    BLOCK_COLS=block_cols, BLOCKS_PER_PROGRAM=blocks, NUM_STAGES=stages, num_warps=warps)
+            try:
+                us = time_ms(launch) * 1e3
+            except triton.runtime.errors.OutOfResources as e:  # e.g. shared memory for the stages
+                lines.append(f"| {m} x {width} bf16 | yes | {block_rows} | {blocks} | {warps} | {stages} | "
+                             f"{type(e).__name__} | |")
+                continue
+            lines.append(f"| {m} x {width} bf16 | {'yes' if keep_col_amax else 'no'} | {block_rows} "
+                         f"| {blocks} | {warps} | {stages} | {us:.1f} | {x.numel() * 3 / us / 1e3:.0f} |")
+            print(lines[-1], flush=True)
     return "\n".join(lines) + "\n"
 
 

@@ -45,6 +45,31 @@ def forward_backward(linear, x, dy):
     return out.detach(), x.grad, linear.weight.grad
 
 
+@pytest.mark.parametrize("width", [300, 2048, 5632])
+def test_quantize_kernels_keep_nan_and_inf_visible_as_the_torch_ops_do(width):
+    """On the GPU the kernels' maxima come from NaN-propagating max instructions (Triton's interpreter, which the CPU
+    tests run, cannot tell those from NaN-ignoring ones): a slice holding NaN or inf gets an infinite scale, and every
+    result has the torch path's bits. Widths: one block of rows, the 2048-wide blocks, the pipelined wide rows."""
+    from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax
+    from qt.kernels.quantize import abs_max_rows_and_cols
+
+    torch.manual_seed(0)
+    x = torch.randn(4100, width, device="cuda", dtype=torch.bfloat16)
+    x[1, 3], x[2000, 7], x[4099, width - 1] = float("nan"), float("inf"), -float("inf")
+    multipliers = torch.rand(4100, 1, device="cuda", dtype=torch.bfloat16) + 0.5
+
+    def results():
+        return (*quantize_int8_rows_and_cols(x, False, multipliers), *quantize_int8_rows_keeping_col_amax(x),
+                *abs_max_rows_and_cols(x, multipliers), *quantize_int8(x, 1), *quantize_int8(x, 0))
+
+    kernels, reference = through("triton", results)(), through("torch", results)()
+    for got, want in zip(kernels, reference):
+        assert torch.equal(got, want)
+    row_scale, col_scale = kernels[1], kernels[3]
+    assert torch.isinf(row_scale[[1, 2000, 4099], 0]).all() and torch.isfinite(row_scale[0, 0])
+    assert torch.isinf(col_scale[0, [3, 7, width - 1]]).all() and torch.isfinite(col_scale[0, 0])
+
+
 @pytest.mark.parametrize(("recipe", "kwargs"), RECIPES)
 def test_triton_kernels_match_torch_ops(recipe, kwargs):
     linear, x, dy = linear_case(recipe, kwargs)

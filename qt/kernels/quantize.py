@@ -411,26 +411,28 @@ def whole_row_blocks(n_cols: int) -> tuple[int, int]:
     return max(1, min(16, 2048 // block_cols)), block_cols
 
 
-def col_amax_pass_settings(n_rows: int, n_cols: int, stochastic: bool) -> tuple[int, int, int]:
-    """(rows a block, blocks a program, warps) of the whole-row pass that also folds each column's abs-max. Each
-    program sends one atomic a column, so it takes many rows (1 row a program took 10x longer). From
-    `bench_kernels.py --whole_row_configs` and `--baseline` on an H100 (docs/kernels.md, round 12):
+def col_amax_pass_settings(n_rows: int, n_cols: int, stochastic: bool) -> tuple[int, int, int, int]:
+    """(rows a block, blocks a program, warps, pipeline stages) of the whole-row pass that also folds each column's
+    abs-max. Each program sends one atomic a column, so it takes many rows (1 row a program took 10x longer). From
+    `bench_kernels.py --whole_row_configs` and `--baseline` on an H100 (docs/kernels.md, rounds 12 and 17):
     - rounding to nearest: 16-64 rows a program, 128-256 programs where that allows (2048 and 16384 rows timed
       best there; a 5632-row weight given 88 programs, fewer than the SMs, took 45.7 us in a profiled step where
       2048-row weights took 20-43). Where rows are at most 2048 wide, blocks of 4-8 rows (4 warps) keep more of x
       in flight while a block waits for its row maxima (16384 x 2048: 57.6 us against 68.2 with the stochastic
-      setting); wider rows, blocks of one row (8 warps).
+      setting). Wider rows: blocks of two rows, 4 warps, and the next blocks' loads issued ahead in a 3-stage
+      software pipeline (16384 x 5632, columns multiplied as a linear's dY: 162 us against 202 with one row,
+      8 warps and no pipeline; at 2048 columns the pipeline gained nothing).
     - stochastic rounding: 32 rows a program, the whole-row block, 8 warps (blocks of 8 rows with its random bits
       took 5x longer).
     Fixed rather than autotuned: the autotuner times launches that take as long as these kernels."""
     block_rows, block_cols = whole_row_blocks(n_cols)
     if stochastic:
-        return block_rows, max(1, 32 // block_rows), 8
+        return block_rows, max(1, 32 // block_rows), 8, 1
     rows_per_program = min(64, max(16, 1 << (triton.cdiv(n_rows, 128).bit_length() - 1)))
     if block_cols > 2048:
-        return 1, rows_per_program, 8
+        return 2, rows_per_program // 2, 4, 3
     block_rows = max(1, min(8, rows_per_program // 4, 16384 // block_cols))
-    return block_rows, max(1, rows_per_program // block_rows), 4
+    return block_rows, max(1, rows_per_program // block_rows), 4, 1
 
 
 def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None, col_amax: Tensor | None = None,
@@ -442,16 +444,17 @@ def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None, col_amax: Tensor
     block_rows, block_cols = whole_row_blocks(n_cols)
     keep_col_amax = col_amax is not None
     if keep_col_amax:
-        block_rows, blocks_per_program, warps = col_amax_pass_settings(n_rows, n_cols, seed is not None)
+        block_rows, blocks_per_program, warps, stages = col_amax_pass_settings(n_rows, n_cols, seed is not None)
     else:
         # One block of rows a program and 4 warps: ~2.8 TB/s on an H200 at 16384 x 2048 and x 5632 (bf16).
-        blocks_per_program, warps = 1, 4
+        blocks_per_program, warps, stages = 1, 4, 1
     wrap_triton(_quantize_whole_rows_kernel)[(triton.cdiv(n_rows, block_rows * blocks_per_program),)](
         x, q, scale, seed, col_amax, col_row_multipliers,
         n_rows, n_cols, x.stride(0), x.stride(1),
         MIN_AMAX=_min_amax(x.dtype), STOCHASTIC=seed is not None, SCALE_IS_BF16=scale.dtype == torch.bfloat16,
         COL_AMAX=keep_col_amax, COLS_MULTIPLIED=col_row_multipliers is not None,
-        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, BLOCKS_PER_PROGRAM=blocks_per_program, num_warps=warps,
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, BLOCKS_PER_PROGRAM=blocks_per_program, NUM_STAGES=stages,
+        num_warps=warps,
     )  # fmt: skip
     return q, scale
 
@@ -540,10 +543,33 @@ if triton is not None:
         bits = (bits + 0x7FFF + lowest_kept_bit) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True)
 
+    # Triton's interpreter runs a reduction with a combine function of its own one element at a time in Python (the
+    # CPU tests took 10x longer); it takes tl.max, with NaN made inf before it. The same results either way.
+    _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
     @triton.jit
-    def _abs_nan_as_inf(x):
-        a = tl.abs(x)
-        return tl.where(a != a, float("inf"), a)  # Triton's max skips NaN; an infinite scale keeps it visible
+    def _max_keeping_nan(a, b):
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def _nan_as_inf(amax):
+        return tl.where(amax != amax, float("inf"), amax)
+
+    @triton.jit
+    def _abs_max_nan_or_inf(x, axis):
+        """The largest |x| along `axis`, NaN (on a GPU) or inf (interpreted) where a value is NaN: `_nan_as_inf`
+        makes it inf, which keeps it visible as an infinite scale. On a GPU, NaN-propagating max instructions with
+        |x| as their operand: the kernels are short of issue slots, and a test and a select per element (Triton's
+        max skips NaN) cost more than the maximum itself."""
+        if _INTERPRETED:
+            magnitude = tl.abs(x)
+            return tl.max(tl.where(magnitude != magnitude, float("inf"), magnitude), axis)
+        return tl.reduce(tl.abs(x), axis, _max_keeping_nan)
+
+    @triton.jit
+    def _abs_max(x, axis):
+        """The largest |x| along `axis`, NaN counted as inf."""
+        return _nan_as_inf(_abs_max_nan_or_inf(x, axis))
 
     @triton.jit
     def _scale_from_amax(amax, MIN_AMAX: tl.constexpr, SCALE_IS_BF16: tl.constexpr):
@@ -576,6 +602,7 @@ if triton is not None:
         MIN_AMAX: tl.constexpr, STOCHASTIC: tl.constexpr, SCALE_IS_BF16: tl.constexpr,
         COL_AMAX: tl.constexpr, COLS_MULTIPLIED: tl.constexpr,
         BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+        NUM_STAGES: tl.constexpr = 1,
     ):  # fmt: skip
         """Quantizes BLOCKS_PER_PROGRAM blocks of BLOCK_ROWS whole rows of x, one block at a time in registers: one
         read of x. With COL_AMAX it also folds the abs-max of each column (of x with row i multiplied by
@@ -584,7 +611,7 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_COLS)
         seed = tl.load(seed_ptr) if STOCHASTIC else 0
         col_max = tl.zeros([BLOCK_COLS], dtype=tl.float32)
-        for block in range(BLOCKS_PER_PROGRAM):
+        for block in tl.range(BLOCKS_PER_PROGRAM, num_stages=NUM_STAGES):
             row_start = (tl.program_id(0) * BLOCKS_PER_PROGRAM + block) * BLOCK_ROWS
             rows = row_start + r
             in_bounds = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
@@ -592,8 +619,7 @@ if triton is not None:
             x_block = x_ptr + row_start.to(tl.int64) * stride_x_row
             x = tl.load(x_block + r[:, None] * stride_x_row + cols[None, :] * stride_x_col, mask=in_bounds, other=0.0)
             x = x.to(tl.float32)
-            magnitude = _abs_nan_as_inf(x)
-            scale = _scale_from_amax(tl.max(magnitude, axis=1), MIN_AMAX, SCALE_IS_BF16)
+            scale = _scale_from_amax(_abs_max(x, 1), MIN_AMAX, SCALE_IS_BF16)
             tl.store(scale_ptr + rows, scale.to(scale_ptr.dtype.element_ty), mask=rows < n_rows)
             random_offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :] if STOCHASTIC else 0
             q = _quantize_values(x, scale[:, None], seed, random_offsets, STOCHASTIC)
@@ -602,10 +628,10 @@ if triton is not None:
             if COL_AMAX:
                 if COLS_MULTIPLIED:
                     multipliers = tl.load(col_row_multipliers_ptr + rows, mask=rows < n_rows, other=0.0)
-                    magnitude = _abs_nan_as_inf(x * multipliers.to(tl.float32)[:, None])
-                col_max = tl.maximum(col_max, tl.max(magnitude, axis=0))
+                    x = x * multipliers.to(tl.float32)[:, None]
+                col_max = _max_keeping_nan(col_max, _abs_max_nan_or_inf(x, 0))
         if COL_AMAX:
-            tl.atomic_max(col_amax_ptr + cols, col_max, mask=cols < n_cols, sem="relaxed")
+            tl.atomic_max(col_amax_ptr + cols, _nan_as_inf(col_max), mask=cols < n_cols, sem="relaxed")
 
     @triton.jit
     def _dequantize_rows_kernel(q_ptr, scale_ptr, out_ptr, n_rows, n_cols,
@@ -644,14 +670,13 @@ if triton is not None:
         x_tile = x_ptr + row_start.to(tl.int64) * stride_x_row + col_start.to(tl.int64) * stride_x_col
         x = tl.load(x_tile + r[:, None] * stride_x_row + c[None, :] * stride_x_col, mask=in_bounds, other=0.0)
         x = x.to(tl.float32)
-        magnitude = _abs_nan_as_inf(x)
         if ROWS:
-            tl.atomic_max(row_amax_ptr + rows, tl.max(magnitude, axis=1), mask=rows < n_rows, sem="relaxed")
+            tl.atomic_max(row_amax_ptr + rows, _abs_max(x, 1), mask=rows < n_rows, sem="relaxed")
         if COLS:
             if COLS_MULTIPLIED:
                 multipliers = tl.load(col_row_multipliers_ptr + rows, mask=rows < n_rows, other=0.0).to(tl.float32)
-                magnitude = _abs_nan_as_inf(x * multipliers[:, None])
-            tl.atomic_max(col_amax_ptr + cols, tl.max(magnitude, axis=0), mask=cols < n_cols, sem="relaxed")
+                x = x * multipliers[:, None]
+            tl.atomic_max(col_amax_ptr + cols, _abs_max(x, 0), mask=cols < n_cols, sem="relaxed")
 
     @triton.autotune(configs=_tile_configs(), key=["n_rows", "n_cols", "ROWS", "MULTIPLIED", "STOCHASTIC"])
     @triton.jit

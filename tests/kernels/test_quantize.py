@@ -5,10 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax
 from qt.kernels.fp8 import abs_max
-from qt.kernels.quantize import abs_max_rows_and_cols, dequantize_rows, scale_dtype
+from qt.kernels.quantize import _max_keeping_nan, abs_max_rows_and_cols, dequantize_rows, scale_dtype
 from tests.kernels import inductor_for_a_gpu
 from tests.kernels.backends import through
 from tests.reference import rel_err
@@ -377,3 +379,41 @@ def test_abs_max_rows_and_cols_opcheck_and_bad_multipliers():
         torch.library.opcheck(torch.ops.qt.abs_max_rows_and_cols.default, (x, multipliers))
     with pytest.raises(ValueError, match=r"col_row_multipliers must be floating \[17, 1\] or \[17\]"):
         abs_max_rows_and_cols(x, torch.rand(16))
+
+
+_MAX_CALLS = []
+
+
+@triton.jit
+def _counted_max_keeping_nan(a, b):  # run by Triton's interpreter only, which calls it as Python
+    _MAX_CALLS.append(1)
+    return _max_keeping_nan(a, b)
+
+
+@pytest.mark.parametrize("shape", [(9, 40), (20, 130)])
+def test_gpu_maxima_formulation_gives_the_interpreted_results(monkeypatch, shape):
+    """On a GPU the kernels take abs-maxima with NaN-propagating max instructions and turn NaN into inf once per
+    result; the interpreter, where a reduction with a combine function of its own is slow, takes tl.max of |x| with
+    NaN made inf first. Run the GPU formulation under the interpreter: the same bits, NaN and inf included."""
+    from qt.kernels import quantize
+
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.bfloat16)
+    x[1, 3], x[4, 7], x[5, 0] = float("nan"), float("inf"), -float("inf")
+    multipliers = torch.rand(shape[0], 1, dtype=torch.bfloat16) + 0.5
+
+    def results():
+        return (*quantize_int8_rows_and_cols(x, False, multipliers), *quantize_int8_rows_keeping_col_amax(x),
+                *abs_max_rows_and_cols(x, multipliers), *quantize_int8(x, 0))
+
+    monkeypatch.setenv("QT_KERNEL_BACKEND", "triton")
+    interpreted = results()
+    _MAX_CALLS.clear()
+    monkeypatch.setattr(quantize, "_INTERPRETED", tl.constexpr(False))
+    monkeypatch.setattr(quantize, "_max_keeping_nan", _counted_max_keeping_nan)
+    on_gpu = results()
+    assert _MAX_CALLS  # the GPU formulation ran
+    assert all(torch.equal(a, b) for a, b in zip(interpreted, on_gpu))
+    col_scale, row_amax = interpreted[3], interpreted[7]
+    assert torch.isinf(col_scale[0, [0, 3, 7]]).all() and torch.isfinite(col_scale[0, 1])
+    assert torch.isinf(row_amax[[1, 4, 5], 0]).all() and torch.isfinite(row_amax[0, 0])
