@@ -562,8 +562,7 @@ if triton is not None:
         |x| as their operand: the kernels are short of issue slots, and a test and a select per element (Triton's
         max skips NaN) cost more than the maximum itself."""
         if _INTERPRETED:
-            magnitude = tl.abs(x)
-            return tl.max(tl.where(magnitude != magnitude, float("inf"), magnitude), axis)
+            return tl.max(_nan_as_inf(tl.abs(x)), axis)
         return tl.reduce(tl.abs(x), axis, _max_keeping_nan)
 
     @triton.jit
