@@ -36,7 +36,7 @@ from torch import Tensor
 from qt.kernels import (quantize_fp8, quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax,
                         scaled_fp8_mm, scaled_int8_mm, to_column_major)
 from qt.kernels.fp8 import E4M3, FP8_DTYPES, SCALINGS, abs_max
-from qt.kernels.quantize import abs_max_rows_and_cols
+from qt.kernels.quantize import quantize_fp8_rows_and_cols
 
 FORMATS = (None, "int8", "fp8")
 
@@ -194,10 +194,11 @@ def _quantize_operand_pair(t: Tensor, rows: MatmulPlan | None, cols: MatmulPlan 
                                                                            col_row_multipliers)
         return QuantizedOperand(q_rows, row_scale), QuantizedOperand(q_cols, col_scale)
     if rows and cols and rows.fp8 and cols.fp8 and rows.scaling == cols.scaling == "rowwise":
-        # Both abs-maxima from one kernel that Inductor cannot fuse into t's producer (abs_max_rows_and_cols).
-        row_amax, col_amax = abs_max_rows_and_cols(t, col_row_multipliers)
-        return (quantize_operand(t, 1, rows, "gradient", row_amax),
-                quantize_operand(t, 0, cols, "gradient", col_amax, col_row_multipliers))
+        # qt's kernels, as for INT8: by rows keeping the columns' maxima, then by columns (two reads of t).
+        q_rows, row_scale, q_cols, col_scale = quantize_fp8_rows_and_cols(
+            t, _fp8_dtype(rows, "gradient"), _fp8_dtype(cols, "gradient"), rows.power_of_two_scales,
+            cols.power_of_two_scales, col_row_multipliers)
+        return QuantizedOperand(q_rows, row_scale), QuantizedOperand(q_cols, col_scale)
     if rows and cols and _tensorwise_fp8_alike(rows, cols, "gradient"):
         # Transposing the 1-byte codes moves 2 bytes an element; a second cast would read t (2 bytes) twice more.
         # torch's copy here, which Inductor may fuse with the cast that writes q_rows (to_column_major, an opaque

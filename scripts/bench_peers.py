@@ -68,7 +68,8 @@ QT_VARIANTS = {"int8_weight_only": {"int8_activations": {"int8_activations": Tru
                "bitnet": {"int8 backward": {"int8_backward": True}},
                "fp8_mixed_precision": {"codes": {"grad_weight_sees_quantized_input": True},
                                        "rowwise": {"scaling": "rowwise"},
-                                       "rowwise codes": {"scaling": "rowwise", "grad_weight_sees_quantized_input": True}}}
+                                       "rowwise X by columns": {"scaling": "rowwise",
+                                                                "grad_weight_sees_quantized_input": False}}}
 
 
 def qt_rows(small_linears: bool) -> dict[str, tuple[str, dict]]:

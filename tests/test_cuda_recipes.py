@@ -47,11 +47,14 @@ def forward_backward(linear, x, dy):
 
 @pytest.mark.parametrize("width", [300, 2048, 5632])
 def test_quantize_kernels_keep_nan_and_inf_visible_as_the_torch_ops_do(width):
-    """On the GPU the kernels' maxima come from NaN-propagating max instructions (Triton's interpreter, which the CPU
-    tests run, cannot tell those from NaN-ignoring ones): a slice holding NaN or inf gets an infinite scale, and every
-    result has the torch path's bits. Widths: one block of rows, the 2048-wide blocks, the pipelined wide rows."""
+    """On the GPU the kernels' maxima come from NaN-propagating max instructions, and FP8 codes from the GPU's own cast
+    (Triton's interpreter, which the CPU tests run, can tell neither from what it runs instead): a slice holding NaN or
+    inf gets an infinite scale, and every result has the torch path's bits (INT8 and FP8, both FP8 formats, scales
+    rounded to powers of two or not). Widths: one block of rows, the 2048-wide blocks, the pipelined wide rows."""
     from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax
-    from qt.kernels.quantize import abs_max_rows_and_cols
+    from qt.kernels.fp8 import E4M3, E5M2
+    from qt.kernels.quantize import quantize_fp8_rows_and_cols
+    from tests.kernels.test_quantize import same_codes
 
     torch.manual_seed(0)
     x = torch.randn(4100, width, device="cuda", dtype=torch.bfloat16)
@@ -60,11 +63,12 @@ def test_quantize_kernels_keep_nan_and_inf_visible_as_the_torch_ops_do(width):
 
     def results():
         return (*quantize_int8_rows_and_cols(x, False, multipliers), *quantize_int8_rows_keeping_col_amax(x),
-                *abs_max_rows_and_cols(x, multipliers), *quantize_int8(x, 1), *quantize_int8(x, 0))
+                *quantize_fp8_rows_and_cols(x, E4M3, E5M2, False, True, multipliers),
+                *quantize_fp8_rows_and_cols(x, E5M2, E4M3, True, False), *quantize_int8(x, 1), *quantize_int8(x, 0))
 
     kernels, reference = through("triton", results)(), through("torch", results)()
-    for got, want in zip(kernels, reference):
-        assert torch.equal(got, want)
+    for index, (got, want) in enumerate(zip(kernels, reference)):
+        assert same_codes(got, want), f"result {index}"
     row_scale, col_scale = kernels[1], kernels[3]
     assert torch.isinf(row_scale[[1, 2000, 4099], 0]).all() and torch.isfinite(row_scale[0, 0])
     assert torch.isinf(col_scale[0, [3, 7, width - 1]]).all() and torch.isfinite(col_scale[0, 0])

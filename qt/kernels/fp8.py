@@ -59,7 +59,8 @@ def abs_max(x: Tensor, axis: int | None) -> Tensor:
 def scale_from_amax(amax: Tensor, dtype: torch.dtype, power_of_two_scales: bool = False) -> Tensor:
     """The float32 scale that maps ``amax`` to the largest finite value of ``dtype`` (rounded up to a power of
     two with ``power_of_two_scales``)."""
-    scale = amax.clamp(min=_MIN_AMAX) / torch.finfo(dtype).max
+    # Divided by a tensor: CUDA torch multiplies by the reciprocal of a Python number, 1 ulp off the kernels' division.
+    scale = amax.clamp(min=_MIN_AMAX) / amax.new_full((), torch.finfo(dtype).max)
     return _round_up_to_power_of_two(scale) if power_of_two_scales else scale
 
 
@@ -85,7 +86,7 @@ def quantize_fp8(x: Tensor, axis: int, dtype: torch.dtype = E4M3, scaling: str =
         power_of_two_scales: round each scale up to a power of two.
         amax_of_x: the abs-max to scale by instead of ``x``'s own, shaped as ``abs_max`` gives it (one element
             tensor-wise; [R, 1] or [1, C] row-wise, by the axis): an FSDP shard quantized with the abs-max of the
-            whole weight, or maxima taken earlier (``qt.kernels.quantize.abs_max_rows_and_cols``).
+            whole weight, or maxima taken earlier.
 
     Returns:
         ``(q, scale)``: ``q`` of ``dtype`` [R, C] with strides (C, 1) for ``axis=1``, (1, R) for ``axis=0``;

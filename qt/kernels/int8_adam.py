@@ -115,6 +115,6 @@ if triton is not None:
             magnitude = tl.where(in_row, magnitude, 0.0)
             new_scale = tl.div_rn(tl.maximum(tl.max(magnitude, axis=0), MIN_AMAX), 127.0)
             seed = tl.load(seed_ptr) if STOCHASTIC else 0
-            q = _quantize_values(w, new_scale, seed, offsets, STOCHASTIC)
+            q = _quantize_values(w, new_scale, seed, offsets, STOCHASTIC, tl.int8, 127.0)
             tl.store(q_ptr + offsets, q, mask=in_row)
             tl.store(scale_ptr + row, new_scale)

@@ -30,12 +30,14 @@ computed from it (``q * scale``, the scaled matmul) is non-finite too.
 """
 
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from qt.kernels.backend import eager_launch, realize_inputs_read_by_several_kernels, traced, use_triton
-from qt.kernels.fp8 import abs_max
+from qt.kernels.fp8 import _MIN_AMAX as FP8_MIN_AMAX
+from qt.kernels.fp8 import FP8_DTYPES, abs_max, quantize_fp8
 
 try:
     import triton
@@ -163,31 +165,44 @@ def quantize_int8_rows_and_cols(x: Tensor, stochastic_rounding: bool = False,
         return _quantize_int8_rows_and_cols(x, seeds, col_row_multipliers)
 
 
-def abs_max_rows_and_cols(x: Tensor, col_row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The float32 abs-max of each row ([R, 1]) and of each column ([1, C]) of ``x`` [R, C], the latter of ``x`` with
-    row i multiplied by ``col_row_multipliers[i]`` (in float32) where given; NaN counts as inf, an empty slice as 0:
-    what ``qt.kernels.fp8.abs_max(x, 1)`` and ``abs_max(x, 0)`` give.
+def quantize_fp8_rows_and_cols(x: Tensor, row_dtype: torch.dtype, col_dtype: torch.dtype,
+                               row_power_of_two: bool = False, col_power_of_two: bool = False,
+                               col_row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``qt.kernels.fp8.quantize_fp8`` by rows and by columns with row-wise scales, sharing their reads of ``x`` as
+    ``quantize_int8_rows_and_cols`` does (on a GPU, qt's kernels: the row-wise pass folds the columns' abs-maxima,
+    then a column-wise pass; two reads of x up to 8192 columns): the FP8 row-wise cast of a linear's dY both ways.
 
-    On a GPU, one pass over tiles of ``x`` by a Triton kernel, which torch.compile cannot fuse into the op that
-    produces ``x``: Inductor then writes ``x`` once and casts it by rows and by columns in pointwise kernels. An FP8
-    row-wise cast written in torch ops alone had Inductor recompute the SwiGLU gradients in each loop of a row
-    reduction instead (1.02 ms a layer on an H100, where BF16's SwiGLU backward takes 0.30)."""
-    _check_input(x, "abs_max_rows_and_cols")
+    ``quantize_fp8(x, 1, row_dtype, "rowwise", row_power_of_two)`` and ``quantize_fp8(x', 0, col_dtype, "rowwise",
+    col_power_of_two)``, with x' = x with row i multiplied by ``col_row_multipliers[i]`` in float32 where given, else
+    x. Returns ``(q_rows, row_scale, q_cols, col_scale)`` as those give them, the same bits."""
+    _check_input(x, "quantize_fp8_rows_and_cols")
+    for dtype in (row_dtype, col_dtype):
+        if dtype not in FP8_DTYPES:
+            raise ValueError(f"quantize_fp8_rows_and_cols: the code dtypes must be torch.float8_e4m3fn or "
+                             f"torch.float8_e5m2, got {dtype}")
     if col_row_multipliers is not None:
         col_row_multipliers = _checked_row_multipliers(x, col_row_multipliers,
-                                                       "abs_max_rows_and_cols: col_row_multipliers")
+                                                       "quantize_fp8_rows_and_cols: col_row_multipliers")
+    args = (x, row_dtype, col_dtype, row_power_of_two, col_power_of_two, col_row_multipliers)
     if traced(x):
-        return torch.ops.qt.abs_max_rows_and_cols(x, col_row_multipliers)
+        return torch.ops.qt.quantize_fp8_rows_and_cols(*args)
     with eager_launch():
-        return _abs_max_rows_and_cols(x, col_row_multipliers)
+        return _quantize_fp8_rows_and_cols(*args)
 
 
-def _abs_max_rows_and_cols(x: Tensor, col_row_multipliers: Tensor | None) -> tuple[Tensor, Tensor]:
+def _quantize_fp8_rows_and_cols(x: Tensor, row_dtype: torch.dtype, col_dtype: torch.dtype, row_power_of_two: bool,
+                                col_power_of_two: bool,
+                                col_row_multipliers: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if not use_triton(x, triton is not None) or x.numel() == 0:
         cols_of = x if col_row_multipliers is None else x.float() * col_row_multipliers.float().reshape(-1, 1)
-        return abs_max(x, 1), abs_max(cols_of, 0)
-    row_amax, col_amax = _triton_tile_amax(x, rows=True, cols=True, col_row_multipliers=col_row_multipliers)
-    return row_amax.view(-1, 1), col_amax.view(1, -1)
+        return (*quantize_fp8(x, 1, row_dtype, "rowwise", row_power_of_two),
+                *quantize_fp8(cols_of, 0, col_dtype, "rowwise", col_power_of_two))
+    q_rows, row_scale, col_amax = _triton_quantize_rows(x, None, keep_col_amax=True,
+                                                        col_row_multipliers=col_row_multipliers,
+                                                        codes=Codes(row_dtype, row_power_of_two))
+    q_cols, col_scale = _triton_tile_quantize(x, col_amax, None, 0, rows=False, row_multipliers=col_row_multipliers,
+                                              codes=Codes(col_dtype, col_power_of_two))
+    return q_rows, row_scale, q_cols, col_scale
 
 
 def _checked_row_multipliers(x: Tensor, multipliers: Tensor, name: str) -> Tensor:
@@ -252,20 +267,41 @@ def quantize_inductor_options() -> dict:
     return {"triton.multi_kernel": 1} if _compiled_quantize_choice() != "kernel" else {}
 
 
-def _empty_outputs(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+class Codes(NamedTuple):
+    """What a pass writes: INT8 codes with scales in ``scale_dtype(x.dtype)``, or FP8 codes of ``dtype`` with float32
+    scales, rounded up to a power of two where ``power_of_two``, as ``qt.kernels.fp8.quantize_fp8`` casts them."""
+
+    dtype: torch.dtype = torch.int8
+    power_of_two: bool = False
+
+    @property
+    def largest(self) -> float:
+        return QUANT_MAX if self.dtype == torch.int8 else torch.finfo(self.dtype).max
+
+    def scale_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
+        return scale_dtype(x_dtype) if self.dtype == torch.int8 else torch.float32
+
+    def min_amax(self, x_dtype: torch.dtype) -> float:
+        return _min_amax(x_dtype) if self.dtype == torch.int8 else FP8_MIN_AMAX
+
+
+INT8_CODES = Codes()
+
+
+def _empty_outputs(x: Tensor, axis: int, codes: Codes = INT8_CODES) -> tuple[Tensor, Tensor]:
     """Allocates ``(q, scale)`` in the documented layout; shared by the kernels, their fake implementations and the
     torch path's column-wise results, so their strides agree (the torch path's row-wise results are new contiguous
     tensors of the same strides)."""
     rows, cols = x.shape
-    dtype = scale_dtype(x.dtype)
+    dtype = codes.scale_dtype(x.dtype)
     if axis == 1:
-        q = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
+        q = torch.empty((rows, cols), dtype=codes.dtype, device=x.device)
         scale = torch.empty((rows, 1), dtype=dtype, device=x.device)
     else:
         # aten.empty, transposed, rather than aten.empty_strided: torch.compile merges identical empty_strided calls
         # (of the linears' column-wise passes of one shape) into one allocation, and Inductor then copies that
         # uninitialized buffer for each kernel writing into it (seen on an H100: ~60 us a [16384, 5632] pass).
-        q = torch.empty((cols, rows), dtype=torch.int8, device=x.device).t()
+        q = torch.empty((cols, rows), dtype=codes.dtype, device=x.device).t()
         scale = torch.empty((1, cols), dtype=dtype, device=x.device)
     return q, scale
 
@@ -311,23 +347,23 @@ if triton is not None:
     torch.library.triton_op("qt::quantize_int8_rows_keeping_col_amax", _quantize_int8_rows_keeping_col_amax,
                             mutates_args=())
     torch.library.triton_op("qt::quantize_int8_rows_and_cols", _quantize_int8_rows_and_cols, mutates_args=())
-    torch.library.triton_op("qt::abs_max_rows_and_cols", _abs_max_rows_and_cols, mutates_args=())
+    torch.library.triton_op("qt::quantize_fp8_rows_and_cols", _quantize_fp8_rows_and_cols, mutates_args=())
     realize_inputs_read_by_several_kernels()
 else:
     torch.library.custom_op("qt::quantize_int8", _quantize_int8, mutates_args=())
     torch.library.custom_op("qt::quantize_int8_rows_keeping_col_amax", _quantize_int8_rows_keeping_col_amax,
                             mutates_args=())
     torch.library.custom_op("qt::quantize_int8_rows_and_cols", _quantize_int8_rows_and_cols, mutates_args=())
-    torch.library.custom_op("qt::abs_max_rows_and_cols", _abs_max_rows_and_cols, mutates_args=())
+    torch.library.custom_op("qt::quantize_fp8_rows_and_cols", _quantize_fp8_rows_and_cols, mutates_args=())
     torch.library.register_fake("qt::quantize_int8")(
         lambda x, axis, seed, row_multipliers=None, col_amax=None: _empty_outputs(x, axis))
     torch.library.register_fake("qt::quantize_int8_rows_keeping_col_amax")(
         lambda x, seed: (*_empty_outputs(x, 1), x.new_empty((1, x.shape[1]), dtype=torch.float32)))
     torch.library.register_fake("qt::quantize_int8_rows_and_cols")(
         lambda x, seeds, col_row_multipliers=None: (*_empty_outputs(x, 1), *_empty_outputs(x, 0)))
-    torch.library.register_fake("qt::abs_max_rows_and_cols")(
-        lambda x, col_row_multipliers=None: (x.new_empty((x.shape[0], 1), dtype=torch.float32),
-                                             x.new_empty((1, x.shape[1]), dtype=torch.float32)))
+    torch.library.register_fake("qt::quantize_fp8_rows_and_cols")(
+        lambda x, row_dtype, col_dtype, row_power_of_two, col_power_of_two, col_row_multipliers: (
+            *_empty_outputs(x, 1, Codes(row_dtype)), *_empty_outputs(x, 0, Codes(col_dtype))))
 
 
 # The torch path: the same math in torch ops (CPU, QT_KERNEL_BACKEND=torch, and what torch.compile fuses there).
@@ -436,10 +472,11 @@ def col_amax_pass_settings(n_rows: int, n_cols: int, stochastic: bool) -> tuple[
 
 
 def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None, col_amax: Tensor | None = None,
-                                col_row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                                col_row_multipliers: Tensor | None = None,
+                                codes: Codes = INT8_CODES) -> tuple[Tensor, Tensor]:
     """Row-wise, one read of x; also folds each column's abs-max (of x with row i multiplied by
     ``col_row_multipliers[i]`` where given) into ``col_amax`` (float32 [C], zeros or earlier maxima) where given."""
-    q, scale = _empty_outputs(x, 1)
+    q, scale = _empty_outputs(x, 1, codes)
     n_rows, n_cols = x.shape
     block_rows, block_cols = whole_row_blocks(n_cols)
     keep_col_amax = col_amax is not None
@@ -451,10 +488,10 @@ def _triton_quantize_whole_rows(x: Tensor, seed: Tensor | None, col_amax: Tensor
     wrap_triton(_quantize_whole_rows_kernel)[(triton.cdiv(n_rows, block_rows * blocks_per_program),)](
         x, q, scale, seed, col_amax, col_row_multipliers,
         n_rows, n_cols, x.stride(0), x.stride(1),
-        MIN_AMAX=_min_amax(x.dtype), STOCHASTIC=seed is not None, SCALE_IS_BF16=scale.dtype == torch.bfloat16,
+        MIN_AMAX=codes.min_amax(x.dtype), STOCHASTIC=seed is not None, SCALE_IS_BF16=scale.dtype == torch.bfloat16,
         COL_AMAX=keep_col_amax, COLS_MULTIPLIED=col_row_multipliers is not None,
         BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, BLOCKS_PER_PROGRAM=blocks_per_program, NUM_STAGES=stages,
-        num_warps=warps,
+        QMAX=codes.largest, POWER_OF_TWO=codes.power_of_two, num_warps=warps,
     )  # fmt: skip
     return q, scale
 
@@ -469,7 +506,8 @@ def _triton_dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Ten
 
 
 def _triton_quantize_rows(x: Tensor, seeds: Tensor | None, keep_col_amax: bool = False,
-                          col_row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                          col_row_multipliers: Tensor | None = None,
+                          codes: Codes = INT8_CODES) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(q, scale, col_amax)``: x quantized by rows (with ``seeds[0]``) and, where ``keep_col_amax``, the float32
     abs-max of each column [C] of x with row i multiplied by ``col_row_multipliers[i]`` where given (else None).
     Up to ``_MAX_WHOLE_ROW`` columns in one read of x; wider, an abs-max pass (taking the columns' too) and a
@@ -477,9 +515,9 @@ def _triton_quantize_rows(x: Tensor, seeds: Tensor | None, keep_col_amax: bool =
     n_cols = x.shape[1]
     if n_cols <= _MAX_WHOLE_ROW:
         col_amax = torch.zeros(n_cols, dtype=torch.float32, device=x.device) if keep_col_amax else None
-        return *_triton_quantize_whole_rows(x, seeds, col_amax, col_row_multipliers), col_amax
+        return *_triton_quantize_whole_rows(x, seeds, col_amax, col_row_multipliers, codes), col_amax
     row_amax, col_amax = _triton_tile_amax(x, rows=True, cols=keep_col_amax, col_row_multipliers=col_row_multipliers)
-    return *_triton_tile_quantize(x, row_amax, seeds, 0, rows=True), col_amax
+    return *_triton_tile_quantize(x, row_amax, seeds, 0, rows=True, codes=codes), col_amax
 
 
 def _tile_grid(x: Tensor):
@@ -506,17 +544,18 @@ def _triton_tile_amax(x: Tensor, rows: bool, cols: bool,
 
 
 def _triton_tile_quantize(x: Tensor, amax: Tensor, seeds: Tensor | None, seed_index: int, rows: bool,
-                          row_multipliers: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                          row_multipliers: Tensor | None = None, codes: Codes = INT8_CODES) -> tuple[Tensor, Tensor]:
     """x quantized by rows (``rows``) or by columns, with the abs-maxima ``amax`` of its rows or columns, of x with
     row i multiplied by ``row_multipliers[i]`` where given (columns only); stochastically with
     ``seeds[seed_index]`` where seeds are given."""
-    q, scale = _empty_outputs(x, 1 if rows else 0)
+    q, scale = _empty_outputs(x, 1 if rows else 0, codes)
     # Each output from its own pass: one pass writing both held two tiles' worth of state (and the
     # transpose's shared memory) and ran at a quarter of the occupancy (measured with ncu on an H100).
     wrap_triton(_tile_quantize_kernel)[_tile_grid(x)](
         x, amax, q, scale, seeds, row_multipliers, x.shape[0], x.shape[1], x.stride(0), x.stride(1),
-        MIN_AMAX=_min_amax(x.dtype), ROWS=rows, MULTIPLIED=row_multipliers is not None,
+        MIN_AMAX=codes.min_amax(x.dtype), ROWS=rows, MULTIPLIED=row_multipliers is not None,
         STOCHASTIC=seeds is not None, SEED_INDEX=seed_index, SCALE_IS_BF16=scale.dtype == torch.bfloat16,
+        QMAX=codes.largest, POWER_OF_TWO=codes.power_of_two,
     )  # fmt: skip
     return q, scale
 
@@ -542,6 +581,23 @@ if triton is not None:
         lowest_kept_bit = (bits >> 16) & 1
         bits = (bits + 0x7FFF + lowest_kept_bit) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _round_to_fp8(v, CODE_DTYPE: tl.constexpr):
+        """float32 `v` (within the format's range) rounded to the nearest value of FP8 CODE_DTYPE, ties to even, kept
+        in float32: normal values by dropping mantissa bits, subnormal ones as multiples of the smallest step."""
+        MANTISSA_BITS: tl.constexpr = 3 if CODE_DTYPE == tl.float8e4nv else 2
+        MIN_NORMAL: tl.constexpr = 2.0**-6 if CODE_DTYPE == tl.float8e4nv else 2.0**-14
+        DROPPED: tl.constexpr = 23 - MANTISSA_BITS
+        bits = v.to(tl.uint32, bitcast=True)
+        lowest_kept_bit = (bits >> DROPPED) & 1
+        HALF_BELOW: tl.constexpr = (1 << (DROPPED - 1)) - 1
+        KEPT: tl.constexpr = (0xFFFFFFFF >> DROPPED) << DROPPED
+        normal = ((bits + HALF_BELOW + lowest_kept_bit) & KEPT).to(tl.float32, bitcast=True)
+        step = MIN_NORMAL * 2.0**-MANTISSA_BITS
+        subnormal = _round_half_to_even(tl.abs(v) * (1.0 / step)) * step  # then v's sign: -0.0 where v rounds to 0
+        subnormal = (subnormal.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)
+        return tl.where(tl.abs(v) < MIN_NORMAL, subnormal, normal)
 
     # Triton's interpreter runs a reduction with a combine function of its own one element at a time in Python (the
     # CPU tests took 10x longer); it takes tl.max, with NaN made inf before it. The same results either way.
@@ -571,28 +627,48 @@ if triton is not None:
         return _nan_as_inf(_abs_max_nan_or_inf(x, axis))
 
     @triton.jit
-    def _scale_from_amax(amax, MIN_AMAX: tl.constexpr, SCALE_IS_BF16: tl.constexpr):
-        """The scale as stored (rounded to the scale dtype), in fp32, so q * scale is what the kernel meant."""
-        scale = tl.div_rn(tl.maximum(amax, MIN_AMAX), 127.0)
+    def _scale_from_amax(amax, MIN_AMAX: tl.constexpr, SCALE_IS_BF16: tl.constexpr, QMAX: tl.constexpr,
+                         POWER_OF_TWO: tl.constexpr):
+        """The scale as stored (rounded to the scale dtype, or up to a power of two), in fp32, so q * scale is what
+        the kernel meant. QMAX: the largest code (127, or an FP8 format's largest finite value)."""
+        scale = tl.div_rn(tl.maximum(amax, MIN_AMAX), QMAX)
         if SCALE_IS_BF16:
             scale = _round_to_bfloat16(scale)
+        if POWER_OF_TWO:  # as qt.kernels.fp8 rounds it: a nonzero mantissa carries into the exponent; inf stays inf
+            scale = ((scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & ~0x7FFFFF).to(tl.float32, bitcast=True)
         return scale
 
     @triton.jit
-    def _quantize_values(x, scale, seed, random_offsets, STOCHASTIC: tl.constexpr):
-        """int8 values of x * (1 / scale); finite values of a slice with an infinite scale become 0."""
+    def _quantize_values(x, scale, seed, random_offsets, STOCHASTIC: tl.constexpr, CODE_DTYPE: tl.constexpr,
+                         QMAX: tl.constexpr):
+        """Codes of x * (1 / scale): int8, finite values of a slice with an infinite scale becoming 0; or FP8 of
+        CODE_DTYPE, clamped to +-QMAX and rounded to nearest even, NaN kept (as qt.kernels.fp8 casts)."""
         # One division a slice, a multiplication an element: a division an element made the passes compute-bound.
-        # An fma with +0 rather than a product: the GPU compiler fuses a product with the addition that rounds it
-        # (or the stochastic one) into an fma, which rounds the exact product, and the result then differed from
-        # torch's in some elements (seen on an H200). Nothing fuses into an fma.
-        scaled = tl.fma(x, tl.div_rn(1.0, scale), 0.0)
-        if STOCHASTIC:
-            # Rounds up with probability frac(scaled); the element's index keys its random number.
-            rounded = tl.floor(scaled + tl.rand(seed, random_offsets))
+        if CODE_DTYPE == tl.int8:
+            # An fma with +0 rather than a product: the GPU compiler fuses a product with the addition that rounds
+            # it (or the stochastic one) into an fma, which rounds the exact product, and the result then differed
+            # from torch's in some elements (seen on an H200). Nothing fuses into an fma.
+            scaled = tl.fma(x, tl.div_rn(1.0, scale), 0.0)
+            if STOCHASTIC:
+                # Rounds up with probability frac(scaled); the element's index keys its random number.
+                rounded = tl.floor(scaled + tl.rand(seed, random_offsets))
+            else:
+                rounded = _round_half_to_even(scaled)
+            rounded = tl.where(scaled == scaled, rounded, 0.0)
+            codes = tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8)
         else:
-            rounded = _round_half_to_even(scaled)
-        rounded = tl.where(scaled == scaled, rounded, 0.0)
-        return tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8)
+            # A plain product: no addition follows it to fuse with, and x * 0 keeps the sign of a zero (an fma's
+            # + 0 would not) as torch's -0.0 codes do.
+            scaled = x * tl.div_rn(1.0, scale)
+            clamped = tl.clamp(scaled, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL)
+            if _INTERPRETED:
+                # Its float32 -> FP8 cast drops the carry of a rounding into the exponent (126.9 -> 64) and turns NaN
+                # into 384: the value is rounded here first, and NaN's code set from its bits.
+                nan_code = tl.full(clamped.shape, 0x7F, tl.uint8).to(CODE_DTYPE, bitcast=True)
+                codes = tl.where(clamped == clamped, _round_to_fp8(clamped, CODE_DTYPE).to(CODE_DTYPE), nan_code)
+            else:
+                codes = clamped.to(CODE_DTYPE, fp_downcast_rounding="rtne")
+        return codes
 
     @triton.jit
     def _quantize_whole_rows_kernel(
@@ -601,7 +677,7 @@ if triton is not None:
         MIN_AMAX: tl.constexpr, STOCHASTIC: tl.constexpr, SCALE_IS_BF16: tl.constexpr,
         COL_AMAX: tl.constexpr, COLS_MULTIPLIED: tl.constexpr,
         BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
-        NUM_STAGES: tl.constexpr = 1,
+        NUM_STAGES: tl.constexpr = 1, QMAX: tl.constexpr = 127.0, POWER_OF_TWO: tl.constexpr = False,
     ):  # fmt: skip
         """Quantizes BLOCKS_PER_PROGRAM blocks of BLOCK_ROWS whole rows of x, one block at a time in registers: one
         read of x. With COL_AMAX it also folds the abs-max of each column (of x with row i multiplied by
@@ -618,10 +694,10 @@ if triton is not None:
             x_block = x_ptr + row_start.to(tl.int64) * stride_x_row
             x = tl.load(x_block + r[:, None] * stride_x_row + cols[None, :] * stride_x_col, mask=in_bounds, other=0.0)
             x = x.to(tl.float32)
-            scale = _scale_from_amax(_abs_max(x, 1), MIN_AMAX, SCALE_IS_BF16)
+            scale = _scale_from_amax(_abs_max(x, 1), MIN_AMAX, SCALE_IS_BF16, QMAX, POWER_OF_TWO)
             tl.store(scale_ptr + rows, scale.to(scale_ptr.dtype.element_ty), mask=rows < n_rows)
             random_offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :] if STOCHASTIC else 0
-            q = _quantize_values(x, scale[:, None], seed, random_offsets, STOCHASTIC)
+            q = _quantize_values(x, scale[:, None], seed, random_offsets, STOCHASTIC, q_ptr.dtype.element_ty, QMAX)
             q_block = q_ptr + row_start.to(tl.int64) * n_cols
             tl.store(q_block + r[:, None] * n_cols + cols[None, :], q, mask=in_bounds)
             if COL_AMAX:
@@ -684,6 +760,7 @@ if triton is not None:
         n_rows, n_cols, stride_x_row, stride_x_col,
         MIN_AMAX: tl.constexpr, ROWS: tl.constexpr, MULTIPLIED: tl.constexpr, STOCHASTIC: tl.constexpr,
         SEED_INDEX: tl.constexpr, SCALE_IS_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        QMAX: tl.constexpr = 127.0, POWER_OF_TWO: tl.constexpr = False,
     ):  # fmt: skip
         """One output: row-wise (ROWS) or column-wise, with the abs-maxima of _tile_amax_kernel, of x with each
         row multiplied by its number where MULTIPLIED. The element's index in that output (row-major or
@@ -697,18 +774,20 @@ if triton is not None:
             x = x * multipliers[:, None]
         seed = tl.load(seed_ptr + SEED_INDEX) if STOCHASTIC else 0
         if ROWS:
-            scale = _scale_from_amax(tl.load(amax_ptr + rows, mask=rows < n_rows, other=0.0), MIN_AMAX, SCALE_IS_BF16)
+            scale = _scale_from_amax(tl.load(amax_ptr + rows, mask=rows < n_rows, other=0.0), MIN_AMAX, SCALE_IS_BF16,
+                                     QMAX, POWER_OF_TWO)
             if tl.program_id(1) == 0:
                 tl.store(scale_ptr + rows, scale.to(scale_ptr.dtype.element_ty), mask=rows < n_rows)
             random_offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :] if STOCHASTIC else 0
-            q = _quantize_values(x, scale[:, None], seed, random_offsets, STOCHASTIC)
+            q = _quantize_values(x, scale[:, None], seed, random_offsets, STOCHASTIC, q_ptr.dtype.element_ty, QMAX)
             q_tile = q_ptr + row_start.to(tl.int64) * n_cols + col_start
             tl.store(q_tile + r[:, None] * n_cols + c[None, :], q, mask=in_bounds)
         else:  # the transpose happens in this store
-            scale = _scale_from_amax(tl.load(amax_ptr + cols, mask=cols < n_cols, other=0.0), MIN_AMAX, SCALE_IS_BF16)
+            scale = _scale_from_amax(tl.load(amax_ptr + cols, mask=cols < n_cols, other=0.0), MIN_AMAX, SCALE_IS_BF16,
+                                     QMAX, POWER_OF_TWO)
             if tl.program_id(0) == 0:
                 tl.store(scale_ptr + cols, scale.to(scale_ptr.dtype.element_ty), mask=cols < n_cols)
             random_offsets = cols[None, :].to(tl.int64) * n_rows + rows[:, None] if STOCHASTIC else 0
-            q = _quantize_values(x, scale[None, :], seed, random_offsets, STOCHASTIC)
+            q = _quantize_values(x, scale[None, :], seed, random_offsets, STOCHASTIC, q_ptr.dtype.element_ty, QMAX)
             q_tile = q_ptr + col_start.to(tl.int64) * n_rows + row_start
             tl.store(q_tile + c[None, :] * n_rows + r[:, None], q, mask=in_bounds)

@@ -23,8 +23,9 @@ def test_fp8_mixed_precision_matches_reference(options, flags, shape, bias):
     output, grad_input, grad_weight = flags
     linear, x, dy = make_case(shape, bias)
     w, b = linear.weight.detach().clone(), None if linear.bias is None else linear.bias.detach().clone()
+    # X quantized by columns for grad_weight (row-wise, the default reads X's codes: tests/test_linear.py).
     qt.quantize_(linear, "fp8_mixed_precision", output=output, grad_input=grad_input, grad_weight=grad_weight,
-                 filter_fn=lambda m, n: True, **options)
+                 grad_weight_sees_quantized_input=False, filter_fn=lambda m, n: True, **options)
     got = run_linear(linear, x, dy)
     out, gx, gw, _ = got
 
@@ -53,6 +54,18 @@ def test_the_recipe_defaults_and_grad_dtype_auto():
     assert tensorwise.plan.output.grad_dtype == E4M3 and tensorwise.plan.output.fast_accumulation
     assert not tensorwise.plan.grad_weight.fast_accumulation
     assert not qt.Fp8MixedPrecisionConfig(grad_weight=False).plan.grad_weight.quantized
+
+
+@pytest.mark.parametrize(("options", "sees_codes"), [
+    ({}, False), ({"scaling": "rowwise"}, True), ({"scaling": "rowwise", "grad_input": False}, True),
+    ({"scaling": "rowwise", "output": False}, False), ({"scaling": "rowwise", "grad_weight": False}, False),
+    ({"scaling": "rowwise", "grad_weight_sees_quantized_input": False}, False),
+    ({"grad_weight_sees_quantized_input": True}, True),
+])
+def test_grad_weight_sees_the_forwards_codes_by_default_row_wise(options, sees_codes):
+    config = qt.resolve_recipe("fp8_mixed_precision", **options)
+    assert config.grad_weight_sees_quantized_input is sees_codes
+    assert config.plan.grad_weight_sees_quantized_input is sees_codes
 
 
 @pytest.mark.parametrize("dtype", [E4M3, E5M2])
