@@ -63,7 +63,7 @@ def int8_rows_adam_step_(int_data: Tensor, scale: Tensor, grad: Tensor, exp_avg:
 
 
 if triton is not None:
-    from qt.kernels.quantize import _quantize_values
+    from qt.kernels.quantize import _abs_max, _quantize_values, _scale_from_amax
 
     @triton.jit
     def _int8_rows_adam_kernel(
@@ -110,10 +110,8 @@ if triton is not None:
             bias_correction2_sqrt = tl.sqrt((1 - tl.exp(step * log_beta2)).to(tl.float32))
             denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
             w = w - (lr / bias_correction1) * exp_avg / denom
-            # Re-quantize the row: quantize_int8's math (NaN/inf give an infinite scale).
-            magnitude = tl.where(w != w, float("inf"), tl.abs(w))
-            magnitude = tl.where(in_row, magnitude, 0.0)
-            new_scale = tl.div_rn(tl.maximum(tl.max(magnitude, axis=0), MIN_AMAX), 127.0)
+            # Re-quantize the row: quantize_int8's math (NaN/inf give an infinite scale), with an fp32 scale.
+            new_scale = _scale_from_amax(_abs_max(tl.where(in_row, w, 0.0), 0), MIN_AMAX, False, 127.0, False)
             seed = tl.load(seed_ptr) if STOCHASTIC else 0
             q = _quantize_values(w, new_scale, seed, offsets, STOCHASTIC, tl.int8, 127.0)
             tl.store(q_ptr + offsets, q, mask=in_row)

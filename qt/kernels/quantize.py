@@ -570,17 +570,22 @@ if triton is not None:
         return (v + 12582912.0) - 12582912.0
 
     @triton.jit
-    def _round_to_bfloat16(v):
-        """Rounds fp32 values to the nearest bfloat16 (ties to even; the sign bit plays no part), kept in fp32.
-
-        A plain ``.to(tl.bfloat16)`` rounds this way on the GPU, but Triton's interpreter truncates,
-        which would make the CPU tests disagree with torch; after this the cast is exact on both.
-        Infinity stays infinity (its low bits are zero).
-        """
+    def _drop_mantissa_bits(v, DROPPED: tl.constexpr):
+        """fp32 `v` rounded to the nearest value with DROPPED fewer mantissa bits (ties to even; the sign bit plays
+        no part; a rounding carries into the exponent), kept in fp32. Infinity stays infinity (its low bits are
+        zero)."""
         bits = v.to(tl.uint32, bitcast=True)
-        lowest_kept_bit = (bits >> 16) & 1
-        bits = (bits + 0x7FFF + lowest_kept_bit) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+        lowest_kept_bit = (bits >> DROPPED) & 1
+        HALF_BELOW: tl.constexpr = (1 << (DROPPED - 1)) - 1
+        KEPT: tl.constexpr = (0xFFFFFFFF >> DROPPED) << DROPPED
+        return ((bits + HALF_BELOW + lowest_kept_bit) & KEPT).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _round_to_bfloat16(v):
+        """Rounds fp32 values to the nearest bfloat16, kept in fp32. A plain ``.to(tl.bfloat16)`` rounds this way on
+        the GPU, but Triton's interpreter truncates, which would make the CPU tests disagree with torch; after this
+        the cast is exact on both."""
+        return _drop_mantissa_bits(v, 16)
 
     @triton.jit
     def _round_to_fp8(v, CODE_DTYPE: tl.constexpr):
@@ -588,15 +593,11 @@ if triton is not None:
         in float32: normal values by dropping mantissa bits, subnormal ones as multiples of the smallest step."""
         MANTISSA_BITS: tl.constexpr = 3 if CODE_DTYPE == tl.float8e4nv else 2
         MIN_NORMAL: tl.constexpr = 2.0**-6 if CODE_DTYPE == tl.float8e4nv else 2.0**-14
-        DROPPED: tl.constexpr = 23 - MANTISSA_BITS
-        bits = v.to(tl.uint32, bitcast=True)
-        lowest_kept_bit = (bits >> DROPPED) & 1
-        HALF_BELOW: tl.constexpr = (1 << (DROPPED - 1)) - 1
-        KEPT: tl.constexpr = (0xFFFFFFFF >> DROPPED) << DROPPED
-        normal = ((bits + HALF_BELOW + lowest_kept_bit) & KEPT).to(tl.float32, bitcast=True)
+        normal = _drop_mantissa_bits(v, 23 - MANTISSA_BITS)
         step = MIN_NORMAL * 2.0**-MANTISSA_BITS
         subnormal = _round_half_to_even(tl.abs(v) * (1.0 / step)) * step  # then v's sign: -0.0 where v rounds to 0
-        subnormal = (subnormal.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)
+        sign = v.to(tl.uint32, bitcast=True) & 0x80000000
+        subnormal = (subnormal.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
         return tl.where(tl.abs(v) < MIN_NORMAL, subnormal, normal)
 
     # Triton's interpreter runs a reduction with a combine function of its own one element at a time in Python (the
