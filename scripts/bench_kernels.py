@@ -1,14 +1,14 @@
 """Checks and times qt's INT8 kernels on a CUDA GPU (written for an H100).
 
     PYTHONPATH=. python scripts/bench_kernels.py [--quick] [--m 16384] [--quantize_only] [--baseline FILE]
-    PYTHONPATH=. python scripts/bench_kernels.py --training_matmuls
+    PYTHONPATH=. python scripts/bench_kernels.py --training_matmuls [--model llama-120m] [--mm_kernels tma,gluon]
     PYTHONPATH=. python scripts/bench_kernels.py --whole_row_configs [--m 2048] [--cuda_graphs]
     PYTHONPATH=. python scripts/bench_kernels.py --tile_configs
     PYTHONPATH=. python scripts/bench_kernels.py --column_major_configs
     PYTHONPATH=. python scripts/bench_kernels.py --fp8_casts [--baseline OLD_FP8_PY]
 
---training_matmuls: the three matmuls of each TinyLlama-1.1B linear in a training step, as the recipes run them
-(output, grad_input, and grad_weight, which reduces over the tokens), K-contiguous: qt's INT8 kernel against
+--training_matmuls: the three matmuls of each TinyLlama-1.1B (or --model's) linear in a training step, as the recipes
+run them (output, grad_input, and grad_weight, which reduces over the tokens), K-contiguous: qt's INT8 kernel against
 torch._scaled_mm in FP8 with row-wise scales (what fp8_mixed_precision rowwise runs) and bf16 torch.mm.
 
 scaled_int8_mm on Llama-1B linear shapes (M tokens x N outputs x K inputs) in three operand layouts,
@@ -33,7 +33,7 @@ import triton
 import triton.testing
 
 from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax, scaled_int8_mm
-from qt.kernels import int8_mm
+from qt.kernels import int8_mm, int8_mm_gluon
 from qt.kernels.fp8 import abs_max
 from qt.kernels.quantize import _torch_quantize_int8
 
@@ -71,6 +71,8 @@ def timing() -> str:
 def picked_config(a: torch.Tensor, b: torch.Tensor) -> str:
     """The autotuned config of the kernel scaled_int8_mm ran for a @ b (call it first)."""
     out = torch.empty(a.shape[0], b.shape[1], dtype=torch.bfloat16, device=a.device)
+    if int8_mm._gluon_chosen(a, b, torch.bfloat16, int8_mm._kernel_choice()) and int8_mm._tma_can_address(a, b, out):
+        return "gluon {}x{}x{} s{}".format(*int8_mm_gluon.CONFIGS[torch.bfloat16])
     tma = int8_mm._use_tma_kernel(a, b, out, int8_mm._kernel_choice())
     config = (int8_mm._persistent_tma_scaled_int8_mm_kernel if tma else int8_mm._scaled_int8_mm_kernel).best_config
     kw = config.kwargs
@@ -144,11 +146,11 @@ def bench_training_matmul(matmul: str, m: int, n: int, k: int) -> dict:
     }  # fmt: skip
 
 
-def training_matmuls_markdown(device: str, rows: list[dict]) -> str:
+def training_matmuls_markdown(device: str, model: str, rows: list[dict]) -> str:
     lines = [
         f"## A training step's matmuls on {device} (torch {torch.__version__}, triton {triton.__version__})",
         "",
-        "TinyLlama-1.1B linears over the tokens of one step, K-contiguous operands (the recipes' layout); "
+        f"{model} linears over the tokens of one step, K-contiguous operands (the recipes' layout); "
         f"qt's scaled INT8 matmul, torch._scaled_mm FP8 E4M3 with row-wise scales, bf16 torch.mm; {timing()}.",
         "",
         "| matmul | M x N x K | QT_INT8_MM_KERNEL | INT8 TOP/s | INT8 config (bits differing from _int_mm) "
@@ -432,6 +434,8 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", help="only the quantize shapes of these widths")
     parser.add_argument("--training_matmuls", action="store_true",
                         help="only a training step's matmuls: INT8 vs FP8 vs bf16")
+    parser.add_argument("--model", default="tinyllama-1.1b",
+                        help="--training_matmuls: the linears of configs/models/MODEL.json (e.g. llama-120m)")
     parser.add_argument("--mm_kernels", default="auto",
                         help="--training_matmuls: comma-separated QT_INT8_MM_KERNEL values to time, e.g. classic,tma")
     parser.add_argument("--whole_row_configs", action="store_true",
@@ -464,16 +468,18 @@ def main() -> None:
             return
     if args.training_matmuls:
         rows = []
-        for k_in, n_out in [(2048, 2048), (2048, 5632), (5632, 2048)]:  # q/o, gate/up, down
+        model = json.loads((Path(__file__).resolve().parents[1] / "configs" / "models" / f"{args.model}.json").read_text())
+        hidden, intermediate = model["hidden_size"], model["intermediate_size"]
+        for k_in, n_out in [(hidden, hidden), (hidden, intermediate), (intermediate, hidden)]:  # q/o, gate/up, down
             for matmul, shape in TRAINING_MATMULS.items():
                 for kernel in args.mm_kernels.split(","):
                     os.environ["QT_INT8_MM_KERNEL"] = kernel
                     rows.append(bench_training_matmul(matmul, *shape(args.m, k_in, n_out)))
                     print(json.dumps(rows[-1]), flush=True)
-        table = training_matmuls_markdown(device, rows)
+        table = training_matmuls_markdown(device, args.model, rows)
         print(table)
         if out_dir := os.environ.get("OUT"):
-            Path(out_dir, "bench_training_matmuls.md").write_text(table)
+            Path(out_dir, f"bench_training_matmuls_{args.model}.md").write_text(table)
         return
 
     matmuls = []

@@ -35,7 +35,8 @@ LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 # First match wins: (group, pattern on the kernel name).
 GROUPS = [
     (COMMUNICATION, r"nccl"),
-    ("INT8 matmuls (qt)", r"scaled_int8_mm"),
+    # Not Inductor's kernels named after the opaque Gluon op they feed (triton_..._scaled_int8_mm_gluon_...).
+    ("INT8 matmuls (qt)", r"^(?!triton_).*scaled_int8_mm"),
     ("qt quantize kernels", r"_quantize|_tile_amax"),
     ("qt column-major copies of INT8 codes", r"_to_column_major"),
     ("attention", r"flash|fmha|attention|cudnn"),

@@ -1,6 +1,7 @@
 """The recipes on a GPU (skipped without one): the Triton kernels against the torch ops, and compiled
 graphs that launch the Triton kernels themselves (no qt op, hence no Python, between kernels, but the one
-int8_weight_only's grad_input keeps opaque).
+int8_weight_only's grad_input keeps opaque and, on Hopper, the Gluon INT8 matmul of large shapes), and the Gluon
+kernel's bits.
 
 Run them with `TRITON_INTERPRET=0 pytest tests/test_cuda_recipes.py`: the test suite's conftest turns Triton's
 CPU interpreter on unless told otherwise, and interpreted kernels are not what a GPU runs."""
@@ -131,7 +132,8 @@ def test_compiled_graph_launches_the_kernels_directly(recipe, kwargs):
     code = "\n".join(sources)
     # The one qt op a compiled graph calls (through Python): int8_weight_only's grad_input, opaque so that the
     # compiler's partitioner cannot keep a dequantized copy of every weight for the backward (its peak memory
-    # above BF16's otherwise; qt/recipes/int8_weight_only.py). Every other qt kernel is launched directly.
+    # above BF16's otherwise; qt/recipes/int8_weight_only.py). Every other qt kernel is launched directly: these
+    # linears are too small for the Gluon INT8 matmul, the one kernel Inductor cannot compile.
     assert set(re.findall(r"torch\.ops\.qt\.(\w+)", code)) <= {"matmul_dequantized_rows"}
     plan = linear.weight.plan
     if any(matmul.int8 for matmul in (plan.output, plan.grad_input, plan.grad_weight)):
@@ -197,3 +199,44 @@ def test_compiled_fp8_graphs_call_scaled_mm_without_a_graph_break(scaling, codes
     # Fusion keeps some bf16 intermediates in float32 (the output before its bias): FP8 codes may flip downstream.
     for got, want in zip(result, eager):
         assert rel_err(got, want) < 2e-2
+
+
+@pytest.mark.parametrize("shape", [(16384, 2048, 2048), (2048, 5632, 16384), (1000, 264, 336), (130, 8, 16),
+                                   (100, 24, 20), (0, 16, 32), (64, 16, 0)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("choice", ["auto", "gluon"])
+def test_gluon_int8_matmul_gives_the_tma_kernels_bits(shape, out_dtype, choice, monkeypatch):
+    """The Gluon kernel (qt/kernels/int8_mm_gluon.py; `auto` picks it on Hopper) against the TMA kernel: the same
+    int32 sums and epilogue, the same bits; edges of every kind (M, N and K not multiples of the tiles), operands TMA
+    cannot address (K=20: the classic kernel runs) and empty ones. Compiled too (an opaque op)."""
+    from qt.kernels import scaled_int8_mm
+
+    m, n, k = shape
+    torch.manual_seed(0)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+    b = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda").t()
+    row_scale = torch.rand(m, 1, device="cuda", dtype=torch.bfloat16)
+    col_scale = torch.rand(1, n, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setenv("QT_INT8_MM_KERNEL", "tma")
+    want = scaled_int8_mm(a, b, row_scale, col_scale, out_dtype)
+    monkeypatch.setenv("QT_INT8_MM_KERNEL", choice)
+    assert torch.equal(scaled_int8_mm(a, b, row_scale, col_scale, out_dtype), want)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *args: scaled_int8_mm(*args, out_dtype), fullgraph=True)
+    assert torch.equal(compiled(a, b, row_scale, col_scale), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="needs Hopper")
+@pytest.mark.parametrize(("shape", "gluon"), [((16384, 2048, 2048), True), ((2048, 2048, 16384), True),
+                                              ((768, 768, 16384), False), ((2560, 768, 16384), False),
+                                              ((1000, 640, 768), False)])
+def test_auto_takes_the_gluon_kernel_where_its_tiles_fill_the_gpu(shape, gluon):
+    """The measured rule (docs/kernels.md, round 19): Gluon's 128 x 256 tiles where they keep half of the SMs busy,
+    the TMA kernel's autotuned tiles where fewer output tiles leave SMs idle (the 124M Llama's grad_weight)."""
+    from qt.kernels import int8_mm
+
+    m, n, k = shape
+    a = torch.zeros(m, k, dtype=torch.int8, device="cuda")
+    b = torch.zeros(n, k, dtype=torch.int8, device="cuda").t()
+    assert int8_mm._gluon_chosen(a, b, torch.bfloat16, "auto") == gluon
+    assert int8_mm._gluon_chosen(a, b, torch.bfloat16, "gluon")

@@ -12,6 +12,9 @@ def test_busy_time_is_the_union_of_overlapping_kernels():
 
 @pytest.mark.parametrize(("name", "group"), [
     ("_persistent_tma_scaled_int8_mm_kernel", "INT8 matmuls (qt)"),
+    ("_gluon_scaled_int8_mm_kernel", "INT8 matmuls (qt)"),
+    ("triton_per_fused___rshift____to_copy_abs_add_amax_scaled_int8_mm_gluon_silu_t_view_where_12",
+     "Inductor's fused kernels"),
     ("_tile_quantize_kernel", "qt quantize kernels"),
     ("_to_column_major_kernel", "qt column-major copies of INT8 codes"),
     ("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NNT", "cuBLAS / CUTLASS matmuls"),

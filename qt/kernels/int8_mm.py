@@ -1,11 +1,12 @@
 """Scaled INT8 matrix multiplication: ``(a @ b) * row_scale * col_scale``.
 
 ``a`` [M, K] and ``b`` [K, N] are int8, the product is accumulated exactly in int32, and the scales are
-applied in fp32 in the epilogue. CUDA tensors run one of two Triton kernels below (a persistent one fed by TMA
-on Hopper and later GPUs, the classic one elsewhere and for operands TMA cannot address; QT_INT8_MM_KERNEL
-overrides the choice); CPU tensors (or a machine without Triton) run ``torch._int_mm`` followed by the same
-fp32 epilogue. All are wrapped in one ``torch.library`` custom op so ``torch.compile`` treats the product as a
-single opaque node.
+applied in fp32 in the epilogue. CUDA tensors run one of three kernels: on Hopper, where its output tiles fill
+the GPU, the Gluon kernel of qt/kernels/int8_mm_gluon.py (an opaque op under torch.compile: Inductor cannot compile
+Gluon); else one of two Triton kernels below, whose ``torch.library.triton_op`` compiled graphs launch directly (a
+persistent one fed by TMA on Hopper and later GPUs, the classic one elsewhere and for operands TMA cannot address).
+QT_INT8_MM_KERNEL overrides the choice. CPU tensors (or a machine without Triton) run ``torch._int_mm`` followed by
+the same fp32 epilogue.
 """
 
 import functools
@@ -43,6 +44,12 @@ def scaled_int8_mm(
     # so graphs compiled with different choices differ, and Inductor's caches (on disk, shared by the processes
     # of a machine) cannot hand a graph compiled with one choice to a process that asked for another.
     kernel = _kernel_choice()
+    if _gluon_chosen(a, b, out_dtype, kernel):
+        from qt.kernels.int8_mm_gluon import scaled_int8_mm_gluon
+
+        if traced(a, b, row_scale, col_scale):
+            return torch.ops.qt.scaled_int8_mm_gluon(a, b, row_scale, col_scale, out_dtype)
+        return scaled_int8_mm_gluon(a, b, row_scale, col_scale, out_dtype)
     # The op is what torch.compile traces; eager calls skip its dispatch (tens of µs a call).
     if traced(a, b, row_scale, col_scale):
         return torch.ops.qt.scaled_int8_mm(a, b, row_scale, col_scale, out_dtype, kernel)
@@ -76,6 +83,28 @@ def _check_mm_inputs(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor)
     devices = {t.device for t in (a, b, row_scale, col_scale)}
     if len(devices) != 1:
         raise ValueError(f"scaled_int8_mm: all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def _gluon_chosen(a: Tensor, b: Tensor, out_dtype: torch.dtype, kernel: str) -> bool:
+    """Whether the Gluon kernel runs this matmul: chosen (`gluon`, a one-line error where it cannot run), or picked
+    by `auto` on a Hopper GPU (compute capability 9.x: its wgmma instructions are Hopper's) where Triton has Gluon
+    and its output tiles keep at least half of the SMs busy. With fewer, the TMA kernel's autotuned smaller tiles
+    win: the 124M Llama's grad_weight, a [768, 768] or [768, 2560] output over 16k tokens, ran at 0.68-0.70x the
+    TMA kernel's speed in Gluon's 128 x 256 tiles (docs/kernels.md, round 19). QT_KERNEL_BACKEND=torch rules it out
+    with the other kernels."""
+    if kernel not in ("auto", "gluon") or os.environ.get("QT_KERNEL_BACKEND") == "torch":
+        return False
+    from qt.kernels import int8_mm_gluon
+
+    runs = int8_mm_gluon.gluon is not None and a.is_cuda and _compute_capability(a.device)[0] == 9
+    if kernel == "gluon":
+        if not runs:
+            raise RuntimeError("QT_INT8_MM_KERNEL=gluon needs a Hopper GPU (compute capability 9.x) and Triton 3.5 "
+                               "or newer; unset it to use the Triton kernels")
+        return True
+    block_m, block_n, _, _ = int8_mm_gluon.CONFIGS[out_dtype]
+    return runs and 2 * triton.cdiv(a.shape[0], block_m) * triton.cdiv(b.shape[1], block_n) >= _persistent_programs(
+        a.device)
 
 
 def _scale_stride(scale: Tensor) -> int:
@@ -116,10 +145,12 @@ def _torch_scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Te
 
 
 # QT_INT8_MM_KERNEL, read at every call (under torch.compile: when the call is traced), picks the Triton kernel:
-# `auto` the persistent TMA kernel on GPUs that have TMA (compute capability 9.0 and up, e.g. H100), else the
-# classic one; `tma` the TMA kernel also elsewhere (Triton's CPU interpreter runs it); `classic` the classic kernel
-# everywhere. Operands TMA cannot address take the classic kernel whatever the choice.
-_KERNEL_CHOICES = ("auto", "tma", "classic")
+# `auto` the Gluon kernel of qt/kernels/int8_mm_gluon.py on Hopper GPUs (compute capability 9.x, e.g. H100: 1.15-1.24x
+# the TMA kernel on TinyLlama's training matmuls, docs/kernels.md), the persistent TMA kernel on other GPUs that
+# have TMA (9.0 and up), else the classic one; `gluon` the Gluon kernel (Hopper only); `tma` the TMA kernel, also
+# on Hopper and off GPUs (Triton's CPU interpreter runs it); `classic` the classic kernel everywhere. Operands TMA
+# cannot address take the classic kernel whatever the choice.
+_KERNEL_CHOICES = ("auto", "tma", "classic", "gluon")
 # Programs of the persistent kernel under Triton's CPU interpreter: fewer than the tiles of a small test, so
 # programs loop over several tiles as they do on a GPU.
 _INTERPRETER_PROGRAMS = 3
