@@ -89,7 +89,7 @@ def _gluon_chosen(a: Tensor, b: Tensor, out_dtype: torch.dtype, kernel: str) -> 
     """Whether the Gluon kernel runs this matmul: chosen (`gluon`, a one-line error where it cannot run), or picked
     by `auto` on a Hopper GPU (compute capability 9.x: its wgmma instructions are Hopper's) where Triton has Gluon
     and its output tiles keep at least half of the SMs busy. With fewer, the TMA kernel's autotuned smaller tiles
-    win: the 124M Llama's grad_weight, a [768, 768] or [768, 2560] output over 16k tokens, ran at 0.68-0.70x the
+    win: the 124M Llama's grad_weight, a [768, 768] or [768, 2560] output over 16k tokens, ran at 0.68-0.69x the
     TMA kernel's speed in Gluon's 128 x 256 tiles (docs/kernels.md, round 19). QT_KERNEL_BACKEND=torch rules it out
     with the other kernels."""
     if kernel not in ("auto", "gluon") or os.environ.get("QT_KERNEL_BACKEND") == "torch":
@@ -144,11 +144,11 @@ def _torch_scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Te
     return (product * (row_scale.reshape(-1, 1).float() * col_scale.reshape(1, -1).float())).to(out_dtype)
 
 
-# QT_INT8_MM_KERNEL, read at every call (under torch.compile: when the call is traced), picks the Triton kernel:
-# `auto` the Gluon kernel of qt/kernels/int8_mm_gluon.py on Hopper GPUs (compute capability 9.x, e.g. H100: 1.15-1.24x
-# the TMA kernel on TinyLlama's training matmuls, docs/kernels.md), the persistent TMA kernel on other GPUs that
-# have TMA (9.0 and up), else the classic one; `gluon` the Gluon kernel (Hopper only); `tma` the TMA kernel, also
-# on Hopper and off GPUs (Triton's CPU interpreter runs it); `classic` the classic kernel everywhere. Operands TMA
+# QT_INT8_MM_KERNEL, read at every call (under torch.compile: when the call is traced), picks the kernel: `auto` the
+# Gluon kernel of qt/kernels/int8_mm_gluon.py on Hopper GPUs (compute capability 9.x, e.g. H100) where its tiles fill
+# half the SMs (1.08-1.17x the TMA kernel's speed there; docs/kernels.md, round 19), else the persistent TMA kernel
+# on GPUs that have TMA (9.0 and up), else the classic one; `gluon` the Gluon kernel (Hopper only); `tma` the TMA
+# kernel, also off GPUs (Triton's CPU interpreter runs it); `classic` the classic kernel everywhere. Operands TMA
 # cannot address take the classic kernel whatever the choice.
 _KERNEL_CHOICES = ("auto", "tma", "classic", "gluon")
 # Programs of the persistent kernel under Triton's CPU interpreter: fewer than the tiles of a small test, so
