@@ -49,6 +49,7 @@ LAYOUTS = {  # name -> (a row-major, b row-major); the first is the K-contiguous
     "a col, b row": (False, True),
 }
 DEVICE = "cuda"
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 MAX_REL_ERR = 1e-2  # bf16 output rounding alone gives ~1e-3 (normwise)
 
 
@@ -468,7 +469,7 @@ def main() -> None:
             return
     if args.training_matmuls:
         rows = []
-        model = json.loads((Path(__file__).resolve().parents[1] / "configs" / "models" / f"{args.model}.json").read_text())
+        model = json.loads((MODEL_CONFIGS / f"{args.model}.json").read_text())
         hidden, intermediate = model["hidden_size"], model["intermediate_size"]
         for k_in, n_out in [(hidden, hidden), (hidden, intermediate), (intermediate, hidden)]:  # q/o, gate/up, down
             for matmul, shape in TRAINING_MATMULS.items():
