@@ -24,35 +24,6 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 import pytest  # noqa: E402
 
-
-def _skip_the_interpreters_repatching_in_nested_calls():
-    """Triton 3.6's CPU interpreter patches triton.language again at every call of a nested @triton.jit function,
-    though the kernel's launch has patched it already and keeps it so until the launch ends: the second patch
-    changes nothing (the members it would wrap are wrapped) but walks the language's members with
-    `inspect.getmembers`, ~1.3 ms a call, a third of an interpreted quantize kernel's time. Skipped where the
-    function's language modules are patched; Triton versions without this function are left as they are."""
-    try:
-        import inspect
-
-        import triton.language as tl
-        from triton.runtime import interpreter
-
-        patch_lang, scope = interpreter._patch_lang, interpreter._LangPatchScope
-    except (ImportError, AttributeError):
-        return
-
-    def patch_lang_once(fn):
-        langs = [value for value in fn.__globals__.values() if inspect.ismodule(value) and value in (tl, tl.core)]
-        if langs and not any(tl.core.is_builtin(lang.program_id) for lang in langs):
-            return scope()
-        return patch_lang(fn)
-
-    interpreter._patch_lang = patch_lang_once
-
-
-if os.environ["TRITON_INTERPRET"] == "1":
-    _skip_the_interpreters_repatching_in_nested_calls()
-
 # Left out of the README's quick check (`python -m pytest -q -m "not slow" -n auto`): the tests that
 # train through the command-line scripts end to end, spawn several processes or compile whole models (and
 # tests marked slow themselves). CI runs every test.
