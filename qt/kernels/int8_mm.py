@@ -314,7 +314,8 @@ if triton is not None:
 
     @triton.jit
     def _scaled(acc, row_scale_ptr, col_scale_ptr, offs_m, offs_n, M, N, stride_row_scale, stride_col_scale):
-        """The fp32 epilogue of both kernels: the int32 sums `acc` of rows offs_m and columns offs_n, scaled."""
+        """The fp32 epilogue of both kernels (and of qt/kernels/int8_mm_gluon.py's): the int32 sums `acc` of rows
+        offs_m and columns offs_n, scaled."""
         row_scale = tl.load(row_scale_ptr + offs_m * stride_row_scale, mask=offs_m < M).to(tl.float32)
         col_scale = tl.load(col_scale_ptr + offs_n * stride_col_scale, mask=offs_n < N).to(tl.float32)
         # The scales multiply each other first: the product of the two fits in fp32 wherever the result

@@ -69,7 +69,8 @@ torch.library.register_fake("qt::scaled_int8_mm_gluon")(
 
 
 if gluon is not None:
-    from qt.kernels.int8_mm import _grouped_tile  # a @triton.jit function: Gluon kernels call those too
+    # @triton.jit functions, which Gluon kernels call too: the TMA kernel's tile order and fp32 epilogue.
+    from qt.kernels.int8_mm import _grouped_tile, _scaled
 
     @gluon.jit
     def _issue_loads(load_count, a_desc, b_desc, off_m, off_n, k, bars, a_bufs, b_bufs, NUM_BUFFERS: gl.constexpr,
@@ -143,12 +144,9 @@ if gluon is not None:
                                           bars, a_bufs, b_bufs, NUM_BUFFERS,
                                           (next_tile < num_pid_m * num_pid_n) & (i < k_tiles))
 
-            # qt's fp32 epilogue: the scales multiply each other first (their product fits where the result does).
             offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
             offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
-            row_scale = gl.load(row_scale_ptr + offs_m * stride_row_scale, mask=offs_m < M).to(gl.float32)
-            col_scale = gl.load(col_scale_ptr + offs_n * stride_col_scale, mask=offs_n < N).to(gl.float32)
-            out = acc.to(gl.float32) * (gl.expand_dims(row_scale, 1) * gl.expand_dims(col_scale, 0))
+            out = _scaled(acc, row_scale_ptr, col_scale_ptr, offs_m, offs_n, M, N, stride_row_scale, stride_col_scale)
             tma.store_wait(pendings=0)  # the previous tile's store has left out_smem
             out_smem.store(out.to(out_ptr.dtype.element_ty))
             fence_async_shared()
