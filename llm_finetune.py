@@ -20,7 +20,7 @@ from torch import nn
 
 from qt.training.checkpoint import place_run, resolve_run_config
 from qt.training.config import ConfigError, TrainConfig, check_train_flags, flag, one_line_errors, parse_config
-from qt.training.distributed import Dist, check_run_dir_shared, init_distributed, resolve_dtypes, shutdown_distributed
+from qt.training.distributed import Dist, check_run_dir_shared, distributed_processes, resolve_dtypes
 from qt.training.export import EXPORT_DIR, export_finetuned
 from qt.training.instruct_data import (ALPACA_TEMPLATE, InstructBatches, load_records, preset_fields,
                                        response_loss, split_validation, tokenize_examples, validation_batches)
@@ -139,14 +139,11 @@ def capped_max_seq_len(cfg: FinetuneConfig, model_config, dist_info: Dist) -> in
 @one_line_errors
 def main(argv=None) -> dict:
     cfg, explicit = parse_config(FinetuneConfig, argv, __doc__.split("\n")[0])
-    dist_info = init_distributed()
-    try:
+    with distributed_processes() as dist_info:
         cfg = place_run(cfg, default_run_name)
         check_run_dir_shared(cfg.run_dir, dist_info)
         cfg = check_flags(resolve_run_config(cfg, explicit, default_run_name), dist_info.world_size)
         return finetune(cfg, dist_info)
-    finally:
-        shutdown_distributed()
 
 
 if __name__ == "__main__":

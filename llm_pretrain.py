@@ -17,7 +17,7 @@ from pathlib import Path
 from qt.training.checkpoint import place_run, resolve_run_config
 from qt.training.config import ConfigError, TrainConfig, check_train_flags, flag, one_line_errors, parse_config
 from qt.training.data import RandomWindows, TokenShards, validation_batches
-from qt.training.distributed import Dist, check_run_dir_shared, init_distributed, resolve_dtypes, shutdown_distributed
+from qt.training.distributed import Dist, check_run_dir_shared, distributed_processes, resolve_dtypes
 from qt.training.lifecycle import exit_if_stopped, seed_everything
 from qt.training.loop import train
 from qt.training.models import (build_causal_lm, decoder_blocks, flops_per_token, load_model_config,
@@ -106,8 +106,7 @@ def pretrain(cfg: PretrainConfig, dist_info: Dist, data: tuple) -> dict:
 @one_line_errors
 def main(argv=None) -> dict:
     cfg, explicit = parse_config(PretrainConfig, argv, __doc__.split("\n")[0])
-    dist_info = init_distributed()
-    try:
+    with distributed_processes() as dist_info:
         cfg = place_run(cfg, default_run_name)
         check_run_dir_shared(cfg.run_dir, dist_info)
         if cfg.resume:  # continue with the saved run's config, checked below like a new one
@@ -118,8 +117,6 @@ def main(argv=None) -> dict:
         if not cfg.resume:  # refuses to start over an existing run
             cfg = resolve_run_config(cfg, explicit, default_run_name)
         return pretrain(cfg, dist_info, data)
-    finally:
-        shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -22,8 +22,7 @@ from torch import nn
 
 from qt.training.checkpoint import place_run, resolve_run_config
 from qt.training.config import ConfigError, TrainConfig, check_train_flags, flag, one_line_errors, parse_config
-from qt.training.distributed import (Dist, all_reduce_sum, check_run_dir_shared, init_distributed, resolve_dtypes,
-                                     shutdown_distributed)
+from qt.training.distributed import Dist, all_reduce_sum, check_run_dir_shared, distributed_processes, resolve_dtypes
 from qt.training.hub import NOT_CACHED_OFFLINE, hub_offline, use_cache_if_hub_unreachable
 from qt.training.image_data import ImageBatches, load_image_datasets, validation_loader
 from qt.training.lifecycle import exit_if_stopped, seed_everything
@@ -186,14 +185,11 @@ def finetune(cfg: TimmFinetuneConfig, explicit: set[str], dist_info: Dist) -> di
 @one_line_errors
 def main(argv=None) -> dict:
     cfg, explicit = parse_config(TimmFinetuneConfig, argv, __doc__.split("\n")[0])
-    dist_info = init_distributed()
-    try:
+    with distributed_processes() as dist_info:
         cfg = place_run(cfg, default_run_name)
         check_run_dir_shared(cfg.run_dir, dist_info)
         cfg = check_flags(resolve_run_config(cfg, explicit, default_run_name), explicit, dist_info.world_size)
         return finetune(cfg, explicit, dist_info)
-    finally:
-        shutdown_distributed()
 
 
 if __name__ == "__main__":
