@@ -6,6 +6,7 @@
     PYTHONPATH=. python scripts/bench_kernels.py --tile_configs
     PYTHONPATH=. python scripts/bench_kernels.py --column_major_configs
     PYTHONPATH=. python scripts/bench_kernels.py --fp8_casts [--baseline OLD_FP8_PY]
+    PYTHONPATH=. python scripts/bench_kernels.py --launch_overhead
 
 --training_matmuls: the three matmuls of each TinyLlama-1.1B (or --model's) linear in a training step, as the recipes
 run them (output, grad_input, and grad_weight, which reduces over the tokens), K-contiguous: qt's INT8 kernel against
@@ -26,6 +27,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -357,6 +359,59 @@ def column_major_configs_markdown(device: str, m: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def launch_overhead_markdown(device: str, m: int) -> str:
+    """Host time of one INT8 matmul call, layer by layer of the Gluon op, at a 256 x 256 x 256 shape whose kernel
+    takes a few microseconds: a loop of calls is then bound by the host, and its time a call is the host's. Beside
+    the op as compiled graphs call it, the same Python kernel behind torch.library.custom_op (the registration
+    before round 20), the TMA kernel's eager call, and bf16 torch.mm."""
+    size, calls = 256, 2000
+    a, b = int8_matrix(size, size, True), int8_matrix(size, size, False)
+    row_scale = torch.rand(size, 1, device=DEVICE, dtype=torch.bfloat16) + 0.5
+    col_scale = torch.rand(1, size, device=DEVICE, dtype=torch.bfloat16) + 0.5
+    out = torch.empty(size, size, device=DEVICE, dtype=torch.bfloat16)
+    a_bf16, b_bf16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    via_custom_op = torch.library.custom_op("qt_bench::scaled_int8_mm_gluon", int8_mm_gluon.scaled_int8_mm_gluon,
+                                            mutates_args=())
+    args = (a, b, row_scale, col_scale, torch.bfloat16)
+
+    def tma_eager():
+        chosen = os.environ.get("QT_INT8_MM_KERNEL")
+        os.environ["QT_INT8_MM_KERNEL"] = "tma"
+        try:
+            return scaled_int8_mm(a, b, row_scale, col_scale)
+        finally:
+            if chosen is None:
+                del os.environ["QT_INT8_MM_KERNEL"]
+            else:
+                os.environ["QT_INT8_MM_KERNEL"] = chosen
+
+    rows = {
+        "torch.ops.qt.scaled_int8_mm_gluon (what a compiled graph calls)":
+            lambda: torch.ops.qt.scaled_int8_mm_gluon(*args),
+        "the same kernel behind torch.library.custom_op": lambda: via_custom_op(*args),
+        "int8_mm_gluon.scaled_int8_mm_gluon (the op's Python kernel)":
+            lambda: int8_mm_gluon.scaled_int8_mm_gluon(*args),
+        "int8_mm_gluon.launch (the Gluon launch alone)": lambda: int8_mm_gluon.launch(
+            a, b, row_scale, col_scale, out, int8_mm_gluon.CONFIGS[torch.bfloat16]),
+        "scaled_int8_mm with QT_INT8_MM_KERNEL=tma, eager": tma_eager,
+        "torch.mm, bf16": lambda: torch.mm(a_bf16, b_bf16),
+    }
+    lines = [f"## Host time of an INT8 matmul call on {device} (torch {torch.__version__}, "
+             f"triton {triton.__version__})",
+             "", f"{size} x {size} x {size}, {calls} calls in a loop after 50 warm-up calls, synchronized at its end.",
+             "", "| call | us a call |", "| --- | ---: |"]
+    for name, call in rows.items():
+        for _ in range(50):
+            call()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+        lines.append(f"| {name} | {(time.perf_counter() - start) / calls * 1e6:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 FP8_CASTS = [("tensorwise", 1), ("tensorwise", 0), ("rowwise", 1), ("rowwise", 0)]  # (scaling, reduced axis)
 
 
@@ -449,6 +504,8 @@ def main() -> None:
                         help="time replays of CUDA graphs (no launch overhead); the compiled torch baselines too")
     parser.add_argument("--column_major_configs", action="store_true",
                         help="only the column-major copy of 1-byte codes at every tile x warps setting, and Inductor's")
+    parser.add_argument("--launch_overhead", action="store_true",
+                        help="only the host time of an INT8 matmul call, through each layer of the Gluon op")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
@@ -460,7 +517,8 @@ def main() -> None:
                                     "fp8_casts"),
                                    (args.whole_row_configs, whole_row_configs_markdown, "whole_row_configs"),
                                    (args.tile_configs, tile_configs_markdown, "tile_configs"),
-                                   (args.column_major_configs, column_major_configs_markdown, "column_major_configs")):
+                                   (args.column_major_configs, column_major_configs_markdown, "column_major_configs"),
+                                   (args.launch_overhead, launch_overhead_markdown, "launch_overhead")):
         if chosen:
             table = table_of(device, args.m) + f"\nTimes: {timing()}.\n"
             print(table)

@@ -294,6 +294,23 @@ def test_gluon_choice_without_a_hopper_gpu_is_a_one_line_error(monkeypatch):
         scaled_int8_mm(a, b, torch.ones(8, 1), torch.ones(1, 16))
 
 
+def test_the_gluon_op_runs_on_cuda_tensors_and_traces_to_its_output_shape():
+    """The op compiled graphs call: a kernel for CUDA tensors only, and a fake one that tracing (torch.compile's fake
+    CUDA tensors, which a CPU machine can make) reads the output's shape and dtype from."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from qt.kernels import int8_mm_gluon  # noqa: F401 (registers the op)
+
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("qt::scaled_int8_mm_gluon", "CUDA")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("qt::scaled_int8_mm_gluon", "CPU")
+    with FakeTensorMode():
+        a = torch.empty(40, 32, dtype=torch.int8, device="cuda")
+        b = torch.empty(24, 32, dtype=torch.int8, device="cuda").t()
+        out = torch.ops.qt.scaled_int8_mm_gluon(a, b, torch.empty(40, 1, device="cuda"),
+                                                torch.empty(1, 24, device="cuda"), torch.float32)
+    assert (out.shape, out.dtype, out.device.type) == ((40, 24), torch.float32, "cuda")
+
+
 # Run in a process of its own: under Triton's interpreter (this suite's default) the kernels are not compilable.
 _WAITS_SCRIPT = """
 import json, re
