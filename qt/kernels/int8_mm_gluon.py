@@ -65,8 +65,9 @@ def launch(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, out: Tens
 
 # The op compiled graphs call, defined through torch.library's lower-level API: a kernel for CUDA tensors and a fake
 # one for tracing. torch.library.custom_op wraps its kernel in Python dispatch layers (autograd among them), which on
-# the CI's CPU took 39-46 us a call against 16-17 this way (an empty kernel, the dispatch alone); nothing here needs
-# autograd (codes and scales never require grad), and a compiled TinyLlama step makes 330 of these calls.
+# a 2-core CPU machine took 39-46 us a call against 16-17 this way (a kernel that only allocates its output: the
+# dispatch alone; docs/kernels.md round 20); nothing here needs autograd (codes and scales never require grad), and a
+# compiled TinyLlama step makes 330 of these calls.
 _LIBRARY = torch.library.Library("qt", "FRAGMENT")
 _LIBRARY.define("scaled_int8_mm_gluon(Tensor a, Tensor b, Tensor row_scale, Tensor col_scale, ScalarType out_dtype) "
                 "-> Tensor")
