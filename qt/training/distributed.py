@@ -90,12 +90,21 @@ def check_run_dir_shared(run_dir: str | Path, dist_info: Dist) -> None:
 @contextmanager
 def distributed_processes():
     """`init_distributed()`'s Dist for the body of an entry point; the process group destroyed after it, where the
-    body returns. Where it raises on one rank, the group is left as it is and the error goes on up: another rank may
-    be blocked in a collective this one will never join (an FSDP2 all-gather, say), and destroying an NCCL group waits
-    for it. Seen on 2 H200s: the failing rank hung in `destroy_process_group` and its error was never printed. The
-    process exits with its error instead, and torchrun stops the other ranks."""
+    body returns or exits as a stopped run does (`SystemExit`, on every rank together after its checkpoint). Where it
+    raises an error, the group is left as it is and the error goes on up: another rank may be blocked in a
+    collective this one will never join (an FSDP2 all-gather, say), and destroying an NCCL group waits for it. Seen
+    on 2 H200s: the failing rank hung in `destroy_process_group` and its error was never printed. The process exits
+    with its error instead, and torchrun stops the other ranks."""
     dist_info = init_distributed()
-    yield dist_info
+    try:
+        yield dist_info
+    except SystemExit:
+        _destroy_process_group()
+        raise
+    _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 

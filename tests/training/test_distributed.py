@@ -268,19 +268,21 @@ def test_compile_gives_the_blocks_with_quantized_linears_qt_inductor_options(mon
     assert compiled == {id(model[0]): {"options": {"triton.multi_kernel": 1}}, id(model[1]): {"options": {}}}
 
 
-@pytest.mark.parametrize("fails", [False, True])
-def test_the_process_group_is_destroyed_after_a_run_and_left_to_torchrun_after_an_error(monkeypatch, fails):
+@pytest.mark.parametrize(("ending", "destroys"), [(None, True), (RuntimeError("rank 1 failed"), False),
+                                                   (SystemExit(3), True)])
+def test_the_process_group_is_destroyed_after_a_run_and_left_to_torchrun_after_an_error(monkeypatch, ending, destroys):
     """On an error, destroying an NCCL group would wait for collectives the other ranks are blocked in: the error is
-    raised with the group left as it is (the process exits, torchrun stops the others)."""
+    raised with the group left as it is (the process exits, torchrun stops the others). A run that returns, or that
+    every rank leaves together as a stopped run (SystemExit), destroys it."""
     from qt.training import distributed
 
     destroyed = []
     monkeypatch.setattr(distributed, "init_distributed", lambda: Dist(1, 2, torch.device("cpu")))
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "destroy_process_group", lambda: destroyed.append(True))
-    with pytest.raises(RuntimeError, match="rank 1 failed") if fails else contextlib.nullcontext():
+    with pytest.raises(type(ending)) if ending else contextlib.nullcontext():
         with distributed.distributed_processes() as dist_info:
             assert dist_info.rank == 1
-            if fails:
-                raise RuntimeError("rank 1 failed")
-    assert destroyed == ([] if fails else [True])
+            if ending:
+                raise ending
+    assert destroyed == ([True] if destroys else [])
