@@ -256,6 +256,10 @@ def _compiled_quantize_choice() -> str:
     return choice
 
 
+# Read by each multi-kernel when a compiled module loads: "1" skips its file of picked sub-kernels.
+MULTI_KERNEL_CACHE_VARIABLE = "TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE"
+
+
 def quantize_inductor_options() -> dict:
     """The Inductor options compiled quantizations want (``qt.inductor_options(model)`` gives them for a model that
     holds a recipe's weights): where they are written in torch ops (``QT_COMPILED_QUANTIZE``), multi-kernel
@@ -263,8 +267,18 @@ def quantize_inductor_options() -> dict:
     the op that produces its input makes a reduction over rows wider than Inductor keeps in registers by default
     (1,024 elements): it then loops over each row twice, computing the producer twice (the SwiGLU product's
     quantization took 308 us a TinyLlama layer on an H200, 218 with these options, which compile both forms and
-    keep the faster)."""
-    return {"triton.multi_kernel": 1} if _compiled_quantize_choice() != "kernel" else {}
+    keep the faster).
+
+    Multi-kernel's cache of which form won is turned off (``TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE=1`` in this
+    process, unless set): in torch 2.11 a module loaded from a warm FX-graph cache reads that cache before its Triton
+    kernels are usable, and the compile fails ("TypeError: 'NoneType' object does not support the context manager
+    protocol", from triton's ``JITFunction.cache_key``). It failed every run that found its graphs compiled by an
+    earlier run; on 2 GPUs the failing rank left the other waiting in a collective (docs/scaling.md, rounds 20-21).
+    Without the cache, each process times the two forms at their first call, as a cold compile does."""
+    if _compiled_quantize_choice() == "kernel":
+        return {}
+    os.environ.setdefault(MULTI_KERNEL_CACHE_VARIABLE, "1")
+    return {"triton.multi_kernel": 1}
 
 
 class Codes(NamedTuple):

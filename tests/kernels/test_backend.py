@@ -1,5 +1,6 @@
 """QT_KERNEL_BACKEND, and the recipes run end to end through the Triton kernels (interpreted)."""
 
+import os
 import re
 
 import pytest
@@ -139,6 +140,25 @@ def test_inductor_options_ask_for_multi_kernel_reductions_where_inductor_quantiz
     assert qt.inductor_options(torch.nn.Linear(16, 16)) == {}
     monkeypatch.setenv("QT_COMPILED_QUANTIZE", "kernel")
     assert qt.inductor_options(quantized) == {}
+
+
+def test_multi_kernel_reductions_come_without_their_cache_of_picked_kernels(monkeypatch):
+    """That cache fails a compile that loads its graph from a warm FX-graph cache (torch 2.11 on an H200,
+    docs/scaling.md round 21): where qt asks for multi-kernels it turns the cache off, and leaves a user's own
+    setting alone."""
+    from qt.kernels.quantize import MULTI_KERNEL_CACHE_VARIABLE
+
+    quantized = qt.quantize_(torch.nn.Linear(16, 16), "int8_mixed_precision", filter_fn=lambda module, name: True)
+    monkeypatch.delenv(MULTI_KERNEL_CACHE_VARIABLE, raising=False)
+    monkeypatch.setenv("QT_COMPILED_QUANTIZE", "kernel")
+    qt.inductor_options(quantized)
+    assert MULTI_KERNEL_CACHE_VARIABLE not in os.environ  # no multi-kernels asked for
+    monkeypatch.setenv("QT_COMPILED_QUANTIZE", "rows")
+    qt.inductor_options(quantized)
+    assert os.environ[MULTI_KERNEL_CACHE_VARIABLE] == "1"
+    monkeypatch.setenv(MULTI_KERNEL_CACHE_VARIABLE, "0")
+    qt.inductor_options(quantized)
+    assert os.environ[MULTI_KERNEL_CACHE_VARIABLE] == "0"
 
 
 # A SwiGLU MLP as in Llama, int8_mixed_precision: its forward compiled for a GPU.
