@@ -65,15 +65,6 @@ def command(job: Job) -> list[str]:
     return ["torchrun", "--standalone", "--nproc_per_node", str(job.gpus), "llm_pretrain.py", *job.args]
 
 
-def inductor_cache(gpus: int) -> str:
-    """The Inductor cache of the runs on `gpus` GPUs, one for each GPU count: on 2 H200s, 2-GPU runs of quantized
-    recipes hung when they started on a cache that one-GPU runs of the same recipe had filled, and ran on a fresh one
-    (docs/scaling.md, round 20). Under TORCHINDUCTOR_CACHE_DIR when it is set."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    return str(Path(cache_dir()) / f"bench_scaling_{gpus}gpu")
-
-
 def run_jobs(jobs: list[Job], n_gpus: int, timeout_s: int, time_budget_s: float) -> None:
     """Runs the jobs, each on as many free GPUs as it needs, in the given order as far as GPUs and
     dependencies allow. No job starts after `time_budget_s` (those left are reported as not run)."""
@@ -93,8 +84,7 @@ def run_jobs(jobs: list[Job], n_gpus: int, timeout_s: int, time_budget_s: float)
                 if job.prepare:
                     job.prepare()
                 job.devices, free = free[: job.gpus], free[job.gpus:]
-                env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, job.devices)),
-                           TORCHINDUCTOR_CACHE_DIR=inductor_cache(job.gpus))
+                env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, job.devices)))
                 log = open(job.run_dir.parent / f"{job.run_dir.name}.log", "w")
                 print(f"== {job.name} on GPUs {job.devices} ({time.strftime('%T')})", flush=True)
                 job.process = subprocess.Popen(["timeout", "--signal=TERM", "--kill-after=30", str(timeout_s),

@@ -27,10 +27,6 @@ if [[ $# -gt 0 ]]; then recipes=("$@"); else recipes=(bf16 int8_mixed_precision)
 data_dir=${DATA_DIR:-data/corpus_bpe${VOCAB_SIZE:-32000}}
 nproc=${NPROC:-1}
 if [[ $nproc -eq 1 ]]; then launcher=(python); else launcher=(torchrun --standalone --nproc_per_node "$nproc"); fi
-# An Inductor cache for each GPU count: on 2 H200s, 2-GPU runs of quantized recipes hung when they started on a cache
-# that one-GPU runs of the same recipe had filled (docs/scaling.md, round 20).
-inductor_root=$(python -c 'from torch._inductor.runtime.cache_dir_utils import cache_dir; print(cache_dir())')
-export TORCHINDUCTOR_CACHE_DIR=$inductor_root/sweep_${nproc}gpu
 [[ -f $config ]] || { echo "error: no run config $config" >&2; exit 2; }
 
 if [[ ! -f $data_dir/metadata.json ]] || ! grep -q '"complete": true' "$data_dir/metadata.json"; then

@@ -272,7 +272,7 @@ def quantize_inductor_options() -> dict:
     Multi-kernel's cache of which form won is turned off (``TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE=1`` in this
     process, unless set): in torch 2.11 a module loaded from a warm FX-graph cache reads that cache before its Triton
     kernels are usable, and the compile fails ("TypeError: 'NoneType' object does not support the context manager
-    protocol", from triton's ``JITFunction.cache_key``). It failed every run that found its graphs compiled by an
+    protocol", from triton's ``JITFunction.cache_key``). It failed each run seen to find its graphs compiled by an
     earlier run; on 2 GPUs the failing rank left the other waiting in a collective (docs/scaling.md, rounds 20-21).
     Without the cache, each process times the two forms at their first call, as a cold compile does."""
     if _compiled_quantize_choice() == "kernel":

@@ -9,10 +9,10 @@ Backward: the straight-through estimator treats both quantizers as the identity,
     grad_input  = dY @ (W_t * w_scale)
     grad_weight = dY.T @ (X_q * x_scale)    (flows to the latent high-precision weight)
 which is exactly the gradient of the reference `x + (quant(x) - x).detach()` formulation. In
-qt/linear.py's terms: `BitNetConfig.plan`, with the weight operands below. With `int8_backward=True` the two
-backward matmuls run in INT8 as well: grad_input = Q(dY) @ W_t * w_scale (the ternary codes are exact in INT8, only
-dY is rounded) and grad_weight from X's codes, X's per-token scales folded into dY's column-wise quantization, as
-`int8_mixed_precision` does by default; `stochastic_rounding=True` rounds dY there without bias.
+qt/linear.py's terms: `BITNET_PLAN`, with the weight operands below. With `int8_backward=True` the two backward
+matmuls run in INT8 as well (`BITNET_INT8_BACKWARD_PLAN`): grad_input = Q(dY) @ W_t * w_scale (the ternary codes
+are exact in INT8, only dY is rounded) and grad_weight from X's codes, X's per-token scales folded into dY's
+column-wise quantization, as `int8_mixed_precision` does by default.
 
 `convert_llama_to_bitnet` does the model surgery the training tips call for, after `quantize_`: in each decoder
 layer with a BitNet linear, an RMSNorm before each linear (BitNet's "SubLN") and the layer's own RMSNorms removed.
@@ -32,10 +32,14 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from qt.config import RecipeConfig
 from qt.kernels import to_column_major
-from qt.linear import HIGH_PRECISION, Int8Operand, LinearPlan, MatmulPlan
+from qt.linear import Int8Operand, LinearPlan, MatmulPlan
 from qt.subclass import QuantizedWeight, keep_for_current_stream
 
 _MIN_WEIGHT_SCALE = 1e-5  # the reference implementation's clamp: keeps an all-zero weight finite
+# The forward in INT8 (X row-wise, the ternary weight); the backward in high precision, straight through.
+BITNET_PLAN = LinearPlan(output=MatmulPlan("int8"), grad_weight_sees_quantized_input=True)
+# The straight-through backward with its two matmuls in INT8 too (`int8_backward`).
+BITNET_INT8_BACKWARD_PLAN = LinearPlan(*[MatmulPlan("int8")] * 3, grad_weight_sees_quantized_input=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,32 +56,18 @@ class BitNetConfig(RecipeConfig):
     op; W's ternary codes as they are; grad_weight from X's codes as the forward quantized them) instead of in the
     compute dtype. Not BitNet b1.58's method, whose backward is in high precision. Off by default: on TinyLlama's
     shape it trains at 1.05x BF16 against bitnet's 0.96x (H100), but the 124M run's validation loss trailed
-    bitnet's by 0.008-0.024 at every evaluation (docs/benchmarks.md, round 12).
-
-    `stochastic_rounding` (with `int8_backward`): round dY's INT8 codes stochastically in the backward, so both
-    backward matmuls are unbiased estimates of the straight-through gradients. X keeps the forward's
-    round-to-nearest codes, BitNet's."""
+    bitnet's by 0.008-0.024 at every evaluation (docs/benchmarks.md, round 12)."""
 
     name = "bitnet"
     ternary_all_gather: bool = False
     int8_backward: bool = False
-    stochastic_rounding: bool = False
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.stochastic_rounding and not self.int8_backward:
-            raise ValueError(f"recipe '{self.name}' option stochastic_rounding=True rounds dY in the INT8 backward: it "
-                             "needs int8_backward=True")
 
     def quantize_weight(self, weight: Tensor) -> Tensor:
         return BitNetWeight(weight, self)
 
     @property
     def plan(self) -> LinearPlan:
-        """The forward in INT8 (X row-wise, the ternary weight); the straight-through backward in the compute dtype,
-        or with `int8_backward` as two INT8 matmuls."""
-        backward = MatmulPlan("int8", self.stochastic_rounding) if self.int8_backward else HIGH_PRECISION
-        return LinearPlan(MatmulPlan("int8"), backward, backward, grad_weight_sees_quantized_input=True)
+        return BITNET_INT8_BACKWARD_PLAN if self.int8_backward else BITNET_PLAN
 
 
 def ternarize(weight: Tensor, abs_mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
