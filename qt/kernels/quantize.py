@@ -401,7 +401,8 @@ def _as_rows(t: Tensor, axis: int) -> Tensor:
 
 def _uniform_from_hash(seed: Tensor, n_rows: int, n_cols: int, device) -> Tensor:
     """[n_rows, n_cols] uniforms in [0, 1), a hash (murmur3's finalizer) of the seed and each element's
-    index. Plain integer ops: deterministic, and traceable by torch.compile (a torch.Generator is not)."""
+    index. Plain integer ops: deterministic, and traceable by torch.compile (a torch.Generator is not). The Triton
+    kernels compute the same numbers (``_hashed_uniform``)."""
     mask = 0xFFFFFFFF
     h = torch.arange(n_rows * n_cols, dtype=torch.int64, device=device).view(n_rows, n_cols)
     h = (h * 0x9E3779B1 + seed.to(torch.int64)) & mask
@@ -654,6 +655,17 @@ if triton is not None:
         return scale
 
     @triton.jit
+    def _hashed_uniform(seed, index):
+        """``_uniform_from_hash``'s number for the element at ``index`` (int64): uint32 arithmetic wraps where the
+        torch version masks, so the kernels and the torch ops round stochastically alike. A few integer ops an
+        element, where ``tl.rand``'s Philox takes ten rounds of them."""
+        h = index.to(tl.uint32) * 0x9E3779B1 + seed.to(tl.uint32)
+        h = (h ^ (h >> 16)) * 0x85EBCA6B
+        h = (h ^ (h >> 13)) * 0xC2B2AE35
+        h = h ^ (h >> 16)
+        return (h >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2 ** -24
+
+    @triton.jit
     def _quantize_values(x, scale, seed, random_offsets, STOCHASTIC: tl.constexpr, CODE_DTYPE: tl.constexpr,
                          QMAX: tl.constexpr):
         """Codes of x * (1 / scale): int8, finite values of a slice with an infinite scale becoming 0; or FP8 of
@@ -666,7 +678,7 @@ if triton is not None:
             scaled = tl.fma(x, tl.div_rn(1.0, scale), 0.0)
             if STOCHASTIC:
                 # Rounds up with probability frac(scaled); the element's index keys its random number.
-                rounded = tl.floor(scaled + tl.rand(seed, random_offsets))
+                rounded = tl.floor(scaled + _hashed_uniform(seed, random_offsets))
             else:
                 rounded = _round_half_to_even(scaled)
             rounded = tl.where(scaled == scaled, rounded, 0.0)

@@ -142,6 +142,21 @@ def test_stochastic_rounding_is_unbiased_and_stays_on_the_grid(quantize, axis):
         assert abs(mean - value) < five_sigma, f"mean of {n} roundings of {value} is {mean}"
 
 
+@pytest.mark.parametrize("name", ["one_axis", "both_axes", "kept_col_amax"])
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("shape", [(33, 70), (2, 8200)], ids=["whole_rows", "tiles"])
+def test_stochastic_rounding_gives_the_same_bits_through_the_kernels_and_the_torch_ops(name, axis, shape):
+    """Both key each element's random number by its index with the same hash of the seed."""
+    x = torch.randn(*shape, dtype=torch.bfloat16)
+    results = []
+    for backend in ("triton", "torch"):
+        torch.manual_seed(7)
+        results.append(PATHS[f"{name}-{backend}"](x, axis, stochastic_rounding=True))
+    (q, scale), (want_q, want_scale) = results
+    assert torch.equal(scale, want_scale) and torch.equal(q, want_q)
+    assert not torch.equal(q, reference_quantize(x, axis)[0]), "no element rounded away from the nearest"
+
+
 @quantize_paths
 @pytest.mark.parametrize("axis", [0, 1])
 def test_stochastic_rounding_follows_torch_seed(quantize, axis):
