@@ -1,12 +1,14 @@
 """Scaled INT8 matrix multiplication: ``(a @ b) * row_scale * col_scale``.
 
 ``a`` [M, K] and ``b`` [K, N] are int8, the product is accumulated exactly in int32, and the scales are
-applied in fp32 in the epilogue. CUDA tensors run one of three kernels: on Hopper, where its output tiles fill
-the GPU, the Gluon kernel of qt/kernels/int8_mm_gluon.py (an opaque op under torch.compile: Inductor cannot compile
-Gluon); else one of two Triton kernels below, whose ``torch.library.triton_op`` compiled graphs launch directly (a
-persistent one fed by TMA on Hopper and later GPUs, the classic one elsewhere and for operands TMA cannot address).
-QT_INT8_MM_KERNEL overrides the choice. CPU tensors (or a machine without Triton) run ``torch._int_mm`` followed by
-the same fp32 epilogue.
+applied in fp32 in the epilogue; or, with a scale per row of ``a`` per K_BLOCK elements of K, each block's int32
+sums are scaled as a K step of the kernel completes them and summed in fp32. CUDA tensors run one of three kernels:
+on Hopper, where its output tiles fill the GPU (and ``a`` has one scale a row), the Gluon kernel of
+qt/kernels/int8_mm_gluon.py (an opaque op under torch.compile: Inductor cannot compile Gluon); else one of two Triton
+kernels below, whose ``torch.library.triton_op`` compiled graphs launch directly (a persistent one fed by TMA on
+Hopper and later GPUs, the classic one elsewhere and for operands TMA cannot address). QT_INT8_MM_KERNEL overrides
+the choice (scales per block of K take the TMA kernel where it says gluon). CPU tensors (or a machine without Triton)
+run ``torch._int_mm`` followed by the same fp32 epilogue.
 """
 
 import functools
@@ -24,6 +26,9 @@ try:
 except ImportError:  # qt must still import, and fall back to torch, where Triton is not installed.
     triton = None
 
+# The K elements a scale covers where ``a`` has one per row per block of K: a K step of the kernels' GPU tiles.
+K_BLOCK = 128
+
 
 def scaled_int8_mm(
     a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, out_dtype: torch.dtype | None = None
@@ -34,7 +39,9 @@ def scaled_int8_mm(
     Args:
         a: int8 [M, K], any strides (fastest when row-major, i.e. K-contiguous).
         b: int8 [K, N], any strides (fastest when column-major, i.e. K-contiguous).
-        row_scale: floating [M, 1] or [M], one scale per row of ``a``.
+        row_scale: floating [M, 1] or [M], one scale per row of ``a``; or [M, ceil(K / K_BLOCK)], one per row per
+            block of K_BLOCK (128) elements of K (block j: K indices 128 j to 128 j + 127), where K is long and the
+            values of ``a`` vary along it (grad_weight's tokens). Those run in the Triton kernels (not Gluon's).
         col_scale: floating [1, N] or [N] (one scale per column of ``b``), or a single element
             (one scale for all of ``b``, e.g. BitNet's tensor-wise weight scale).
     """
@@ -44,7 +51,7 @@ def scaled_int8_mm(
     # so graphs compiled with different choices differ, and Inductor's caches (on disk, shared by the processes
     # of a machine) cannot hand a graph compiled with one choice to a process that asked for another.
     kernel = _kernel_choice()
-    if _gluon_chosen(a, b, out_dtype, kernel):
+    if not _k_blocked(row_scale) and _gluon_chosen(a, b, out_dtype, kernel):
         from qt.kernels.int8_mm_gluon import scaled_int8_mm_gluon
 
         if traced(a, b, row_scale, col_scale):
@@ -73,8 +80,11 @@ def _check_mm_inputs(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor)
     for name, scale in (("row_scale", row_scale), ("col_scale", col_scale)):
         if not scale.dtype.is_floating_point:
             raise TypeError(f"scaled_int8_mm: {name} must be a floating-point tensor, got {scale.dtype}")
-    if tuple(row_scale.shape) not in ((m, 1), (m,)):
-        raise ValueError(f"scaled_int8_mm: row_scale must have shape [{m}, 1] or [{m}], got {list(row_scale.shape)}")
+    k_blocks = _cdiv(k, K_BLOCK)
+    if tuple(row_scale.shape) not in ((m, 1), (m,), (m, k_blocks)):
+        raise ValueError(f"scaled_int8_mm: row_scale must have shape [{m}, 1] or [{m}] (one scale per row of a), or "
+                         f"[{m}, {k_blocks}] (one per row per {K_BLOCK} elements of K = {k}), got "
+                         f"{list(row_scale.shape)}")
     if tuple(col_scale.shape) not in ((1, n), (n,)) and col_scale.numel() != 1:
         raise ValueError(
             f"scaled_int8_mm: col_scale must have shape [1, {n}] or [{n}], or hold one element, "
@@ -83,6 +93,22 @@ def _check_mm_inputs(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor)
     devices = {t.device for t in (a, b, row_scale, col_scale)}
     if len(devices) != 1:
         raise ValueError(f"scaled_int8_mm: all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def _cdiv(x: int, y: int) -> int:  # triton.cdiv, for machines without Triton
+    return -(-x // y)
+
+
+def _k_blocked(row_scale: Tensor) -> bool:
+    """Whether ``row_scale`` holds a scale per row per K_BLOCK elements of K (more than one block)."""
+    return row_scale.dim() == 2 and row_scale.shape[1] > 1
+
+
+def _row_scale_strides(row_scale: Tensor) -> tuple[int, int]:
+    """(stride between rows, stride between K blocks) of ``row_scale``'s elements."""
+    if _k_blocked(row_scale):
+        return row_scale.stride(0), row_scale.stride(1)
+    return _scale_stride(row_scale), 0
 
 
 def _gluon_chosen(a: Tensor, b: Tensor, out_dtype: torch.dtype, kernel: str) -> bool:
@@ -139,9 +165,17 @@ def _with_clear_strides(t: Tensor) -> Tensor:
 
 
 def _torch_scaled_int8_mm(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    col_scale = col_scale.reshape(1, -1).float()
+    if _k_blocked(row_scale):  # block by block, in the kernels' order
+        out = torch.zeros((a.shape[0], b.shape[1]), dtype=torch.float32, device=a.device)
+        for block, start in enumerate(range(0, a.shape[1], K_BLOCK)):
+            part = torch._int_mm(_with_clear_strides(a[:, start:start + K_BLOCK]),
+                                 _with_clear_strides(b[start:start + K_BLOCK]))
+            out += part.float() * row_scale[:, block:block + 1].float()
+        return (out * col_scale).to(out_dtype)
     product = torch._int_mm(_with_clear_strides(a), _with_clear_strides(b)).float()
     # Same epilogue as the kernel, in the same order, so both paths round alike.
-    return (product * (row_scale.reshape(-1, 1).float() * col_scale.reshape(1, -1).float())).to(out_dtype)
+    return (product * (row_scale.reshape(-1, 1).float() * col_scale)).to(out_dtype)
 
 
 # QT_INT8_MM_KERNEL, read at every call (under torch.compile: when the call is traced), picks the kernel: `auto` the
@@ -229,8 +263,8 @@ def _launch_tma_kernel(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tenso
         a, b, row_scale, col_scale, out,
         m, n, k, triton.next_power_of_2(m), triton.next_power_of_2(k),
         a.stride(0), b.stride(1), out.stride(0),
-        _scale_stride(row_scale), _scale_stride(col_scale),
-        PROGRAMS=programs,
+        *_row_scale_strides(row_scale), _scale_stride(col_scale),
+        PROGRAMS=programs, K_BLOCK_SCALED=_k_blocked(row_scale),
     )  # fmt: skip
 
 
@@ -245,9 +279,9 @@ def _launch_classic_kernel(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: T
         a, b, row_scale, col_scale, out,
         m, n, k, triton.next_power_of_2(m), triton.next_power_of_2(k),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        _scale_stride(row_scale), _scale_stride(col_scale),
+        *_row_scale_strides(row_scale), _scale_stride(col_scale),
         out.stride(0), out.stride(1),
-        EVEN_K=k % _LARGEST_BLOCK_K == 0,
+        EVEN_K=k % _LARGEST_BLOCK_K == 0, K_BLOCK_SCALED=_k_blocked(row_scale),
     )  # fmt: skip
 
 
@@ -261,8 +295,8 @@ def _interpreted() -> bool:
 
 
 def _autotune_configs() -> list:
-    if _interpreted():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+    if _interpreted():  # a K step of K_BLOCK, which a scale per block of K needs (the autotuner prunes no lone config)
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": K_BLOCK, "GROUP_M": 4})]
     # Tiles known to run well for int8 wgmma on Hopper; a longer list only lengthens the first call.
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
@@ -273,6 +307,13 @@ def _autotune_configs() -> list:
     ]
 
 
+def _k_block_tiles(configs: list, named_args: dict, **kwargs) -> list:
+    """The configs a launch may take: with a scale per K_BLOCK of K, those whose K step is one block."""
+    if not {**named_args, **kwargs}["K_BLOCK_SCALED"]:
+        return configs
+    return [config for config in configs if config.kwargs["BLOCK_K"] == K_BLOCK]
+
+
 def _tma_autotune_configs() -> list:
     """Tiles for the persistent TMA kernel. Triton (3.6) waits for each int8 wgmma before issuing the next K
     step's (it keeps a wgmma in flight only for fp32 accumulators), so a BLOCK_K of 256 halves those waits at the
@@ -280,8 +321,9 @@ def _tma_autotune_configs() -> list:
     shared buffer the TMA store goes through halves, leaving room for another stage of operands. All of these fit
     the H100's 227 KiB of shared memory with a bf16 output; with an fp32 output only the first does, and the
     autotuner skips the others."""
-    if _interpreted():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "EPILOGUE_SUBTILE": True})]
+    if _interpreted():  # as _autotune_configs
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": K_BLOCK, "GROUP_M": 4,
+                               "EPILOGUE_SUBTILE": True})]
 
     def config(block_m, block_n, block_k, subtile, num_stages):
         return triton.Config(
@@ -313,6 +355,23 @@ if triton is not None:
         return pid_m, pid_n
 
     @triton.jit
+    def _add_k_block(scaled_acc, block_acc, row_scale_ptr, offs_m, M, k_block, stride_row_scale,
+                     stride_row_scale_k):
+        """``scaled_acc`` plus the int32 sums of one K block, ``block_acc``, times the block's scale of each row."""
+        row_scale = tl.load(row_scale_ptr + offs_m * stride_row_scale + k_block * stride_row_scale_k, mask=offs_m < M)
+        return scaled_acc + block_acc.to(tl.float32) * row_scale.to(tl.float32)[:, None]
+
+    @triton.jit
+    def _accumulate(acc, a, b, row_scale_ptr, offs_m, M, k_block, stride_row_scale, stride_row_scale_k,
+                    K_BLOCK_SCALED: tl.constexpr):
+        """``acc`` after the K step ``a @ b``: int32 sums, or with K_BLOCK_SCALED (a K step is then a block) fp32 sums
+        of each block's int32 sums times its row scales."""
+        if K_BLOCK_SCALED:
+            return _add_k_block(acc, tl.dot(a, b, out_dtype=tl.int32), row_scale_ptr, offs_m, M, k_block,
+                                stride_row_scale, stride_row_scale_k)
+        return tl.dot(a, b, acc, out_dtype=tl.int32)
+
+    @triton.jit
     def _scaled(acc, row_scale_ptr, col_scale_ptr, offs_m, offs_n, M, N, stride_row_scale, stride_col_scale):
         """The fp32 epilogue of both kernels (and of qt/kernels/int8_mm_gluon.py's): the int32 sums `acc` of rows
         offs_m and columns offs_n, scaled."""
@@ -322,19 +381,30 @@ if triton is not None:
         # does, while the INT32 sum times one scale can overflow (inputs near 1e37).
         return acc.to(tl.float32) * (row_scale[:, None] * col_scale[None, :])
 
+    @triton.jit
+    def _epilogue(acc, row_scale_ptr, col_scale_ptr, offs_m, offs_n, M, N, stride_row_scale, stride_col_scale,
+                  K_BLOCK_SCALED: tl.constexpr):
+        """The output tile from `_accumulate`'s sums: scaled, or with K_BLOCK_SCALED (row scales applied) times the
+        column scales."""
+        if K_BLOCK_SCALED:
+            col_scale = tl.load(col_scale_ptr + offs_n * stride_col_scale, mask=offs_n < N).to(tl.float32)
+            return acc * col_scale[None, :]
+        return _scaled(acc, row_scale_ptr, col_scale_ptr, offs_m, offs_n, M, N, stride_row_scale, stride_col_scale)
+
     # M_BUCKET and K_BUCKET (rounded up to a power of two) stand in for M and K in the key: the token count,
     # which is M of the forward and grad_input matmuls and K of grad_weight's, changes from batch to batch
     # when fine-tuning on padded batches, and re-tuning for every new count would stall training.
-    @triton.autotune(configs=_autotune_configs(), key=["M_BUCKET", "N", "K_BUCKET", "EVEN_K"])
+    @triton.autotune(configs=_autotune_configs(), key=["M_BUCKET", "N", "K_BUCKET", "EVEN_K", "K_BLOCK_SCALED"],
+                     prune_configs_by={"early_config_prune": _k_block_tiles})
     @triton.jit
     def _scaled_int8_mm_kernel(
         a_ptr, b_ptr, row_scale_ptr, col_scale_ptr, out_ptr,
         M, N, K, M_BUCKET, K_BUCKET,
         stride_am, stride_ak, stride_bk, stride_bn,
-        stride_row_scale, stride_col_scale,
+        stride_row_scale, stride_row_scale_k, stride_col_scale,
         stride_om, stride_on,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, K_BLOCK_SCALED: tl.constexpr,
     ):  # fmt: skip
         """The classic kernel: one program per output tile, operands loaded through pointers (any strides)."""
         pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -349,7 +419,7 @@ if triton is not None:
         a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if K_BLOCK_SCALED else tl.int32)
         for k_start in range(0, K, BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=m_in_bounds[:, None], other=0)
@@ -359,33 +429,38 @@ if triton is not None:
                 k_in_bounds = offs_k < K - k_start
                 a = tl.load(a_ptrs, mask=m_in_bounds[:, None] & k_in_bounds[None, :], other=0)
                 b = tl.load(b_ptrs, mask=k_in_bounds[:, None] & n_in_bounds[None, :], other=0)
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            acc = _accumulate(acc, a, b, row_scale_ptr, offs_m, M, k_start // BLOCK_K, stride_row_scale,
+                              stride_row_scale_k, K_BLOCK_SCALED)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
 
-        out = _scaled(acc, row_scale_ptr, col_scale_ptr, offs_m, offs_n, M, N, stride_row_scale, stride_col_scale)
+        out = _epilogue(acc, row_scale_ptr, col_scale_ptr, offs_m, offs_n, M, N, stride_row_scale, stride_col_scale,
+                        K_BLOCK_SCALED)
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_in_bounds[:, None] & n_in_bounds[None, :])
 
     @triton.jit
     def _store_scaled_tile(
-        out_desc, acc, row_scale_ptr, col_scale_ptr, start_m, start_n, M, N, stride_row_scale, stride_col_scale
-    ):
+        out_desc, acc, row_scale_ptr, col_scale_ptr, start_m, start_n, M, N, stride_row_scale, stride_col_scale,
+        K_BLOCK_SCALED: tl.constexpr,
+    ):  # fmt: skip
         offs_m = start_m + tl.arange(0, acc.shape[0])
         offs_n = start_n + tl.arange(0, acc.shape[1])
-        out = _scaled(acc, row_scale_ptr, col_scale_ptr, offs_m, offs_n, M, N, stride_row_scale, stride_col_scale)
+        out = _epilogue(acc, row_scale_ptr, col_scale_ptr, offs_m, offs_n, M, N, stride_row_scale, stride_col_scale,
+                        K_BLOCK_SCALED)
         out_desc.store([start_m, start_n], out.to(out_desc.dtype))
 
-    @triton.autotune(configs=_tma_autotune_configs(), key=["M_BUCKET", "N", "K_BUCKET"])
+    @triton.autotune(configs=_tma_autotune_configs(), key=["M_BUCKET", "N", "K_BUCKET", "K_BLOCK_SCALED"],
+                     prune_configs_by={"early_config_prune": _k_block_tiles})
     @triton.jit
     def _persistent_tma_scaled_int8_mm_kernel(
         a_ptr, b_ptr, row_scale_ptr, col_scale_ptr, out_ptr,
         M, N, K, M_BUCKET, K_BUCKET,
         stride_am, stride_bn, stride_om,
-        stride_row_scale, stride_col_scale,
+        stride_row_scale, stride_row_scale_k, stride_col_scale,
         PROGRAMS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr,
+        GROUP_M: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr, K_BLOCK_SCALED: tl.constexpr,
     ):  # fmt: skip
         """The Hopper kernel: PROGRAMS programs (one per SM) loop over the output tiles; TMA copies the operand
         tiles to shared memory and the scaled tiles back. a is row-major, b column-major (read as b.T [N, K])."""
@@ -410,20 +485,23 @@ if triton is not None:
         # flatten=True makes one loop of tiles x K steps, so the loads of the next tile overlap this tile's epilogue.
         for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, PROGRAMS, flatten=True):
             pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if K_BLOCK_SCALED else tl.int32)
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # the rows whose K blocks' scales the loop reads
             for k_tile in range(k_tiles):
                 a = a_desc.load([pid_m * BLOCK_M, k_tile * BLOCK_K])
                 b = b_desc.load([pid_n * BLOCK_N, k_tile * BLOCK_K])
-                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+                acc = _accumulate(acc, a, b.T, row_scale_ptr, offs_m, M, k_tile, stride_row_scale, stride_row_scale_k,
+                                  K_BLOCK_SCALED)
 
             epilogue_tile_id += PROGRAMS
             pid_m, pid_n = _grouped_tile(epilogue_tile_id, num_pid_m, num_pid_n, GROUP_M)
             if EPILOGUE_SUBTILE:
                 left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
                 _store_scaled_tile(out_desc, left, row_scale_ptr, col_scale_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N,
-                                   M, N, stride_row_scale, stride_col_scale)  # fmt: skip
+                                   M, N, stride_row_scale, stride_col_scale, K_BLOCK_SCALED)  # fmt: skip
                 _store_scaled_tile(out_desc, right, row_scale_ptr, col_scale_ptr, pid_m * BLOCK_M,
-                                   pid_n * BLOCK_N + BLOCK_N // 2, M, N, stride_row_scale, stride_col_scale)  # fmt: skip
+                                   pid_n * BLOCK_N + BLOCK_N // 2, M, N, stride_row_scale, stride_col_scale,
+                                   K_BLOCK_SCALED)  # fmt: skip
             else:
                 _store_scaled_tile(out_desc, acc, row_scale_ptr, col_scale_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N,
-                                   M, N, stride_row_scale, stride_col_scale)  # fmt: skip
+                                   M, N, stride_row_scale, stride_col_scale, K_BLOCK_SCALED)  # fmt: skip

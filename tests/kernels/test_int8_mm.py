@@ -9,6 +9,7 @@ import triton
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from qt.kernels import int8_mm, quantize_int8, scaled_int8_mm
+from qt.kernels.int8_mm import K_BLOCK
 from tests.kernels.backends import through
 
 # (M, N, K): odd sizes that leave partial tiles in every dimension, including K < one 32-wide K step, and
@@ -108,6 +109,45 @@ def test_strided_scale_vectors(mm):
     assert_matches_reference(mm(a, b, row_scale, col_scale), reference(a, b, row_scale, col_scale))
 
 
+# A scale per row of a per K_BLOCK (128) elements of K, as grad_weight's dY can have per 128 tokens: K of one block
+# and a bit, of whole blocks, of a partial last block.
+K_BLOCKED_SHAPES = [(5, 9, 129), (33, 70, 256), (17, 33, 300), (1, 1, 257)]
+
+
+def k_blocked_reference(a, b, row_scale, col_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact result, and the sum of its terms' magnitudes (each block's contribution), which bounds fp32's
+    error in summing the blocks."""
+    terms = [(a[:, start:start + K_BLOCK].long() @ b[start:start + K_BLOCK].long()).double()
+             * row_scale[:, block:block + 1].double() * col_scale.double().reshape(1, -1)
+             for block, start in enumerate(range(0, a.shape[1], K_BLOCK))]
+    return sum(terms), sum(term.abs() for term in terms)
+
+
+@mm_paths
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("m", "n", "k"), K_BLOCKED_SHAPES)
+def test_scales_per_block_of_k_match_the_reference(mm, m, n, k, layout):
+    torch.manual_seed(m + n + k)
+    a, b = random_operands(m, n, k, layout)
+    row_scale, col_scale = torch.rand(m, triton.cdiv(k, K_BLOCK)) * 4 + 0.1, torch.rand(1, n) + 0.5
+    out = mm(a, b, row_scale, col_scale)
+    expected, magnitude = k_blocked_reference(a, b, row_scale, col_scale)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    # Each block's sum scaled, then the blocks summed: an fp32 rounding or two per block.
+    assert ((out.double() - expected).abs() <= 2 * triton.cdiv(k, K_BLOCK) * 2**-24 * magnitude + 1e-30).all()
+
+
+@mm_paths
+def test_equal_scales_in_every_block_of_k_give_the_row_wise_result(mm):
+    m, n, k = 17, 33, 300
+    a, b = random_operands(m, n, k)
+    row_scale, col_scale = torch.rand(m, 1) + 0.5, torch.rand(1, n) + 0.5
+    by_block = row_scale.expand(m, triton.cdiv(k, K_BLOCK))  # a stride of 0 between blocks
+    _, magnitude = k_blocked_reference(a, b, by_block, col_scale)
+    difference = (mm(a, b, by_block, col_scale) - mm(a, b, row_scale, col_scale)).double().abs()
+    assert (difference <= 2 * triton.cdiv(k, K_BLOCK) * 2**-24 * magnitude).all()
+
+
 @mm_paths
 @pytest.mark.parametrize(("m", "n", "k"), [(17, 33, 0), (0, 33, 70), (17, 0, 70)])
 def test_empty_operands(mm, m, n, k):
@@ -168,6 +208,8 @@ def bad_mm_inputs() -> list:
         ("integer col_scale", (a, b, rs, cs.long()), TypeError, "col_scale must be a floating-point"),
         ("row_scale of the wrong length", (a, b, torch.ones(5, 1), cs), ValueError, "row_scale must have shape"),
         ("row_scale as a row", (a, b, torch.ones(1, 4), cs), ValueError, "row_scale must have shape"),
+        ("row_scale with more blocks than K has", (a.repeat(1, 25), b.repeat(25, 1), torch.ones(4, 3), cs),
+         ValueError, r"\[4, 2\] \(one per row per 128"),
         ("col_scale of the wrong length", (a, b, rs, torch.ones(1, 5)), ValueError, "col_scale must have shape"),
         ("col_scale as a column", (a, b, rs, torch.ones(6, 1)), ValueError, "col_scale must have shape"),
         ("scales on another device", (a, b, rs.to("meta"), cs), ValueError, "one device"),
@@ -184,8 +226,9 @@ def test_bad_inputs_raise(args, error, message):
 # The persistent TMA kernel (QT_INT8_MM_KERNEL=tma), which Triton's CPU interpreter runs with descriptors
 # emulated by masked loads and stores. Its operands must be K-contiguous with 16-byte aligned rows: K and the
 # output's row (N elements) multiples of 16 bytes. The odd M, N and K leave partial tiles in every dimension of
-# the interpreter's 32 x 32 x 32 tile, and more tiles than programs, so programs loop over several tiles.
-TMA_SHAPES = [(37, 48, 80), (70, 96, 48)]
+# the interpreter's 32 x 32 x 128 tile (K of one step and of three), and more tiles than programs, so programs loop
+# over several tiles.
+TMA_SHAPES = [(37, 48, 80), (70, 96, 272)]
 
 
 def kernel_output(monkeypatch, kernel: str, *args) -> torch.Tensor:
@@ -212,6 +255,16 @@ def test_tma_kernel_matches_the_classic_kernel_bit_for_bit(monkeypatch, m, n, k,
     assert torch.equal(out, kernel_output(monkeypatch, "classic", a, b, row_scale, col_scale))
     if dtype == torch.float32:
         assert torch.equal(out, through("torch", scaled_int8_mm)(a, b, row_scale, col_scale))
+
+
+@pytest.mark.parametrize(("m", "n", "k"), TMA_SHAPES)
+def test_tma_kernel_matches_the_classic_kernel_with_scales_per_block_of_k(monkeypatch, m, n, k):
+    torch.manual_seed(m + n + k)
+    a, b = random_operands(m, n, k)
+    row_scale, col_scale = torch.rand(m, triton.cdiv(k, K_BLOCK)) + 0.5, torch.rand(1, n) + 0.5
+    out = kernel_output(monkeypatch, "tma", a, b, row_scale, col_scale)
+    assert torch.equal(out, kernel_output(monkeypatch, "classic", a, b, row_scale, col_scale))
+    assert torch.equal(out, through("torch", scaled_int8_mm)(a, b, row_scale, col_scale))
 
 
 def test_tma_kernel_sums_exactly_in_int32(monkeypatch):
