@@ -80,7 +80,7 @@ def _check_mm_inputs(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor)
     for name, scale in (("row_scale", row_scale), ("col_scale", col_scale)):
         if not scale.dtype.is_floating_point:
             raise TypeError(f"scaled_int8_mm: {name} must be a floating-point tensor, got {scale.dtype}")
-    k_blocks = _cdiv(k, K_BLOCK)
+    k_blocks = (k + K_BLOCK - 1) // K_BLOCK
     if tuple(row_scale.shape) not in ((m, 1), (m,), (m, k_blocks)):
         raise ValueError(f"scaled_int8_mm: row_scale must have shape [{m}, 1] or [{m}] (one scale per row of a), or "
                          f"[{m}, {k_blocks}] (one per row per {K_BLOCK} elements of K = {k}), got "
@@ -93,10 +93,6 @@ def _check_mm_inputs(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor)
     devices = {t.device for t in (a, b, row_scale, col_scale)}
     if len(devices) != 1:
         raise ValueError(f"scaled_int8_mm: all inputs must be on one device, got {sorted(map(str, devices))}")
-
-
-def _cdiv(x: int, y: int) -> int:  # triton.cdiv, for machines without Triton
-    return -(-x // y)
 
 
 def _k_blocked(row_scale: Tensor) -> bool:

@@ -7,7 +7,8 @@ the reduced axis contiguous, which is the K-contiguous layout ``scaled_int8_mm``
 ``quantize_int8(x, 0, col_amax=...)`` takes later instead of a pass of its own: a linear quantizes X (and a
 master weight) by rows in the forward and by columns in the backward. ``quantize_int8_rows_and_cols(x)`` gives
 both at once: a linear's backward needs its output gradient quantized per row (for grad_input) and per column
-(for grad_weight).
+(for grad_weight). ``quantize_int8(x, 0, k_blocks=True)`` keeps a scale per column per 128 rows instead, for
+``scaled_int8_mm``'s scales per block of K (one read of x).
 
 Two ways, picked by shape (three Triton kernels):
 - whole rows: each program holds whole rows in registers (rows up to ``_MAX_WHOLE_ROW`` wide), so a
@@ -38,6 +39,7 @@ from torch import Tensor
 from qt.kernels.backend import eager_launch, realize_inputs_read_by_several_kernels, traced, use_triton
 from qt.kernels.fp8 import _MIN_AMAX as FP8_MIN_AMAX
 from qt.kernels.fp8 import FP8_DTYPES, abs_max, quantize_fp8
+from qt.kernels.int8_mm import K_BLOCK
 
 try:
     import triton
@@ -79,8 +81,8 @@ def _draw_seeds(x: Tensor, count: int, stochastic_rounding: bool) -> Tensor | No
     return torch.randint(0, 2**31 - 1, (count,), device=x.device) if stochastic_rounding else None
 
 
-def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False,
-                  row_multipliers: Tensor | None = None, col_amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False, row_multipliers: Tensor | None = None,
+                  col_amax: Tensor | None = None, k_blocks: bool = False) -> tuple[Tensor, Tensor]:
     """Quantizes ``x`` to int8 with one abs-max scale per slice along the axis that is not reduced.
 
     Args:
@@ -94,6 +96,10 @@ def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False,
         col_amax: (float32 [1, C] or [C]; ``axis=0`` only) the abs-max of each column of what is quantized, as
             ``quantize_int8_rows_keeping_col_amax`` returns it from an earlier pass over the same ``x``: the
             column-wise pass then reads ``x`` once instead of twice.
+        k_blocks: (``axis=0`` only) one scale per column per block of K_BLOCK (128) rows instead of per column, each
+            block's own abs-max: the scale is [ceil(R / 128), C], and ``q.T`` with ``scale.T`` is a left operand of
+            ``scaled_int8_mm`` with a scale per row per block of K (K = R, e.g. grad_weight's tokens). One read of
+            ``x``.
 
     Returns:
         ``(q, scale)``: ``q`` int8 [R, C] with the reduced axis contiguous (strides (C, 1) for
@@ -103,20 +109,22 @@ def quantize_int8(x: Tensor, axis: int, stochastic_rounding: bool = False,
     _check_input(x, "quantize_int8")
     if axis not in (0, 1):
         raise ValueError(f"quantize_int8: axis must be 0 (one scale per column) or 1 (one scale per row), got {axis}")
-    if axis != 0 and (row_multipliers is not None or col_amax is not None):
-        raise ValueError("quantize_int8: row_multipliers and col_amax go with axis=0 (one scale per column)")
+    if axis != 0 and (row_multipliers is not None or col_amax is not None or k_blocks):
+        raise ValueError("quantize_int8: row_multipliers, col_amax and k_blocks go with axis=0 (scales per column)")
+    if k_blocks and col_amax is not None:
+        raise ValueError("quantize_int8: k_blocks takes each block's abs-max itself; pass no col_amax")
     if row_multipliers is not None:
         row_multipliers = _checked_row_multipliers(x, row_multipliers, "quantize_int8: row_multipliers")
     if col_amax is not None:
         col_amax = _checked_col_amax(x, col_amax)
     seed = _draw_seeds(x, 1, stochastic_rounding)
     if _in_torch_ops_when_compiled(x, plain_rows=axis == 1 and not stochastic_rounding):
-        return _torch_quantize_int8(x, axis, seed, row_multipliers, col_amax)
+        return _torch_quantize_int8(x, axis, seed, row_multipliers, col_amax, k_blocks)
     # The op is what torch.compile traces; eager calls skip its dispatch (tens of µs a call).
     if traced(x):
-        return torch.ops.qt.quantize_int8(x, axis, seed, row_multipliers, col_amax)
+        return torch.ops.qt.quantize_int8(x, axis, seed, row_multipliers, col_amax, k_blocks)
     with eager_launch():
-        return _quantize_int8(x, axis, seed, row_multipliers, col_amax)
+        return _quantize_int8(x, axis, seed, row_multipliers, col_amax, k_blocks)
 
 
 def quantize_int8_rows_keeping_col_amax(x: Tensor, stochastic_rounding: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -302,7 +310,7 @@ class Codes(NamedTuple):
 INT8_CODES = Codes()
 
 
-def _empty_outputs(x: Tensor, axis: int, codes: Codes = INT8_CODES) -> tuple[Tensor, Tensor]:
+def _empty_outputs(x: Tensor, axis: int, codes: Codes = INT8_CODES, k_blocks: bool = False) -> tuple[Tensor, Tensor]:
     """Allocates ``(q, scale)`` in the documented layout; shared by the kernels, their fake implementations and the
     torch path's column-wise results, so their strides agree (the torch path's row-wise results are new contiguous
     tensors of the same strides)."""
@@ -316,7 +324,7 @@ def _empty_outputs(x: Tensor, axis: int, codes: Codes = INT8_CODES) -> tuple[Ten
         # (of the linears' column-wise passes of one shape) into one allocation, and Inductor then copies that
         # uninitialized buffer for each kernel writing into it (seen on an H100: ~60 us a [16384, 5632] pass).
         q = torch.empty((cols, rows), dtype=codes.dtype, device=x.device).t()
-        scale = torch.empty((1, cols), dtype=dtype, device=x.device)
+        scale = torch.empty(((rows + K_BLOCK - 1) // K_BLOCK if k_blocks else 1, cols), dtype=dtype, device=x.device)
     return q, scale
 
 
@@ -327,9 +335,11 @@ def _min_amax(dtype: torch.dtype) -> float:
 
 
 def _quantize_int8(x: Tensor, axis: int, seed: Tensor | None, row_multipliers: Tensor | None = None,
-                   col_amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   col_amax: Tensor | None = None, k_blocks: bool = False) -> tuple[Tensor, Tensor]:
     if not use_triton(x, triton is not None) or x.numel() == 0:
-        return _torch_quantize_int8(x, axis, seed, row_multipliers, col_amax)
+        return _torch_quantize_int8(x, axis, seed, row_multipliers, col_amax, k_blocks)
+    if k_blocks:
+        return _triton_quantize_col_blocks(x, seed, row_multipliers)
     if axis == 1:
         q, scale, _ = _triton_quantize_rows(x, seed)
         return q, scale
@@ -370,7 +380,8 @@ else:
     torch.library.custom_op("qt::quantize_int8_rows_and_cols", _quantize_int8_rows_and_cols, mutates_args=())
     torch.library.custom_op("qt::quantize_fp8_rows_and_cols", _quantize_fp8_rows_and_cols, mutates_args=())
     torch.library.register_fake("qt::quantize_int8")(
-        lambda x, axis, seed, row_multipliers=None, col_amax=None: _empty_outputs(x, axis))
+        lambda x, axis, seed, row_multipliers=None, col_amax=None, k_blocks=False: _empty_outputs(
+            x, axis, k_blocks=k_blocks))
     torch.library.register_fake("qt::quantize_int8_rows_keeping_col_amax")(
         lambda x, seed: (*_empty_outputs(x, 1), x.new_empty((1, x.shape[1]), dtype=torch.float32)))
     torch.library.register_fake("qt::quantize_int8_rows_and_cols")(
@@ -413,18 +424,25 @@ def _uniform_from_hash(seed: Tensor, n_rows: int, n_cols: int, device) -> Tensor
 
 
 def _torch_quantize_int8(x: Tensor, axis: int, seed: Tensor | None, row_multipliers: Tensor | None = None,
-                         col_amax: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                         col_amax: Tensor | None = None, k_blocks: bool = False) -> tuple[Tensor, Tensor]:
     """`row_multipliers` [R]: quantize x with each row multiplied by its number (in float32) instead of x.
-    `col_amax` [C] (axis 0): the abs-max of each column of that, already taken."""
+    `col_amax` [C] (axis 0): the abs-max of each column of that, already taken. `k_blocks` (axis 0): a scale per
+    column per K_BLOCK rows."""
     x_float = x.float() if row_multipliers is None else x.float() * row_multipliers.float().reshape(-1, 1)
     x_rows = _as_rows(x_float, axis)
-    amax = abs_max(x_rows, 1) if col_amax is None else col_amax.reshape(-1, 1)
+    if k_blocks:  # [C, R] -> [C, blocks, K_BLOCK], the last block padded with zeros
+        blocks = torch.nn.functional.pad(x_rows, (0, -x_rows.shape[1] % K_BLOCK)).unflatten(1, (-1, K_BLOCK))
+        amax = abs_max(blocks.flatten(0, 1), 1).view(x_rows.shape[0], -1)
+    else:
+        amax = abs_max(x_rows, 1) if col_amax is None else col_amax.reshape(-1, 1)
     # An empty slice (no tokens) has no maximum: the floor stands in for it.
     amax = amax.clamp(min=_min_amax(x.dtype))
     # Divided by a tensor: CUDA torch multiplies by the reciprocal of a Python number, 1 ulp off the kernels' division.
     dtype = scale_dtype(x.dtype)
     scale_rows = _round_to_scale_dtype(amax / amax.new_full((1, 1), QUANT_MAX), dtype)
-    scaled = x_rows * torch.reciprocal(scale_rows)  # as the kernels compute it
+    # Each element's scale: its row's, or with k_blocks its block's.
+    element_scale = scale_rows.repeat_interleave(K_BLOCK, 1)[:, :x_rows.shape[1]] if k_blocks else scale_rows
+    scaled = x_rows * torch.reciprocal(element_scale)  # as the kernels compute it
     if seed is None:
         rounded = torch.round(scaled)
     else:
@@ -435,7 +453,7 @@ def _torch_quantize_int8(x: Tensor, axis: int, seed: Tensor | None, row_multipli
         # New tensors rather than copies into allocated ones, so that torch.compile computes one quantization for the
         # linears that share x (gate/up) instead of a store of the same codes for each.
         return codes.contiguous(), scale_rows.to(dtype)
-    q, scale = _empty_outputs(x, axis)
+    q, scale = _empty_outputs(x, axis, k_blocks=k_blocks)
     _as_rows(q, axis).copy_(codes)
     _as_rows(scale, axis).copy_(scale_rows)
     return q, scale
@@ -556,6 +574,23 @@ def _triton_tile_amax(x: Tensor, rows: bool, cols: bool,
         ROWS=rows, COLS=cols, COLS_MULTIPLIED=col_row_multipliers is not None,
     )  # fmt: skip
     return row_amax, col_amax
+
+
+def _triton_quantize_col_blocks(x: Tensor, seed: Tensor | None,
+                                row_multipliers: Tensor | None) -> tuple[Tensor, Tensor]:
+    """x quantized by columns with a scale per column per K_BLOCK rows, in tiles of K_BLOCK rows: each tile takes
+    its columns' abs-maxima itself, so x is read once."""
+    q, scale = _empty_outputs(x, 0, k_blocks=True)
+    block_c, warps = (32, 4) if os.environ.get("TRITON_INTERPRET") == "1" else (64, 8)
+    grid = (triton.cdiv(x.shape[0], K_BLOCK), triton.cdiv(x.shape[1], block_c))
+    # The tile pass at a fixed tile (its autotuner's configs have other heights).
+    wrap_triton(_tile_quantize_kernel.fn)[grid](
+        x, None, q, scale, seed, row_multipliers, x.shape[0], x.shape[1], x.stride(0), x.stride(1),
+        MIN_AMAX=_min_amax(x.dtype), ROWS=False, MULTIPLIED=row_multipliers is not None, STOCHASTIC=seed is not None,
+        SEED_INDEX=0, SCALE_IS_BF16=scale.dtype == torch.bfloat16, BLOCK_R=K_BLOCK, BLOCK_C=block_c,
+        TILE_AMAX=True, num_warps=warps,
+    )  # fmt: skip
+    return q, scale
 
 
 def _triton_tile_quantize(x: Tensor, amax: Tensor, seeds: Tensor | None, seed_index: int, rows: bool,
@@ -787,11 +822,12 @@ if triton is not None:
         n_rows, n_cols, stride_x_row, stride_x_col,
         MIN_AMAX: tl.constexpr, ROWS: tl.constexpr, MULTIPLIED: tl.constexpr, STOCHASTIC: tl.constexpr,
         SEED_INDEX: tl.constexpr, SCALE_IS_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-        QMAX: tl.constexpr = 127.0, POWER_OF_TWO: tl.constexpr = False,
+        QMAX: tl.constexpr = 127.0, POWER_OF_TWO: tl.constexpr = False, TILE_AMAX: tl.constexpr = False,
     ):  # fmt: skip
         """One output: row-wise (ROWS) or column-wise, with the abs-maxima of _tile_amax_kernel, of x with each
-        row multiplied by its number where MULTIPLIED. The element's index in that output (row-major or
-        column-major) keys its random number, as in the other kernel."""
+        row multiplied by its number where MULTIPLIED; or, column-wise with TILE_AMAX, with a scale per column of
+        each tile from the tile's own abs-maxima (scale [cdiv(n_rows, BLOCK_R), n_cols]). The element's index in
+        that output (row-major or column-major) keys its random number, as in the other kernel."""
         row_start, col_start, r, c, rows, cols, in_bounds = _tile_coordinates(n_rows, n_cols, BLOCK_R, BLOCK_C)
         x_tile = x_ptr + row_start.to(tl.int64) * stride_x_row + col_start.to(tl.int64) * stride_x_col
         x = tl.load(x_tile + r[:, None] * stride_x_row + c[None, :] * stride_x_col, mask=in_bounds, other=0.0)
@@ -810,10 +846,15 @@ if triton is not None:
             q_tile = q_ptr + row_start.to(tl.int64) * n_cols + col_start
             tl.store(q_tile + r[:, None] * n_cols + c[None, :], q, mask=in_bounds)
         else:  # the transpose happens in this store
-            scale = _scale_from_amax(tl.load(amax_ptr + cols, mask=cols < n_cols, other=0.0), MIN_AMAX, SCALE_IS_BF16,
-                                     QMAX, POWER_OF_TWO)
-            if tl.program_id(0) == 0:
-                tl.store(scale_ptr + cols, scale.to(scale_ptr.dtype.element_ty), mask=cols < n_cols)
+            if TILE_AMAX:  # rows past the end were loaded as zeros, below every abs-max
+                scale = _scale_from_amax(_abs_max(x, 0), MIN_AMAX, SCALE_IS_BF16, QMAX, POWER_OF_TWO)
+                tl.store(scale_ptr + tl.program_id(0) * n_cols + cols, scale.to(scale_ptr.dtype.element_ty),
+                         mask=cols < n_cols)
+            else:
+                scale = _scale_from_amax(tl.load(amax_ptr + cols, mask=cols < n_cols, other=0.0), MIN_AMAX,
+                                         SCALE_IS_BF16, QMAX, POWER_OF_TWO)
+                if tl.program_id(0) == 0:
+                    tl.store(scale_ptr + cols, scale.to(scale_ptr.dtype.element_ty), mask=cols < n_cols)
             random_offsets = cols[None, :].to(tl.int64) * n_rows + rows[:, None] if STOCHASTIC else 0
             q = _quantize_values(x, scale[None, :], seed, random_offsets, STOCHASTIC, q_ptr.dtype.element_ty, QMAX)
             q_tile = q_ptr + col_start.to(tl.int64) * n_rows + row_start

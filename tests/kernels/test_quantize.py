@@ -10,6 +10,7 @@ import triton.language as tl
 
 from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax
 from qt.kernels.fp8 import E4M3, E5M2, quantize_fp8
+from qt.kernels.int8_mm import K_BLOCK
 from qt.kernels.quantize import _max_keeping_nan, dequantize_rows, quantize_fp8_rows_and_cols, scale_dtype
 from tests.kernels import inductor_for_a_gpu
 from tests.kernels.backends import through
@@ -218,6 +219,8 @@ def test_opcheck(axis, stochastic):
     torch.library.opcheck(torch.ops.qt.quantize_int8.default, (x, axis, seed, None))
     if axis == 0:
         torch.library.opcheck(torch.ops.qt.quantize_int8.default, (x, axis, seed, torch.rand(17)))
+        torch.library.opcheck(torch.ops.qt.quantize_int8.default,
+                              (torch.randn(300, 33, dtype=torch.bfloat16), axis, seed, torch.rand(300), None, True))
         torch.library.opcheck(torch.ops.qt.quantize_int8.default, (x, axis, seed, None, torch.rand(33) * 4))
     else:
         torch.library.opcheck(torch.ops.qt.quantize_int8_rows_keeping_col_amax.default, (x, seed))
@@ -295,10 +298,66 @@ def test_bad_row_multipliers_raise(multipliers, message):
         quantize_int8(torch.ones(4, 6), 0, row_multipliers=multipliers)
 
 
-@pytest.mark.parametrize("argument", ["row_multipliers", "col_amax"])
-def test_row_multipliers_and_col_amax_go_with_column_scales(argument):
-    with pytest.raises(ValueError, match="row_multipliers and col_amax go with axis=0"):
-        quantize_int8(torch.ones(4, 6), 1, **{argument: torch.ones(6)})
+@pytest.mark.parametrize("argument", ["row_multipliers", "col_amax", "k_blocks"])
+def test_row_multipliers_col_amax_and_k_blocks_go_with_column_scales(argument):
+    with pytest.raises(ValueError, match="row_multipliers, col_amax and k_blocks go with axis=0"):
+        quantize_int8(torch.ones(4, 6), 1, **{argument: True if argument == "k_blocks" else torch.ones(6)})
+
+
+def test_k_blocks_take_no_col_amax():
+    with pytest.raises(ValueError, match="k_blocks takes each block's abs-max itself"):
+        quantize_int8(torch.ones(4, 6), 0, col_amax=torch.ones(6), k_blocks=True)
+
+
+def reference_column_blocks(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference_quantize by columns of each block of K_BLOCK rows: the codes [R, C] and the scales [blocks, C]."""
+    blocks = [reference_quantize(x[start:start + K_BLOCK], 0, scales_as=dtype) for start in range(0, len(x), K_BLOCK)]
+    return torch.cat([q for q, _ in blocks]), torch.cat([scale for _, scale in blocks])
+
+
+# Rows of one block, one and a bit, several with a partial last one, a single row; multipliers or none.
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("multiplied", [False, True], ids=["plain", "rows_multiplied"])
+@pytest.mark.parametrize("shape", [(128, 5), (129, 33), (300, 70), (1, 3)])
+def test_column_blocks_match_the_reference(backend, dtype, multiplied, shape):
+    torch.manual_seed(shape[0])
+    # Rows whose magnitudes span decades, so that blocks get scales of their own.
+    x = (torch.randn(shape) * torch.logspace(-3, 3, shape[0])[:, None]).to(dtype)
+    multipliers = (torch.rand(shape[0]) + 0.5).to(dtype) if multiplied else None
+    q, scale = through(backend, quantize_int8)(x, 0, row_multipliers=multipliers, k_blocks=True)
+    expected_q, expected_scale = reference_column_blocks(
+        x.float() * multipliers.float()[:, None] if multiplied else x, dtype)
+    assert q.stride() == (1, shape[0]) and scale.shape == (triton.cdiv(shape[0], K_BLOCK), shape[1])
+    assert scale.dtype == scale_dtype(dtype) and torch.equal(scale, expected_scale) and torch.equal(q, expected_q)
+
+
+def test_column_blocks_round_stochastically_without_bias_and_alike_in_kernels_and_torch():
+    torch.manual_seed(0)
+    x = torch.randn(300, 8) * torch.logspace(-2, 2, 300)[:, None]
+    draws = []
+    for seed in range(200):
+        results = []
+        for backend in ("triton", "torch"):
+            torch.manual_seed(seed)
+            results.append(through(backend, quantize_int8)(x, 0, True, k_blocks=True))
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+        q, scale = results[0]
+        draws.append(q.float() * scale.repeat_interleave(K_BLOCK, 0)[:300])
+    # Block by block: rounding to nearest errs by up to half a step of each block's scale; the mean of 200
+    # unbiased draws by about a tenth of that.
+    nearest_q, nearest_scale = quantize_int8(x, 0, k_blocks=True)
+    step = nearest_scale.repeat_interleave(K_BLOCK, 0)[:300]
+    assert ((torch.stack(draws).mean(0) - x).abs() / step).mean() < 0.05
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_non_finite_value_makes_only_its_column_block_non_finite(backend):
+    x = torch.randn(300, 5)
+    x[200, 3] = float("nan")
+    q, scale = through(backend, quantize_int8)(x, 0, k_blocks=True)
+    non_finite = ~torch.isfinite(scale)
+    assert non_finite[1, 3] and non_finite.sum() == 1
 
 
 WIDE_SHAPES = [pytest.param(shape, marks=pytest.mark.slow) for shape in ((260, 2100), (3, 9000))]
