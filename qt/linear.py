@@ -9,7 +9,8 @@ A linear's three matmuls, with the dimension each reduces:
 A `LinearPlan` says, for each, whether it runs in the compute dtype or as a dynamically quantized INT8 or
 FP8 matmul, and how: each operand is scaled along the dimension the matmul keeps (row-wise; FP8 also offers
 one scale per operand, tensor-wise), so the scales factor out of the sum into the kernel's epilogue, and is
-laid out with the reduced dimension contiguous. The activation side (X, dY) is quantized here; the weight side
+laid out with the reduced dimension contiguous (grad_weight's dY may instead take a scale per output feature per 128
+tokens, which the INT8 kernel applies per K step). The activation side (X, dY) is quantized here; the weight side
 comes from the recipe's weight class, which stores the weight its own way (a high-precision master, INT8 rows,
 a latent ternary weight) and hands out the operands a plan asks for (`quantize_operand` quantizes a master
 for any plan). So a recipe is a plan plus a weight class.
@@ -53,6 +54,10 @@ class MatmulPlan:
     (the output matmul has none); X and W are always E4M3, the format with more precision.
     `power_of_two_scales` (FP8): round each scale up to a power of two (scaling then loses no precision).
     `fast_accumulation` (FP8): let the FP8 kernel accumulate in its faster, less precise mode.
+    `k_block_scales` (INT8; grad_weight only, see LinearPlan): scale the left operand per row per K_BLOCK (128)
+    elements of K instead of per row: grad_weight's dY.T per output feature per 128 tokens, each block of tokens
+    scaled to its own abs-max, where one scale over all tokens lets a few large gradients (attention's q/k) round
+    the others coarsely. The right operand keeps a scale per column.
     """
 
     format: str | None = None
@@ -61,12 +66,15 @@ class MatmulPlan:
     grad_dtype: torch.dtype = E4M3
     power_of_two_scales: bool = False
     fast_accumulation: bool = False
+    k_block_scales: bool = False
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"MatmulPlan format {self.format!r}: use one of {FORMATS}")
         if self.stochastic_rounding and not self.int8:
             raise ValueError("MatmulPlan: stochastic_rounding needs a quantized format, and is implemented for INT8")
+        if self.k_block_scales and not self.int8:
+            raise ValueError("MatmulPlan: k_block_scales is implemented for INT8")
         if self.scaling not in SCALINGS:
             raise ValueError(f"MatmulPlan scaling {self.scaling!r}: use one of {SCALINGS}")
         if self.grad_dtype not in FP8_DTYPES:
@@ -124,12 +132,16 @@ class LinearPlan:
         if self.output.grad_dtype != E4M3:
             raise ValueError("LinearPlan: the output matmul has no gradient operand; give grad_dtype to the "
                              "grad_input and grad_weight plans")
+        if self.output.k_block_scales or self.grad_input.k_block_scales:
+            raise ValueError("LinearPlan: k_block_scales is for grad_weight, whose K is the tokens (dY is quantized "
+                             "by columns there)")
 
 
 class QuantizedOperand(NamedTuple):
     """A quantized matmul operand: INT8 or FP8 values `q` with the reduced dimension contiguous, and their
     scales along the kept dimension ([M, 1] for a left operand, [1, N] for a right one, or one element for the
-    whole operand), such that `q * scale` approximates the operand."""
+    whole operand), such that `q * scale` approximates the operand; or an INT8 left operand's scales per row per
+    128 elements of K ([M, ceil(K / 128)], `MatmulPlan.k_block_scales`)."""
 
     q: Tensor
     scale: Tensor
@@ -144,13 +156,15 @@ Int8Operand = QuantizedOperand  # the name the INT8 recipes use
 
 def quantize_operand(t: Tensor, axis: int, matmul: MatmulPlan, kind: str, amax: Tensor | None = None,
                      row_multipliers: Tensor | None = None) -> QuantizedOperand:
-    """`t` [R, C] quantized for the (quantized) `matmul`, reducing `axis` (1: a left operand, 0: a right one).
-    `kind` is the operand's role, "activation", "weight" or "gradient": it picks the FP8 dtype. `amax`: what
+    """`t` [R, C] quantized for the (quantized) `matmul`, reducing `axis` (1: a left operand, 0: a right one, or
+    grad_weight's dY, whose transpose is its left operand). `kind` is the operand's role, "activation", "weight" or
+    "gradient": it picks the FP8 dtype, and grad_weight's gradient takes the plan's `k_block_scales`. `amax`: what
     `quantize_rows_keeping_amax` kept of `t` for this matmul (the abs-max of all of `t` for FP8 tensor-wise scales, of
     each of its columns for INT8 and axis 0). `row_multipliers` [R, 1] (axis 0): quantize `t` with each row multiplied
     by its number, in float32."""
     if matmul.int8:
-        return QuantizedOperand(*quantize_int8(t, axis, matmul.stochastic_rounding, row_multipliers, amax))
+        k_blocks = matmul.k_block_scales and kind == "gradient"
+        return QuantizedOperand(*quantize_int8(t, axis, matmul.stochastic_rounding, row_multipliers, amax, k_blocks))
     if row_multipliers is not None:
         t = t.float() * row_multipliers.float()
     return QuantizedOperand(*quantize_fp8(t, axis, _fp8_dtype(matmul, kind), matmul.scaling,
@@ -187,9 +201,11 @@ def _quantize_operand_pair(t: Tensor, rows: MatmulPlan | None, cols: MatmulPlan 
                            col_row_multipliers: Tensor | None = None):
     """The gradient `t` [R, C] quantized per row for the `rows` matmul and per column for the `cols` matmul
     (either may be None: not needed), the latter with each row of `t` multiplied by `col_row_multipliers` [R, 1]
-    where given. One op when both are INT8 and round alike; with FP8 row-wise scales, the abs-maxima along both axes
+    where given. One op when both are INT8 and round alike (and the columns take no scales per block of rows, which
+    a pass of their own finds as it reads t); with FP8 row-wise scales, the abs-maxima along both axes
     in one read; one FP8 cast, transposed for the other layout, when both scale it tensor-wise alike."""
-    if rows and cols and rows.int8 and cols.int8 and rows.stochastic_rounding == cols.stochastic_rounding:
+    if (rows and cols and rows.int8 and cols.int8 and rows.stochastic_rounding == cols.stochastic_rounding
+            and not cols.k_block_scales):
         q_rows, row_scale, q_cols, col_scale = quantize_int8_rows_and_cols(t, rows.stochastic_rounding,
                                                                            col_row_multipliers)
         return QuantizedOperand(q_rows, row_scale), QuantizedOperand(q_cols, col_scale)

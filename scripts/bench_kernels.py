@@ -139,9 +139,19 @@ def bench_training_matmul(matmul: str, m: int, n: int, k: int) -> dict:
     fp8_row_scale, fp8_col_scale = row_scale.float(), col_scale.float()
     a_bf16, b_bf16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
     ops = 2 * m * n * k
+    k_blocks_tops, k_blocks_rel_err = float("nan"), float("nan")
+    if matmul == "grad_weight":  # also with a scale per row per 128 tokens (grad_weight_token_blocks)
+        block_scale = torch.rand(m, triton.cdiv(k, int8_mm.K_BLOCK), device=DEVICE, dtype=torch.bfloat16) + 0.5
+        got = scaled_int8_mm(a, b, block_scale, col_scale)
+        expected = sum(torch._int_mm(a[:, start:start + int8_mm.K_BLOCK], b[start:start + int8_mm.K_BLOCK]).float()
+                       * block_scale[:, j:j + 1].float() for j, start in enumerate(range(0, k, int8_mm.K_BLOCK)))
+        expected = expected * col_scale.float()
+        k_blocks_rel_err = ((got.float() - expected).norm() / expected.norm()).item()
+        k_blocks_tops = ops / time_ms(lambda: scaled_int8_mm(a, b, block_scale, col_scale)) / 1e9
     return {
         "matmul": matmul, "m": m, "n": n, "k": k, "kernel": os.environ.get("QT_INT8_MM_KERNEL", "auto"),
         "config": config, "mismatched": mismatched,
+        "int8_k_blocks_tops": k_blocks_tops, "int8_k_blocks_rel_err": k_blocks_rel_err,
         "int8_tops": ops / time_ms(lambda: scaled_int8_mm(a, b, row_scale, col_scale)) / 1e9,
         "fp8_tflops": ops / time_ms(lambda: torch._scaled_mm(a_fp8, b_fp8, fp8_row_scale, fp8_col_scale,
                                                              out_dtype=torch.bfloat16)) / 1e9,
@@ -154,15 +164,19 @@ def training_matmuls_markdown(device: str, model: str, rows: list[dict]) -> str:
         f"## A training step's matmuls on {device} (torch {torch.__version__}, triton {triton.__version__})",
         "",
         f"{model} linears over the tokens of one step, K-contiguous operands (the recipes' layout); "
-        f"qt's scaled INT8 matmul, torch._scaled_mm FP8 E4M3 with row-wise scales, bf16 torch.mm; {timing()}.",
+        f"qt's scaled INT8 matmul, torch._scaled_mm FP8 E4M3 with row-wise scales, bf16 torch.mm; {timing()}. "
+        "grad_weight also with a scale per row of a per 128 tokens (K), as grad_weight_token_blocks runs it "
+        "(relative error against torch._int_mm block by block).",
         "",
-        "| matmul | M x N x K | QT_INT8_MM_KERNEL | INT8 TOP/s | INT8 config (bits differing from _int_mm) "
-        "| FP8 TFLOP/s | bf16 TFLOP/s | INT8 / FP8 | INT8 / bf16 |",
-        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
+        "| matmul | M x N x K | QT_INT8_MM_KERNEL | INT8 TOP/s | INT8, scales per 128 of K: TOP/s (rel. err) "
+        "| INT8 config (bits differing from _int_mm) | FP8 TFLOP/s | bf16 TFLOP/s | INT8 / FP8 | INT8 / bf16 |",
+        "| --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        k_blocks = (f"{r['int8_k_blocks_tops']:.0f} ({r['int8_k_blocks_rel_err']:.1e})"
+                    if r["matmul"] == "grad_weight" else "")
         lines.append(f"| {r['matmul']} | {r['m']} x {r['n']} x {r['k']} | {r['kernel']} | {r['int8_tops']:.0f} "
-                     f"| {r['config']} ({r['mismatched']:.1%}) "
+                     f"| {k_blocks} | {r['config']} ({r['mismatched']:.1%}) "
                      f"| {r['fp8_tflops']:.0f} | {r['bf16_tflops']:.0f} | {r['int8_tops'] / r['fp8_tflops']:.2f} "
                      f"| {r['int8_tops'] / r['bf16_tflops']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -198,6 +212,10 @@ QUANTIZE_MODES = {  # name -> (qt function, the same math in torch ops) on x
                               lambda x: (*_torch_quantize_int8(x, 1, None), abs_max(x, 0))),
     "columns, kept amax": (lambda x, sr: quantize_int8(x, 0, sr, col_amax=col_amax(x)),
                            lambda x: _torch_quantize_int8(x, 0, None)),
+    # grad_weight_token_blocks: dY's columns per 128 tokens, X's scales folded in (its rows: the "rows" pass).
+    "columns per 128 rows, multiplied": (
+        lambda x, sr: quantize_int8(x, 0, sr, row_multipliers(x), k_blocks=True),
+        lambda x: _torch_quantize_int8(x, 0, None, row_multipliers(x), k_blocks=True)),
 }
 BASELINE_MODES = {  # name -> the call of a baseline module
     "rows": lambda module, x, sr: module.quantize_int8(x, 1, sr),
@@ -242,7 +260,7 @@ def bench_quantize(x: torch.Tensor, mode: str, stochastic: bool, baseline=None) 
     baseline_ms = float("nan")
     if baseline is not None:
         # A baseline from before round 9 has neither the kept maxima's function nor quantize_int8's col_amax.
-        if hasattr(baseline, "quantize_int8_rows_keeping_col_amax") or "amax" not in mode:
+        if mode in BASELINE_MODES and (hasattr(baseline, "quantize_int8_rows_keeping_col_amax") or "amax" not in mode):
             baseline_ms = time_ms(lambda: BASELINE_MODES[mode](baseline, x, stochastic))
     return {
         "shape": list(x.shape), "mode": mode, "stochastic": stochastic, "ok": bool(ok),

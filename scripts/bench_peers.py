@@ -64,8 +64,10 @@ ACTIVE_TOKENS = 1024  # the synthetic stream's tokens: learnable within a few do
 # or not (fewer quantize passes, but a column-major copy of the codes: int8_mixed_precision's default since round
 # 11, where qt's kernel makes that copy; docs/benchmarks.md).
 QT_VARIANTS = {"int8_weight_only": {"int8_activations": {"int8_activations": True}},
-               "int8_mixed_precision": {"X by columns": {"grad_weight_sees_quantized_input": False}},
-               "bitnet": {"int8 backward": {"int8_backward": True}},
+               "int8_mixed_precision": {"X by columns": {"grad_weight_sees_quantized_input": False},
+                                        "token blocks": {"grad_weight_token_blocks": True}},
+               "bitnet": {"int8 backward": {"int8_backward": True},
+                          "int8 backward token blocks": {"int8_backward": True, "grad_weight_token_blocks": True}},
                "fp8_mixed_precision": {"codes": {"grad_weight_sees_quantized_input": True},
                                        "rowwise": {"scaling": "rowwise"},
                                        "rowwise X by columns": {"scaling": "rowwise",

@@ -12,11 +12,12 @@ def build():
     torch.manual_seed(0)
     # bf16, as users train: Inductor pattern-matches bf16 matmuls with INT8 weights specially.
     model = nn.Sequential(nn.Linear(256, 128, bias=False), nn.GELU(), nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 32),
-                          nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32))
+                          nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32))
     model.to(torch.bfloat16)
     recipes = {0: ("int8_weight_only", {}), 2: ("int8_mixed_precision", {}), 4: ("bitnet", {}),
                6: ("int8_mixed_precision", {"grad_weight_sees_quantized_input": False}),
-               8: ("bitnet", {"int8_backward": True})}
+               8: ("bitnet", {"int8_backward": True}),
+               10: ("bitnet", {"int8_backward": True, "grad_weight_token_blocks": True})}
     for index, (recipe, options) in recipes.items():
         qt.quantize_(model, recipe, **options, filter_fn=lambda m, name, index=index: name == str(index))
     return model
@@ -32,7 +33,8 @@ def loss_and_grads(model, forward, x):
 
 def test_compiled_forward_and_backward_match_eager():
     model = build()
-    x = torch.randn(64, 256, dtype=torch.bfloat16, requires_grad=True)  # every linear computes grad_input
+    # Every linear computes grad_input; 300 tokens make three blocks of grad_weight_token_blocks' scales.
+    x = torch.randn(300, 256, dtype=torch.bfloat16, requires_grad=True)
     eager_loss, eager_grads = loss_and_grads(model, model, x)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break is an error

@@ -38,8 +38,11 @@ from qt.subclass import QuantizedWeight, keep_for_current_stream
 _MIN_WEIGHT_SCALE = 1e-5  # the reference implementation's clamp: keeps an all-zero weight finite
 # The forward in INT8 (X row-wise, the ternary weight); the backward in high precision, straight through.
 BITNET_PLAN = LinearPlan(output=MatmulPlan("int8"), grad_weight_sees_quantized_input=True)
-# The straight-through backward with its two matmuls in INT8 too (`int8_backward`).
+# The straight-through backward with its two matmuls in INT8 too (`int8_backward`), and with grad_weight's dY
+# scaled per 128 tokens (`grad_weight_token_blocks`).
 BITNET_INT8_BACKWARD_PLAN = LinearPlan(*[MatmulPlan("int8")] * 3, grad_weight_sees_quantized_input=True)
+BITNET_INT8_BACKWARD_TOKEN_BLOCKS_PLAN = dataclasses.replace(
+    BITNET_INT8_BACKWARD_PLAN, grad_weight=MatmulPlan("int8", k_block_scales=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,17 +59,31 @@ class BitNetConfig(RecipeConfig):
     op; W's ternary codes as they are; grad_weight from X's codes as the forward quantized them) instead of in the
     compute dtype. Not BitNet b1.58's method, whose backward is in high precision. Off by default: on TinyLlama's
     shape it trains at 1.05x BF16 against bitnet's 0.96x (H100), but the 124M run's validation loss trailed
-    bitnet's by 0.008-0.024 at every evaluation (docs/benchmarks.md, round 12)."""
+    bitnet's by 0.008-0.024 at every evaluation (docs/benchmarks.md, round 12).
+
+    `grad_weight_token_blocks` (with `int8_backward`): grad_weight's dY quantized with a scale per output feature per
+    128 tokens instead of one over all tokens (`qt.linear.MatmulPlan.k_block_scales`). On the CPU probe of 16,384
+    tokens of a small Llama, grad_weight's SQNR against BF16's straight-through gradient rose from 37.6 to 48.0 dB
+    (q/k projections: 27-31 dB over all tokens; docs/probes/). Off by default: not yet timed on a GPU."""
 
     name = "bitnet"
     ternary_all_gather: bool = False
     int8_backward: bool = False
+    grad_weight_token_blocks: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.grad_weight_token_blocks and not self.int8_backward:
+            raise ValueError("recipe 'bitnet' option grad_weight_token_blocks=True scales grad_weight's INT8 operand: "
+                             "it needs int8_backward=True (bitnet's own backward runs in high precision)")
 
     def quantize_weight(self, weight: Tensor) -> Tensor:
         return BitNetWeight(weight, self)
 
     @property
     def plan(self) -> LinearPlan:
+        if self.grad_weight_token_blocks:
+            return BITNET_INT8_BACKWARD_TOKEN_BLOCKS_PLAN
         return BITNET_INT8_BACKWARD_PLAN if self.int8_backward else BITNET_PLAN
 
 

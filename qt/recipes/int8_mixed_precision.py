@@ -4,7 +4,7 @@ Each of a linear's three matmuls can run as a dynamically quantized INT8 matmul 
 
     output      = X  @ W.T    X row-wise,     W row-wise
     grad_input  = dY @ W      dY row-wise,    W column-wise
-    grad_weight = dY.T @ X    dY column-wise, X column-wise
+    grad_weight = dY.T @ X    dY column-wise (or per 128 tokens), X column-wise
 
 The master is saved for the backward as it is (no extra memory) and quantized where each matmul runs. With
 `int8_all_gather`, FSDP2 all-gathers the weight as the forward quantizes it (INT8 rows and their scales: about
@@ -46,7 +46,12 @@ class Int8MixedPrecisionConfig(RecipeConfig):
     round 9 gave 3.428 without it). It rounds grad_weight differently: worse where a few channels of X hold
     outliers, better where tokens differ in size (tests/test_linear.py). False quantizes X by columns for
     grad_weight, as before round 11. With `grad_weight=False`, True gives grad_weight = dY.T @ dequantized X
-    (BitNet's straight-through estimator)."""
+    (BitNet's straight-through estimator).
+
+    `grad_weight_token_blocks`: quantize grad_weight's dY with a scale per output feature per 128 tokens instead of
+    one over all tokens (`MatmulPlan.k_block_scales`): finer where a few tokens' gradients are much larger than the
+    rest, for one scale per 128 values more and a pass over dY of its own (the both-axes op cannot find the blocks'
+    maxima as it reads dY by rows). Off by default: not yet timed on a GPU."""
 
     name = "int8_mixed_precision"
     output: bool = True
@@ -55,9 +60,13 @@ class Int8MixedPrecisionConfig(RecipeConfig):
     stochastic_rounding: bool = False
     int8_all_gather: bool = False
     grad_weight_sees_quantized_input: bool | None = None
+    grad_weight_token_blocks: bool = False
 
     def __post_init__(self):
         super().__post_init__()
+        if self.grad_weight_token_blocks and not self.grad_weight:
+            raise ValueError(f"recipe '{self.name}' option grad_weight_token_blocks=True scales grad_weight's INT8 "
+                             "operand: it needs grad_weight=True")
         if self.grad_weight_sees_quantized_input is None:
             object.__setattr__(self, "grad_weight_sees_quantized_input", self.output and self.grad_weight)
         for option in ("int8_all_gather", "grad_weight_sees_quantized_input"):
@@ -71,7 +80,9 @@ class Int8MixedPrecisionConfig(RecipeConfig):
     @property
     def plan(self) -> LinearPlan:
         int8 = MatmulPlan("int8", self.stochastic_rounding)
-        return LinearPlan(*(int8 if on else HIGH_PRECISION for on in (self.output, self.grad_input, self.grad_weight)),
+        grad_weight = MatmulPlan("int8", self.stochastic_rounding, k_block_scales=self.grad_weight_token_blocks)
+        return LinearPlan(int8 if self.output else HIGH_PRECISION, int8 if self.grad_input else HIGH_PRECISION,
+                          grad_weight if self.grad_weight else HIGH_PRECISION,
                           grad_weight_sees_quantized_input=self.grad_weight_sees_quantized_input)
 
     @property
