@@ -26,7 +26,8 @@ pytestmark = [
 RECIPES = [("int8_mixed_precision", {}), ("int8_mixed_precision", {"stochastic_rounding": True}),
            ("int8_mixed_precision", {"grad_weight_sees_quantized_input": False}),
            ("int8_weight_only", {}), ("int8_weight_only", {"int8_activations": True}), ("bitnet", {}),
-           ("bitnet", {"int8_backward": True})]
+           ("bitnet", {"int8_backward": True}), ("int8_mixed_precision", {"grad_weight_token_blocks": True}),
+           ("bitnet", {"int8_backward": True, "grad_weight_token_blocks": True})]
 
 
 def linear_case(recipe, kwargs, tokens=1000, in_features=768, out_features=640):
@@ -108,10 +109,31 @@ def test_quantize_kernels_give_the_torch_ops_bits(shape, dtype, stochastic):
         kept = quantize_int8_rows_keeping_col_amax(x, stochastic)
         return (*quantize_int8(x, 1, stochastic), *quantize_int8(x, 0, stochastic), *kept,
                 *quantize_int8(x, 0, stochastic, col_amax=kept[2]), *quantize_int8_rows_and_cols(x, stochastic),
-                *quantize_int8_rows_and_cols(x, stochastic, col_row_multipliers=multipliers))
+                *quantize_int8_rows_and_cols(x, stochastic, col_row_multipliers=multipliers),
+                *quantize_int8(x, 0, stochastic, multipliers, k_blocks=True))
 
     for got, want in zip(through("triton", every_result)(), through("torch", every_result)()):
         assert got.stride() == want.stride() and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(2048, 5632, 16384), (640, 768, 1000), (5, 9, 130)])
+@pytest.mark.parametrize("kernel", ["auto", "tma", "classic"])
+def test_scales_per_block_of_k_in_each_kernel(shape, kernel, monkeypatch):
+    """scaled_int8_mm with a scale per row per 128 elements of K (grad_weight_token_blocks: K is the tokens) against
+    the torch path; auto never takes the Gluon kernel for it. 1000 and 130 leave K unaligned for TMA (the classic
+    kernel then)."""
+    from qt.kernels import scaled_int8_mm
+    from qt.kernels.int8_mm import K_BLOCK
+
+    monkeypatch.setenv("QT_INT8_MM_KERNEL", kernel)
+    m, n, k = shape
+    torch.manual_seed(0)
+    a = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8).t()
+    row_scale = torch.rand(m, -(-k // K_BLOCK), device="cuda", dtype=torch.bfloat16) + 0.5
+    col_scale = torch.rand(1, n, device="cuda", dtype=torch.bfloat16) + 0.5
+    got = through("triton", scaled_int8_mm)(a, b, row_scale, col_scale)
+    assert rel_err(got, through("torch", scaled_int8_mm)(a, b, row_scale, col_scale)) < 1e-3
 
 
 @pytest.mark.parametrize("shape", [(16384, 2048), (16384, 5632), (333, 9000), (7, 3)])

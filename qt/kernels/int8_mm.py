@@ -357,12 +357,17 @@ if triton is not None:
         row_scale = tl.load(row_scale_ptr + offs_m * stride_row_scale + k_block * stride_row_scale_k, mask=offs_m < M)
         return scaled_acc + block_acc.to(tl.float32) * row_scale.to(tl.float32)[:, None]
 
+    _K_STEP_OF_A_BLOCK = tl.constexpr(K_BLOCK)
+
     @triton.jit
     def _accumulate(acc, a, b, row_scale_ptr, offs_m, M, k_block, stride_row_scale, stride_row_scale_k,
                     K_BLOCK_SCALED: tl.constexpr):
         """``acc`` after the K step ``a @ b``: int32 sums, or with K_BLOCK_SCALED (a K step is then a block) fp32 sums
         of each block's int32 sums times its row scales."""
         if K_BLOCK_SCALED:
+            # The autotuner's pruning (_k_block_tiles) leaves only such configs; a K step of any other length would
+            # give wrong sums, so it fails to compile instead.
+            tl.static_assert(a.shape[1] == _K_STEP_OF_A_BLOCK, "scales per block of K need a K step of K_BLOCK")
             return _add_k_block(acc, tl.dot(a, b, out_dtype=tl.int32), row_scale_ptr, offs_m, M, k_block,
                                 stride_row_scale, stride_row_scale_k)
         return tl.dot(a, b, acc, out_dtype=tl.int32)
