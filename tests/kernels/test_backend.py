@@ -231,4 +231,5 @@ def test_a_tensor_read_by_several_kernels_is_stored_once(registration, tmp_path,
     if registration == "with":
         assert product_stores == [1]
     else:  # the problem the registration solves; should torch solve it itself, the registration can go
-        assert product_stores == [3], "torch now stores such a tensor once by itself: see qt/kernels/backend.py"
+        # (Stored for each of the three launches until round 21; for two since quantize_int8 took k_blocks.)
+        assert product_stores[0] > 1, "torch now stores such a tensor once by itself: see qt/kernels/backend.py"
