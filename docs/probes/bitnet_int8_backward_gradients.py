@@ -1,6 +1,7 @@
 """How close bitnet's INT8 backward gradients come to its straight-through BF16 gradients, per linear, on a small
 BitNet Llama trained briefly on the corpus: grad_input from dY by rows, grad_weight from (s * dY) by columns over
-all tokens (int8_backward), and alternatives for grad_weight: per-128-token blocks, stochastic rounding.
+all tokens (int8_backward), and alternatives for grad_weight: per-128-token blocks, stochastic rounding; since round
+22 also grad_weight as `grad_weight_token_blocks=True` computes it (qt's quantize_int8 k_blocks and scaled_int8_mm).
 
 The record of a one-off CPU analysis (docs/benchmarks.md, round 21), not part of the package or its tests:
     python docs/probes/bitnet_int8_backward_gradients.py STEPS CAPTURE_SEQUENCES [TRAIN_TOKENS_BIN]
@@ -13,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 import qt
-from qt.kernels import quantize_int8
+from qt.kernels import quantize_int8, scaled_int8_mm, to_column_major
 from qt.recipes.bitnet import ternarize
 
 torch.manual_seed(0)
@@ -83,13 +84,16 @@ for name, c in captured.items():
     gw_cols_sr = (fq(sdy, 0, True)).T @ xq.float()
     gw_b128 = fq_blocks(sdy, 128).T @ xq.float()
     gw_b32 = fq_blocks(sdy, 32).T @ xq.float()
+    dy_q, dy_s = quantize_int8(dy, 0, row_multipliers=xs, k_blocks=True)  # grad_weight_token_blocks' math
+    gw_recipe = scaled_int8_mm(dy_q.T, to_column_major(xq), dy_s.T, xs.new_ones(1, x.shape[1]))
     gx_rows = fq(dy, 1) @ (wt.float() * ws)
     tok_norm = dy.norm(dim=1)
     spread = (tok_norm.quantile(0.99) / tok_norm.median()).item()
     rows.append((name, sqnr(gx_rows, gx_ref), sqnr(gw_cols, gw_ref), sqnr(gw_cols_sr, gw_ref), sqnr(gw_b128, gw_ref),
-                 sqnr(gw_b32, gw_ref), spread))
-print(f"{'linear':42s} {'gx rows':>8s} {'gw cols':>8s} {'gw SR':>8s} {'gw b128':>8s} {'gw b32':>8s} {'dY p99/med':>10s}")
+                 sqnr(gw_b32, gw_ref), sqnr(gw_recipe, gw_ref), spread))
+print(f"{'linear':42s} {'gx rows':>8s} {'gw cols':>8s} {'gw SR':>8s} {'gw b128':>8s} {'gw b32':>8s} {'gw qt b128':>10s} "
+      f"{'dY p99/med':>10s}")
 for r in rows:
-    print(f"{r[0]:42s} " + " ".join(f"{v:8.1f}" for v in r[1:6]) + f" {r[6]:10.1f}")
+    print(f"{r[0]:42s} " + " ".join(f"{v:8.1f}" for v in r[1:6]) + f" {r[6]:10.1f} {r[7]:10.1f}")
 means = np.array([r[1:] for r in rows]).mean(0)
-print(f"{'mean':42s} " + " ".join(f"{v:8.1f}" for v in means[:5]) + f" {means[5]:10.1f}")
+print(f"{'mean':42s} " + " ".join(f"{v:8.1f}" for v in means[:5]) + f" {means[5]:10.1f} {means[6]:10.1f}")
