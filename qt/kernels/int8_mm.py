@@ -364,13 +364,17 @@ if triton is not None:
                     K_BLOCK_SCALED: tl.constexpr):
         """``acc`` after the K step ``a @ b``: int32 sums, or with K_BLOCK_SCALED (a K step is then a block) fp32 sums
         of each block's int32 sums times its row scales."""
+        # One return after the branches: Triton's compiler (not its interpreter) fails on a return inside a
+        # constexpr branch followed by another of a different type.
         if K_BLOCK_SCALED:
             # The autotuner's pruning (_k_block_tiles) leaves only such configs; a K step of any other length would
             # give wrong sums, so it fails to compile instead.
             tl.static_assert(a.shape[1] == _K_STEP_OF_A_BLOCK, "scales per block of K need a K step of K_BLOCK")
-            return _add_k_block(acc, tl.dot(a, b, out_dtype=tl.int32), row_scale_ptr, offs_m, M, k_block,
-                                stride_row_scale, stride_row_scale_k)
-        return tl.dot(a, b, acc, out_dtype=tl.int32)
+            acc = _add_k_block(acc, tl.dot(a, b, out_dtype=tl.int32), row_scale_ptr, offs_m, M, k_block,
+                               stride_row_scale, stride_row_scale_k)
+        else:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        return acc
 
     @triton.jit
     def _scaled(acc, row_scale_ptr, col_scale_ptr, offs_m, offs_n, M, N, stride_row_scale, stride_col_scale):
@@ -389,8 +393,10 @@ if triton is not None:
         column scales."""
         if K_BLOCK_SCALED:
             col_scale = tl.load(col_scale_ptr + offs_n * stride_col_scale, mask=offs_n < N).to(tl.float32)
-            return acc * col_scale[None, :]
-        return _scaled(acc, row_scale_ptr, col_scale_ptr, offs_m, offs_n, M, N, stride_row_scale, stride_col_scale)
+            out = acc * col_scale[None, :]
+        else:
+            out = _scaled(acc, row_scale_ptr, col_scale_ptr, offs_m, offs_n, M, N, stride_row_scale, stride_col_scale)
+        return out
 
     # M_BUCKET and K_BUCKET (rounded up to a power of two) stand in for M and K in the key: the token count,
     # which is M of the forward and grad_input matmuls and K of grad_weight's, changes from batch to batch
