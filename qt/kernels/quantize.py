@@ -583,12 +583,14 @@ def _triton_quantize_col_blocks(x: Tensor, seed: Tensor | None,
     q, scale = _empty_outputs(x, 0, k_blocks=True)
     block_c, warps = (32, 4) if os.environ.get("TRITON_INTERPRET") == "1" else (64, 8)
     grid = (triton.cdiv(x.shape[0], K_BLOCK), triton.cdiv(x.shape[1], block_c))
-    # The tile pass at a fixed tile (its autotuner's configs have other heights).
+    # The tile pass at a fixed tile (its autotuner's configs have other heights). Every argument is passed, defaults
+    # too: torch.compile reads which tensors a kernel writes from its IR, and where it cannot build that (an argument
+    # missing) it takes every input as written, and copies x for the kernel.
     wrap_triton(_tile_quantize_kernel.fn)[grid](
         x, None, q, scale, seed, row_multipliers, x.shape[0], x.shape[1], x.stride(0), x.stride(1),
         MIN_AMAX=_min_amax(x.dtype), ROWS=False, MULTIPLIED=row_multipliers is not None, STOCHASTIC=seed is not None,
         SEED_INDEX=0, SCALE_IS_BF16=scale.dtype == torch.bfloat16, BLOCK_R=K_BLOCK, BLOCK_C=block_c,
-        TILE_AMAX=True, num_warps=warps,
+        QMAX=INT8_CODES.largest, POWER_OF_TWO=False, TILE_AMAX=True, num_warps=warps,
     )  # fmt: skip
     return q, scale
 
@@ -605,7 +607,7 @@ def _triton_tile_quantize(x: Tensor, amax: Tensor, seeds: Tensor | None, seed_in
         x, amax, q, scale, seeds, row_multipliers, x.shape[0], x.shape[1], x.stride(0), x.stride(1),
         MIN_AMAX=codes.min_amax(x.dtype), ROWS=rows, MULTIPLIED=row_multipliers is not None,
         STOCHASTIC=seeds is not None, SEED_INDEX=seed_index, SCALE_IS_BF16=scale.dtype == torch.bfloat16,
-        QMAX=codes.largest, POWER_OF_TWO=codes.power_of_two,
+        QMAX=codes.largest, POWER_OF_TWO=codes.power_of_two, TILE_AMAX=False,
     )  # fmt: skip
     return q, scale
 

@@ -231,5 +231,39 @@ def test_a_tensor_read_by_several_kernels_is_stored_once(registration, tmp_path,
     if registration == "with":
         assert product_stores == [1]
     else:  # the problem the registration solves; should torch solve it itself, the registration can go
-        # (Stored for each of the three launches until round 21; for two since quantize_int8 took k_blocks.)
-        assert product_stores[0] > 1, "torch now stores such a tensor once by itself: see qt/kernels/backend.py"
+        assert product_stores == [3], "torch now stores such a tensor once by itself: see qt/kernels/backend.py"
+
+
+# Every launch of qt's kernels, compiled: each op's Triton kernels, with the arguments each takes.
+_EVERY_LAUNCH_SCRIPT = """
+from qt.kernels import quantize_int8, quantize_int8_rows_and_cols, quantize_int8_rows_keeping_col_amax, scaled_int8_mm
+from qt.kernels import to_column_major
+from qt.kernels.quantize import quantize_fp8_rows_and_cols
+
+def every_launch(x, multipliers):
+    rows_q, rows_scale, col_amax = quantize_int8_rows_keeping_col_amax(x)
+    cols = quantize_int8(x, 0, col_amax=col_amax)
+    blocks_q, blocks_scale = quantize_int8(x, 0, row_multipliers=multipliers, k_blocks=True)
+    both = quantize_int8_rows_and_cols(x, col_row_multipliers=multipliers)
+    fp8 = quantize_fp8_rows_and_cols(x, torch.float8_e4m3fn, torch.float8_e5m2, False, True, multipliers)
+    product = scaled_int8_mm(rows_q, to_column_major(both[0]).T, rows_scale, both[1].T)
+    by_block = scaled_int8_mm(blocks_q.T, to_column_major(rows_q), blocks_scale.T, rows_scale.new_ones(1, 256))
+    return cols, both, fp8, product, by_block
+
+try:
+    torch.compile(every_launch, fullgraph=True)(torch.randn(300, 256, dtype=torch.bfloat16),
+                                                torch.rand(300, dtype=torch.bfloat16))
+except Exception:  # the launch, with no GPU
+    pass
+"""
+
+
+@pytest.mark.slow  # a process of its own, compiling
+def test_compile_reads_what_each_kernel_writes(tmp_path):
+    """torch.compile finds which tensors each of qt's Triton launches writes from the kernel's IR; where it cannot
+    (e.g. an argument left to its default), it warns, takes every input as written and copies them for the kernel."""
+    result = inductor_for_a_gpu.run(_EVERY_LAUNCH_SCRIPT, tmp_path, log_code=True)
+    launched = set(re.findall(r"\b(_\w+_kernel)_\d+\.run\(", result.stderr))
+    assert {"_quantize_whole_rows_kernel", "_tile_quantize_kernel", "_scaled_int8_mm_kernel"} <= launched, (
+        result.stderr[-3000:])
+    assert "assuming every input is mutated" not in result.stderr, result.stderr[-6000:]
