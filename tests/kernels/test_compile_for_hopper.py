@@ -1,7 +1,7 @@
 """qt's Triton kernels compiled for a Hopper GPU (sm_90) on a machine without one, by Triton's compiler and ptxas.
 
 The other kernel tests run the kernels in Triton's CPU interpreter, which executes their Python and never compiles
-them: a kernel it runs correctly can still fail to compile (round 22's first matmul with a scale per block of K did:
+them (and takes its own branch of the FP8 cast): a kernel it runs correctly can still fail to compile (round 22's first matmul with a scale per block of K did:
 a return inside a constexpr branch, then one of another type). Nothing is launched here; a compile error, or a matmul
 compiled without wgmma, fails the test. In a process of its own: the test suite's Triton interpreter replaces
 `triton.jit` functions with Python ones that the compiler cannot take."""
@@ -19,7 +19,7 @@ import inspect, sys, traceback
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from qt.kernels import int8_mm, quantize
+from qt.kernels import int8_mm, layout, quantize
 
 
 def compile_for_hopper(kernel, pointers, constexprs, num_warps, num_stages=3):
@@ -59,6 +59,20 @@ for stochastic in (False, True):  # a linear's dY by rows, folding its columns' 
         {"MIN_AMAX": 1e-12, "STOCHASTIC": stochastic, "SCALE_IS_BF16": True, "COL_AMAX": True, "COLS_MULTIPLIED": True,
          "BLOCK_ROWS": block_rows, "BLOCK_COLS": 8192, "BLOCKS_PER_PROGRAM": blocks, "NUM_STAGES": stages}, warps, 1,
         False)
+# FP8 codes (qt.kernels.quantize.Codes): the cast the interpreter replaces with its own rounding.
+for code_type, largest in (("*fp8e4nv", 448.0), ("*fp8e5", 57344.0)):
+    cases[f"whole rows {code_type}"] = (
+        quantize._quantize_whole_rows_kernel, {**WHOLE_ROWS, "q_ptr": code_type, "scale_ptr": "*fp32"},
+        {"MIN_AMAX": 1e-12, "STOCHASTIC": False, "SCALE_IS_BF16": False, "COL_AMAX": True, "COLS_MULTIPLIED": True,
+         "BLOCK_ROWS": 2, "BLOCK_COLS": 2048, "BLOCKS_PER_PROGRAM": 16, "NUM_STAGES": 1, "QMAX": largest,
+         "POWER_OF_TWO": True}, 4, 1, False)
+    cases[f"tile quantize {code_type}"] = (
+        quantize._tile_quantize_kernel, {**QUANTIZE, "q_ptr": code_type, "scale_ptr": "*fp32"},
+        {"MIN_AMAX": 1e-12, "ROWS": False, "MULTIPLIED": True, "STOCHASTIC": False, "SEED_INDEX": 0,
+         "SCALE_IS_BF16": False, "BLOCK_R": 128, "BLOCK_C": 64, "QMAX": largest, "POWER_OF_TWO": True}, 8, 1, False)
+cases["column-major copy of codes"] = (
+    layout._to_column_major_kernel, {"q_ptr": "*i8", "out_ptr": "*i8"},
+    {"BLOCK_ROWS": layout._BLOCK_ROWS, "BLOCK_COLS": layout._BLOCK_COLS}, layout._WARPS, 1, False)
 for name, (kernel, pointers, constexprs, warps, stages, matmul) in cases.items():
     try:
         compiled = compile_for_hopper(kernel, pointers, constexprs, warps, stages)
