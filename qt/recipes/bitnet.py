@@ -64,7 +64,8 @@ class BitNetConfig(RecipeConfig):
     `grad_weight_token_blocks` (with `int8_backward`): grad_weight's dY quantized with a scale per output feature per
     128 tokens instead of one over all tokens (`qt.linear.MatmulPlan.k_block_scales`). On the CPU probe of 16,384
     tokens of a small Llama, grad_weight's SQNR against BF16's straight-through gradient rose from 37.6 to 48.0 dB
-    (q/k projections: 27-31 dB over all tokens; docs/probes/). Off by default: not yet timed on a GPU."""
+    on average (q/k projections: from 27.6-34.5 to 39.4-45.7 dB; docs/probes/). Off by default: not yet timed on a
+    GPU."""
 
     name = "bitnet"
     ternary_all_gather: bool = False

@@ -50,8 +50,8 @@ class Int8MixedPrecisionConfig(RecipeConfig):
 
     `grad_weight_token_blocks`: quantize grad_weight's dY with a scale per output feature per 128 tokens instead of
     one over all tokens (`MatmulPlan.k_block_scales`): finer where a few tokens' gradients are much larger than the
-    rest, for one scale per 128 values more and a pass over dY of its own (the both-axes op cannot find the blocks'
-    maxima as it reads dY by rows). Off by default: not yet timed on a GPU."""
+    rest, for one scale per 128 values more. dY's row-wise pass (grad_input) and its block pass are then two ops,
+    each reading dY once, where the both-axes op read it twice in one. Off by default: not yet timed on a GPU."""
 
     name = "int8_mixed_precision"
     output: bool = True
