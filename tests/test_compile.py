@@ -16,8 +16,8 @@ def build():
     model.to(torch.bfloat16)
     recipes = {0: ("int8_weight_only", {}), 2: ("int8_mixed_precision", {}), 4: ("bitnet", {}),
                6: ("int8_mixed_precision", {"grad_weight_sees_quantized_input": False}),
-               8: ("bitnet", {"int8_backward": True}),
-               10: ("bitnet", {"int8_backward": True, "grad_weight_token_blocks": True})}
+               8: ("bitnet", {"int8_backward": False}),
+               10: ("bitnet", {"grad_weight_token_blocks": True})}
     for index, (recipe, options) in recipes.items():
         qt.quantize_(model, recipe, **options, filter_fn=lambda m, name, index=index: name == str(index))
     return model

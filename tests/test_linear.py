@@ -43,7 +43,8 @@ def test_int8_mixed_precision_is_bit_exact_with_its_matmuls_written_separately(b
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_bitnet_forward_and_grad_weight_are_bit_exact_with_the_written_out_math(backend):
+def test_bitnet_high_precision_backward_is_bit_exact_with_the_written_out_math(backend):
+    """int8_backward=False: the forward's INT8 matmul, the backward's two in the compute dtype."""
     from qt.recipes.bitnet import ternarize
 
     linear, x, dy = make_case((33,), bias=False, in_features=48, out_features=40)
@@ -54,15 +55,15 @@ def test_bitnet_forward_and_grad_weight_are_bit_exact_with_the_written_out_math(
         return scaled_int8_mm(x_q, ternary.T, x_scale, w_scale), dy.T @ (x_q.float() * x_scale)
 
     out, grad_w = through(backend, written_out)()
-    qt.quantize_(linear, "bitnet", filter_fn=lambda m, n: True)
+    qt.quantize_(linear, "bitnet", int8_backward=False, filter_fn=lambda m, n: True)
     got_out, got_gx, got_gw, _ = through(backend, run_linear)(linear, x, dy)
     assert torch.equal(got_out, out) and torch.equal(got_gw, grad_w)
     torch.testing.assert_close(got_gx, dy @ (ternary.float() * w_scale))  # the scale now multiplies W first
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_bitnet_int8_backward_is_bit_exact_with_the_written_out_math(backend):
-    """int8_backward: dY both ways in one op (its columns with X's per-token scales folded in), grad_input against
+def test_bitnet_default_int8_backward_is_bit_exact_with_the_written_out_math(backend):
+    """The default (int8_backward): dY both ways in one op (its columns with X's per-token scales folded in), grad_input against
     W's ternary codes, grad_weight against X's codes from the forward."""
     from qt.recipes.bitnet import ternarize
 
@@ -77,7 +78,7 @@ def test_bitnet_int8_backward_is_bit_exact_with_the_written_out_math(backend):
                 scaled_int8_mm(dy_cols.T, x_q.t().contiguous().t(), dy_col_scale.T, x_scale.new_ones(1, x.shape[1])))
 
     expected = through(backend, written_out)()
-    qt.quantize_(linear, "bitnet", int8_backward=True, filter_fn=lambda m, n: True)
+    qt.quantize_(linear, "bitnet", filter_fn=lambda m, n: True)
     got = through(backend, run_linear)(linear, x, dy)[:3]
     for name, a, b in zip(("output", "grad_input", "grad_weight"), got, expected):
         assert torch.equal(a, b), name
@@ -298,7 +299,7 @@ def test_fp8_tensorwise_grad_weight_from_the_forwards_codes_gives_the_default_nu
 
 
 TOKEN_BLOCK_RECIPES = [("int8_mixed_precision", {}), ("int8_mixed_precision", {"grad_input": False}),
-                       ("bitnet", {"int8_backward": True})]
+                       ("bitnet", {})]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -344,7 +345,7 @@ def test_grad_weight_token_blocks_against_the_exact_gradient(kind):
 
 @pytest.mark.parametrize(("recipe", "options", "message"), [
     ("int8_mixed_precision", {"grad_weight": False}, "needs grad_weight=True"),
-    ("bitnet", {}, "needs int8_backward=True"),
+    ("bitnet", {"int8_backward": False}, "needs int8_backward=True"),
 ])
 def test_grad_weight_token_blocks_needs_an_int8_grad_weight(recipe, options, message):
     with pytest.raises(ValueError, match=message):

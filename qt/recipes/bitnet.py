@@ -9,7 +9,7 @@ Backward: the straight-through estimator treats both quantizers as the identity,
     grad_input  = dY @ (W_t * w_scale)
     grad_weight = dY.T @ (X_q * x_scale)    (flows to the latent high-precision weight)
 which is exactly the gradient of the reference `x + (quant(x) - x).detach()` formulation. In
-qt/linear.py's terms: `BITNET_PLAN`, with the weight operands below. With `int8_backward=True` the two backward
+qt/linear.py's terms: `BITNET_PLAN`, with the weight operands below. By default (`int8_backward`) the two backward
 matmuls run in INT8 as well (`BITNET_INT8_BACKWARD_PLAN`): grad_input = Q(dY) @ W_t * w_scale (the ternary codes
 are exact in INT8, only dY is rounded) and grad_weight from X's codes, X's per-token scales folded into dY's
 column-wise quantization, as `int8_mixed_precision` does by default.
@@ -55,28 +55,30 @@ class BitNetConfig(RecipeConfig):
     `qt.prepare_all_gathers`, not re-measured) and its unpacking there at every all-gather; gathering the latent
     weight scaled to 90.2% (BF16: 91.5%, docs/scaling.md).
 
-    `int8_backward`: run grad_input and grad_weight as INT8 matmuls too (dY quantized by rows and by columns in one
-    op; W's ternary codes as they are; grad_weight from X's codes as the forward quantized them) instead of in the
-    compute dtype. Not BitNet b1.58's method, whose backward is in high precision. Off by default: on TinyLlama's
-    shape it trains at 1.05x BF16 against bitnet's 0.96x (H100), but the 124M run's validation loss trailed
-    bitnet's by 0.008-0.024 at every evaluation (docs/benchmarks.md, round 12).
+    `int8_backward` (on by default): run grad_input and grad_weight as INT8 matmuls too (dY quantized by rows and by
+    columns in one op; W's ternary codes as they are; grad_weight from X's codes as the forward quantized them).
+    `int8_backward=False` runs them in the compute dtype, as BitNet b1.58's method does. On TinyLlama's shape (one
+    H200) bitnet trains at 1.13-1.16x BF16 with it and 0.97-1.01x without; the 124M run's validation loss was +0.87%
+    over BF16's in the same call (round 23) and +1.09% in round 12, where the high-precision backward gave
+    +0.79-1.00% (docs/benchmarks.md).
 
     `grad_weight_token_blocks` (with `int8_backward`): grad_weight's dY quantized with a scale per output feature per
     128 tokens instead of one over all tokens (`qt.linear.MatmulPlan.k_block_scales`). On the CPU probe of 16,384
     tokens of a small Llama, grad_weight's SQNR against BF16's straight-through gradient rose from 37.6 to 48.0 dB
-    on average (q/k projections: from 27.6-34.5 to 39.4-45.7 dB; docs/probes/). Off by default: not yet timed on a
-    GPU."""
+    on average (q/k projections: from 27.6-34.5 to 39.4-45.7 dB; docs/probes/). Off by default: on an H200 its
+    matmul runs at 0.39-0.45x the plain INT8 matmul (0.68-0.73x cuBLAS BF16; docs/kernels.md, round 23), and the
+    124M run's validation loss did not improve (3.4758 against 3.4646 without it, in the same call)."""
 
     name = "bitnet"
     ternary_all_gather: bool = False
-    int8_backward: bool = False
+    int8_backward: bool = True
     grad_weight_token_blocks: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         if self.grad_weight_token_blocks and not self.int8_backward:
             raise ValueError("recipe 'bitnet' option grad_weight_token_blocks=True scales grad_weight's INT8 operand: "
-                             "it needs int8_backward=True (bitnet's own backward runs in high precision)")
+                             "it needs int8_backward=True (with int8_backward=False the backward runs in high precision)")
 
     def quantize_weight(self, weight: Tensor) -> Tensor:
         return BitNetWeight(weight, self)

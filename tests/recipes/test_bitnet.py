@@ -10,10 +10,11 @@ from tests.reference import fake_quant_int8, rel_err, sqnr_db, ternary_fake_quan
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_bitnet_matches_reference(shape, bias):
+def test_bitnet_high_precision_backward_matches_reference(shape, bias):
+    """int8_backward=False: BitNet b1.58's own backward, straight through in the compute dtype."""
     linear, x, dy = make_case(shape, bias)
     w, b = linear.weight.detach().clone(), None if linear.bias is None else linear.bias.detach().clone()
-    qt.quantize_(linear, "bitnet", filter_fn=lambda m, n: True)
+    qt.quantize_(linear, "bitnet", int8_backward=False, filter_fn=lambda m, n: True)
     out, gx, gw, gb = run_linear(linear, x, dy)
 
     def x_q(t):
@@ -29,12 +30,12 @@ def test_bitnet_matches_reference(shape, bias):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_bitnet_int8_backward_matches_reference(shape, bias):
-    """The same forward; grad_input from dY by rows against the exact ternary W; grad_weight from X's codes, X's
+def test_bitnet_default_int8_backward_matches_reference(shape, bias):
+    """The default (int8_backward): the same forward; grad_input from dY by rows against the exact ternary W; grad_weight from X's codes, X's
     per-token scales s folded into dY before its column-wise quantization: (Q(s * dY) / s).T @ (s * X's codes)."""
     linear, x, dy = make_case(shape, bias)
     w, b = linear.weight.detach().clone(), None if linear.bias is None else linear.bias.detach().clone()
-    qt.quantize_(linear, "bitnet", int8_backward=True, filter_fn=lambda m, n: True)
+    qt.quantize_(linear, "bitnet", filter_fn=lambda m, n: True)
     got = run_linear(linear, x, dy)
 
     def rows(t):
@@ -47,12 +48,12 @@ def test_bitnet_int8_backward_matches_reference(shape, bias):
         assert rel_err(actual, want) < SAME_MATH_TOL, name
 
 
-def test_bitnet_int8_backward_gives_the_default_output_and_a_gradient_close_to_it():
+def test_bitnet_int8_backward_gives_the_high_precision_output_and_a_gradient_close_to_it():
     linear, x, dy = make_case((64,), bias=False, in_features=96, out_features=80)
-    default = __import__("copy").deepcopy(linear)
-    qt.quantize_(default, "bitnet", filter_fn=lambda m, n: True)
-    qt.quantize_(linear, "bitnet", int8_backward=True, filter_fn=lambda m, n: True)
-    (out, gx, gw, _), (want_out, want_gx, want_gw, _) = run_linear(linear, x, dy), run_linear(default, x, dy)
+    high_precision = __import__("copy").deepcopy(linear)
+    qt.quantize_(high_precision, "bitnet", int8_backward=False, filter_fn=lambda m, n: True)
+    qt.quantize_(linear, "bitnet", filter_fn=lambda m, n: True)
+    (out, gx, gw, _), (want_out, want_gx, want_gw, _) = run_linear(linear, x, dy), run_linear(high_precision, x, dy)
     assert torch.equal(out, want_out)
     assert sqnr_db(gx, want_gx) > 30 and sqnr_db(gw, want_gw) > 30
 
@@ -62,7 +63,7 @@ def test_an_unsharded_bitnet_weight_keeps_its_config():
     from qt.recipes.bitnet import BITNET_INT8_BACKWARD_PLAN, BitNetTernaryWeight, BitNetWeight, pack_ternary, ternarize
 
     latent = torch.randn(8, 12)
-    config = qt.resolve_recipe("bitnet", int8_backward=True, ternary_all_gather=True)
+    config = qt.resolve_recipe("bitnet", ternary_all_gather=True)
     ternary, w_scale = ternarize(latent)
     weight, _ = BitNetWeight(latent, config).fsdp_post_all_gather((pack_ternary(ternary),), (w_scale, 12),
                                                                    torch.float32)
