@@ -7,9 +7,10 @@
 Scaling: each recipe trains the config on 1, 2, 4... GPUs at the same per-GPU batch (the config's batch_size
 on one GPU), each run in a fresh process (torchrun with FSDP2 on several GPUs). Per run: tok/s (the median of
 the logged intervals after the first, which holds compilation), tok/s per GPU, scaling efficiency
-(tok/s on N GPUs / (N x tok/s on one)), peak memory per GPU, and the slowest of those intervals against the
+(tok/s on N GPUs / (N x tok/s on one)), peak memory per GPU, the slowest of those intervals against the
 median (a stall the median does not show: on 4 H200s, some runs lost a 5-step interval to 63-86% of the median's
-speed; docs/distributed.md). Runs on fewer GPUs than the machine has go
+speed; docs/distributed.md), and the forward SQNR of one quantized linear against its unquantized twin, as the run
+logged it (qt.sqnr; flagged where a recipe's run did not quantize). Runs on fewer GPUs than the machine has go
 side by side on disjoint GPUs (CUDA_VISIBLE_DEVICES); that shares the host's CPUs, not the GPUs.
 
 Resume (--resume_recipes): the resume config trains RESUME_STEPS steps uninterrupted on the most GPUs with a
@@ -39,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from qt.training.config import is_baseline  # noqa: E402
+from qt.sqnr import sqnr_cell  # noqa: E402
 from scripts.compare_runs import load_run, summarize  # noqa: E402
 
 RESUME_STEPS = 40
@@ -181,17 +183,18 @@ def scaling_table(jobs: list[Job]) -> tuple[list[str], list[dict]]:
         if job.status == 0 and (job.run_dir / "metrics.jsonl").is_file():
             summary = summarize(load_run(job.run_dir))
             row.update(tok_s=summary["tokens_per_second"], peak_memory_gb=summary["memory_gb"],
-                       slowest_vs_median=summary["slowest_tokens_per_second"] / summary["tokens_per_second"])
+                       slowest_vs_median=summary["slowest_tokens_per_second"] / summary["tokens_per_second"],
+                       forward_sqnr_db=summary["forward_sqnr_db"])
         rows.append(row)
         if job.gpus == 1 and row.get("tok_s"):
             one_gpu[recipe] = row["tok_s"]
     baseline = {row["gpus"]: row.get("tok_s") for row in rows if is_baseline(row["recipe"])}
     lines = ["| recipe | GPUs | tok/s | tok/s per GPU | scaling efficiency | vs the baseline on as many GPUs "
-             "| peak memory per GPU (GB) | slowest interval / median |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| peak memory per GPU (GB) | slowest interval / median | forward SQNR (dB) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         if not row.get("tok_s"):
-            lines.append(f"| {row['recipe']} | {row['gpus']} | {outcome(row['status'])} | | | | | |")
+            lines.append(f"| {row['recipe']} | {row['gpus']} | {outcome(row['status'])} | | | | | | |")
             continue
         tok_s, gpus = row["tok_s"], row["gpus"]
         row["efficiency"] = tok_s / (gpus * one_gpu[row["recipe"]]) if row["recipe"] in one_gpu else None
@@ -199,7 +202,8 @@ def scaling_table(jobs: list[Job]) -> tuple[list[str], list[dict]]:
         lines.append(f"| {row['recipe']} | {gpus} | {tok_s:,.0f} | {tok_s / gpus:,.0f} "
                      f"| {fmt(row['efficiency'], '.1%')} "
                      f"| {fmt(row['vs_baseline'], '.2f')}x | {fmt(row.get('peak_memory_gb'), '.2f')} "
-                     f"| {row['slowest_vs_median']:.0%} |")
+                     f"| {row['slowest_vs_median']:.0%} "
+                     f"| {sqnr_cell(row['forward_sqnr_db'], not is_baseline(row['recipe']))} |")
     return lines, rows
 
 

@@ -7,6 +7,8 @@ import sys
 import yaml
 from conftest import REPO
 
+from qt.sqnr import NOT_QUANTIZED_DB
+
 TINY = {"model": "tiny", "seq_len": 64, "batch_size": 8, "n_steps": 6, "lr": 3e-3, "warmup_steps": 2,
         "dtype": "fp32", "log_interval": 2, "eval_interval": 0, "save_checkpoints": False, "wandb": "disabled"}
 
@@ -30,6 +32,11 @@ def test_scaling_and_resume_on_fewer_processes(tmp_path, dataset_dir):
     for row in scaling.values():
         assert row["status"] == 0 and row["tok_s"] > 0 and row["efficiency"] > 0 and 0 < row["slowest_vs_median"] <= 1
     assert scaling[("fp32", 1)]["efficiency"] == 1.0 and scaling[("fp32", 2)]["vs_baseline"] == 1.0
+    # Each recipe run proves it quantized: its logged forward SQNR, in the JSON and in its table row.
+    for gpus in (1, 2):
+        sqnr = scaling[(MIXED_INT8_GATHER, gpus)]["forward_sqnr_db"]
+        assert 20 < sqnr < NOT_QUANTIZED_DB
+        assert f"| {sqnr:.1f} |" in output.read_text()
     # 40 steps on 2 processes, then from the checkpoint at step 20 on 1 (two micro-steps a step): the same
     # global batch, so the same losses up to the order of the reductions.
     (resumed,) = results["resume"]
