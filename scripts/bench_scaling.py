@@ -39,8 +39,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qt.training.config import is_baseline  # noqa: E402
 from qt.sqnr import sqnr_cell  # noqa: E402
+from qt.training.config import is_baseline  # noqa: E402
 from scripts.compare_runs import load_run, summarize  # noqa: E402
 
 RESUME_STEPS = 40

@@ -63,8 +63,8 @@ def test_bitnet_high_precision_backward_is_bit_exact_with_the_written_out_math(b
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bitnet_default_int8_backward_is_bit_exact_with_the_written_out_math(backend):
-    """The default (int8_backward): dY both ways in one op (its columns with X's per-token scales folded in), grad_input against
-    W's ternary codes, grad_weight against X's codes from the forward."""
+    """The default (int8_backward): dY both ways in one op (its columns with X's per-token scales folded in),
+    grad_input against W's ternary codes, grad_weight against X's codes from the forward."""
     from qt.recipes.bitnet import ternarize
 
     linear, x, dy = make_case((33,), bias=False, in_features=48, out_features=40)

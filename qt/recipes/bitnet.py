@@ -78,7 +78,8 @@ class BitNetConfig(RecipeConfig):
         super().__post_init__()
         if self.grad_weight_token_blocks and not self.int8_backward:
             raise ValueError("recipe 'bitnet' option grad_weight_token_blocks=True scales grad_weight's INT8 operand: "
-                             "it needs int8_backward=True (with int8_backward=False the backward runs in high precision)")
+                             "it needs int8_backward=True (with int8_backward=False the backward runs in high "
+                             "precision)")
 
     def quantize_weight(self, weight: Tensor) -> Tensor:
         return BitNetWeight(weight, self)

@@ -31,8 +31,9 @@ def test_bitnet_high_precision_backward_matches_reference(shape, bias):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_bitnet_default_int8_backward_matches_reference(shape, bias):
-    """The default (int8_backward): the same forward; grad_input from dY by rows against the exact ternary W; grad_weight from X's codes, X's
-    per-token scales s folded into dY before its column-wise quantization: (Q(s * dY) / s).T @ (s * X's codes)."""
+    """The default (int8_backward): the same forward; grad_input from dY by rows against the exact ternary W;
+    grad_weight from X's codes, X's per-token scales s folded into dY before its column-wise quantization:
+    (Q(s * dY) / s).T @ (s * X's codes)."""
     linear, x, dy = make_case(shape, bias)
     w, b = linear.weight.detach().clone(), None if linear.bias is None else linear.bias.detach().clone()
     qt.quantize_(linear, "bitnet", filter_fn=lambda m, n: True)
