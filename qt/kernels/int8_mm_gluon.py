@@ -48,33 +48,19 @@ def scaled_int8_mm_gluon(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Ten
 def launch(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, out: Tensor,
            config: tuple[int, int, int, int], programs: int | None = None) -> Tensor:
     """The kernel into ``out`` with ``config`` = (BLOCK_M, BLOCK_N, BLOCK_K, NUM_BUFFERS), for benchmarks of the
-    configs too; ``programs`` (benchmarks) overrides the program count, one per SM."""
+    configs too; ``programs`` (benchmarks: scripts/bench_comm_overlap.py) overrides the program count, one per SM."""
     m, k = a.shape
     n = b.shape[1]
     block_m, block_n, block_k, buffers = config
     programs = min(programs or _persistent_programs(a.device), triton.cdiv(m, block_m) * triton.cdiv(n, block_n))
     triton.set_allocator(_descriptor_scratch)
     _gluon_scaled_int8_mm_kernel[(programs,)](
-        a, b, row_scale, col_scale, out, _tile_counter(a.device), m, n, k, a.stride(0), b.stride(1), out.stride(0),
+        a, b, row_scale, col_scale, out, m, n, k, a.stride(0), b.stride(1), out.stride(0),
         _scale_stride(row_scale), _scale_stride(col_scale),
         PROGRAMS=programs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, NUM_BUFFERS=buffers,
         INSTR_N=min(block_n, 128), num_warps=8,
     )  # fmt: skip
     return out
-
-
-# Each CUDA stream's two int32 counters for the kernel's tiles past the first PROGRAMS: tiles handed out, programs
-# done. The last program of a launch sets both back to zero, so launches on one stream (which run one after the
-# other) share them without a memset each; launches on two streams could run at once, so each stream has its own.
-_TILE_COUNTERS: dict[tuple[int, int], Tensor] = {}
-
-
-def _tile_counter(device: torch.device) -> Tensor:
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    counter = _TILE_COUNTERS.get(key)
-    if counter is None:
-        counter = _TILE_COUNTERS[key] = torch.zeros(2, dtype=torch.int32, device=device)
-    return counter
 
 
 # The op compiled graphs call, defined through torch.library's lower-level API: a kernel for CUDA tensors and a fake
@@ -107,7 +93,7 @@ if gluon is not None:
 
     @gluon.jit
     def _gluon_scaled_int8_mm_kernel(
-        a_ptr, b_ptr, row_scale_ptr, col_scale_ptr, out_ptr, tile_counter_ptr,
+        a_ptr, b_ptr, row_scale_ptr, col_scale_ptr, out_ptr,
         M, N, K, stride_am, stride_bn, stride_om, stride_row_scale, stride_col_scale,
         PROGRAMS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
         GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, INSTR_N: gl.constexpr, num_warps: gl.constexpr,
@@ -137,13 +123,11 @@ if gluon is not None:
         load_count = 0
         use_count = 0
 
-        num_tiles = num_pid_m * num_pid_n
-        tile_id = gl.program_id(0)
-        pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = _grouped_tile(gl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
         for i in gl.static_range(NUM_BUFFERS - 1):
             load_count = _issue_loads(load_count, a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, i * BLOCK_K,
                                       bars, a_bufs, b_bufs, NUM_BUFFERS, i < k_tiles)
-        while tile_id < num_tiles:
+        for tile_id in range(gl.program_id(0), num_pid_m * num_pid_n, PROGRAMS):
             off_m = pid_m * BLOCK_M
             off_n = pid_n * BLOCK_N
             acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.int32, layout=mma_layout)
@@ -160,15 +144,17 @@ if gluon is not None:
                                           b_bufs, NUM_BUFFERS, next_k < k_tiles)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
-            # Every slot is free: the next tile's first loads go out before this tile's epilogue. Tiles past the
-            # first PROGRAMS go to programs as they ask, not in fixed shares: beside another kernel that holds SMs
-            # (NCCL's under FSDP2) the programs that start late take fewer, where fixed shares made the matmul wait
-            # for them (1.6-2.0x slower beside an all-gather on 2 H200s, against 1.2-1.3x for cuBLAS).
-            next_tile = PROGRAMS + gl.atomic_add(tile_counter_ptr, 1)
+            # Every slot is free: the next tile's first loads go out before this tile's epilogue. Fixed shares of
+            # the tiles: beside a kernel that holds SMs (NCCL's under FSDP2) the programs that start late make the
+            # matmul wait for their whole share (1.6-2.0x slower beside an all-gather on 2 H200s, cuBLAS BF16
+            # 1.2-1.3x). Handing tiles out on demand (an atomic counter) cut that to 1.2-1.5x but ran 1-10% slower
+            # alone and gained nothing end to end (docs/kernels.md, round 24).
+            next_tile = tile_id + PROGRAMS
             pid_m, pid_n = _grouped_tile(next_tile, num_pid_m, num_pid_n, GROUP_M)
             for i in gl.static_range(NUM_BUFFERS - 1):
                 load_count = _issue_loads(load_count, a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, i * BLOCK_K,
-                                          bars, a_bufs, b_bufs, NUM_BUFFERS, (next_tile < num_tiles) & (i < k_tiles))
+                                          bars, a_bufs, b_bufs, NUM_BUFFERS,
+                                          (next_tile < num_pid_m * num_pid_n) & (i < k_tiles))
 
             offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
             offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
@@ -177,10 +163,6 @@ if gluon is not None:
             out_smem.store(out.to(out_ptr.dtype.element_ty))
             fence_async_shared()
             tma.async_copy_shared_to_global(out_desc, [off_m, off_n], out_smem)
-            tile_id = next_tile
         tma.store_wait(pendings=0)
-        if gl.atomic_add(tile_counter_ptr + 1, 1) == PROGRAMS - 1:  # the last program done: ready the next launch
-            gl.atomic_xchg(tile_counter_ptr, 0)
-            gl.atomic_xchg(tile_counter_ptr + 1, 0)
         for i in gl.static_range(NUM_BUFFERS):
             mbarrier.invalidate(bars.index(i))

@@ -389,10 +389,8 @@ triton_ptx = hopper_ptx(ASTSource(int8_mm._persistent_tma_scaled_int8_mm_kernel.
                                   {**SIGNATURE, "M_BUCKET": "i32", "K_BUCKET": "i32",
                                    **dict.fromkeys(constexprs, "constexpr")}, constexprs))
 constexprs = {**TILES, "NUM_BUFFERS": 3, "INSTR_N": 128, "num_warps": 8}
-pointers = dict(list(SIGNATURE.items())[:5])  # the Gluon kernel's tile counters come after the output's pointer
-gluon_signature = {**pointers, "tile_counter_ptr": "*i32", **SIGNATURE}
 gluon_ptx = hopper_ptx(GluonASTSource(int8_mm_gluon._gluon_scaled_int8_mm_kernel,
-                                      {**gluon_signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs))
+                                      {**SIGNATURE, **dict.fromkeys(constexprs, "constexpr")}, constexprs))
 print(json.dumps({"triton": wgmma(triton_ptx), "gluon": wgmma(gluon_ptx)}))
 """
 
