@@ -144,7 +144,8 @@ def main() -> None:
     if rank == 0:
         protocol = os.environ.get("NCCL_PROTO", "NCCL's choice")
         lines = [f"{world} x {torch.cuda.get_device_name(device)}, torch {torch.__version__}, Triton "
-                 f"{triton.__version__}, NCCL_PROTO {protocol}. All-gather of {args.gather_mb:g} MB a rank alone: {one_gather:.2f} ms "
+                 f"{triton.__version__}, NCCL_PROTO {protocol}. All-gather of {args.gather_mb:g} MB a rank alone: "
+                 f"{one_gather:.2f} ms "
                  f"({args.gather_mb * (world - 1) / one_gather:.0f} MB/ms received a rank).", "",
                  "| matmul (M x N x K) | kernel | TOP/s alone | us alone | us beside all-gathers | slowdown, rank 0 "
                  "| slowdown, other ranks |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]

@@ -178,7 +178,8 @@ needs_fp8 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_d
                                reason="needs FP8 tensor cores (compute capability 8.9 or newer)")
 FP8_CASES = [{"scaling": "tensorwise"}, {"scaling": "rowwise"},
              {"scaling": "tensorwise", "grad_dtype": "e4m3", "power_of_two_scales": True},
-             {"scaling": "rowwise", "grad_weight": False}, {"scaling": "rowwise", "grad_weight_sees_quantized_input": True},
+             {"scaling": "rowwise", "grad_weight": False},
+             {"scaling": "rowwise", "grad_weight_sees_quantized_input": True},
              {"grad_weight_sees_quantized_input": True}]
 
 
