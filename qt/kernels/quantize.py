@@ -266,6 +266,7 @@ def _compiled_quantize_choice() -> str:
 
 # Read by each multi-kernel when a compiled module loads: "1" skips its file of picked sub-kernels.
 MULTI_KERNEL_CACHE_VARIABLE = "TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE"
+MULTI_KERNEL_VARIABLE = "TORCHINDUCTOR_MULTI_KERNEL"
 
 
 def quantize_inductor_options() -> dict:
@@ -282,10 +283,16 @@ def quantize_inductor_options() -> dict:
     kernels are usable, and the compile fails ("TypeError: 'NoneType' object does not support the context manager
     protocol", from triton's ``JITFunction.cache_key``). It failed each run seen to find its graphs compiled by an
     earlier run; on 2 GPUs the failing rank left the other waiting in a collective (docs/scaling.md, rounds 20-21).
-    Without the cache, each process times the two forms at their first call, as a cold compile does."""
+    Without the cache, each process times the two forms at their first call, as a cold compile does.
+
+    ``TORCHINDUCTOR_MULTI_KERNEL``, where set, stands instead of qt's choice: 0 compiles Inductor's one form of each
+    reduction, 2 and 3 force the persistent or the looping form without timing them (for runs on several GPUs,
+    where each process times the forms beside FSDP2's collectives, and may pick differently)."""
     if _compiled_quantize_choice() == "kernel":
         return {}
     os.environ.setdefault(MULTI_KERNEL_CACHE_VARIABLE, "1")
+    if MULTI_KERNEL_VARIABLE in os.environ:  # Inductor's config reads it
+        return {}
     return {"triton.multi_kernel": 1}
 
 

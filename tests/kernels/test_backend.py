@@ -142,6 +142,19 @@ def test_inductor_options_ask_for_multi_kernel_reductions_where_inductor_quantiz
     assert qt.inductor_options(quantized) == {}
 
 
+def test_a_multi_kernel_setting_of_the_users_stands(monkeypatch):
+    """TORCHINDUCTOR_MULTI_KERNEL, set (0: off, 2 / 3: one form forced), replaces qt's request for timed
+    multi-kernels; Inductor's config reads it."""
+    from qt.kernels.quantize import MULTI_KERNEL_VARIABLE
+
+    quantized = qt.quantize_(torch.nn.Linear(16, 16), "int8_mixed_precision", filter_fn=lambda module, name: True)
+    monkeypatch.delenv(MULTI_KERNEL_VARIABLE, raising=False)
+    assert qt.inductor_options(quantized) == {"triton.multi_kernel": 1}
+    for setting in ("0", "2"):
+        monkeypatch.setenv(MULTI_KERNEL_VARIABLE, setting)
+        assert qt.inductor_options(quantized) == {}
+
+
 def test_multi_kernel_reductions_come_without_their_cache_of_picked_kernels(monkeypatch):
     """That cache fails a compile that loads its graph from a warm FX-graph cache (torch 2.11 on an H200,
     docs/scaling.md round 21): where qt asks for multi-kernels it turns the cache off, and leaves a user's own
