@@ -11,7 +11,10 @@ the logged intervals after the first, which holds compilation), tok/s per GPU, s
 median (a stall the median does not show: on 4 H200s, some runs lost a 5-step interval to 63-86% of the median's
 speed; docs/distributed.md), and the forward SQNR of one quantized linear against its unquantized twin, as the run
 logged it (qt.sqnr; flagged where a recipe's run did not quantize). Runs on fewer GPUs than the machine has go
-side by side on disjoint GPUs (CUDA_VISIBLE_DEVICES); that shares the host's CPUs, not the GPUs.
+side by side on disjoint GPUs (CUDA_VISIBLE_DEVICES); that shares the host's CPUs, not the GPUs. --repeats N runs
+each recipe and GPU count N times, the recipes taking turns: a row then gives the median run's figures, every run's
+tok/s and each run's speedup against the baseline's run of the same turn (bitnet's 2-GPU speedup varied from 0.94x
+to 1.08x between calls where BF16's tok/s stayed within 2%: docs/scaling.md, round 24).
 
 Resume (--resume_recipes): the resume config trains RESUME_STEPS steps uninterrupted on the most GPUs with a
 checkpoint halfway; copies of its run directory cut back to that checkpoint then continue on each smaller GPU
@@ -28,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -59,6 +63,7 @@ class Job:
     devices: list[int] = field(default_factory=list)
     started: float = 0.0
     status: int | None = None  # None: not run (time budget spent)
+    repeat: int = 0  # which of --repeats runs of its recipe and GPU count
 
 
 def command(job: Job) -> list[str]:
@@ -116,17 +121,20 @@ def dir_name(spec: str) -> str:
 
 def scaling_jobs(args, per_gpu_batch: int) -> list[Job]:
     jobs = []
-    for recipe in args.recipes:
-        for gpus in args.gpus:
-            run_dir = args.runs_dir / "scaling" / f"{dir_name(recipe)}-{gpus}gpu"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            run_dir.parent.mkdir(parents=True, exist_ok=True)
-            jobs.append(Job(f"{recipe} on {gpus} GPU(s)", recipe, gpus, [
-                "--config", str(args.config), "--dataset_dir", str(args.dataset_dir), *recipe_args(recipe),
-                "--batch_size", str(per_gpu_batch * gpus), "--run_dir", str(run_dir), "--no-save_checkpoints",
-                *args.extra_args], run_dir))
-    # Fewest GPUs first: the one-GPU runs pack side by side.
-    return sorted(jobs, key=lambda job: job.gpus)
+    for repeat in range(args.repeats):
+        run = f", run {repeat + 1}" if args.repeats > 1 else ""
+        for recipe in args.recipes:
+            for gpus in args.gpus:
+                run_dir = args.runs_dir / "scaling" / (f"{dir_name(recipe)}-{gpus}gpu" + run.replace(", run ", "-run"))
+                shutil.rmtree(run_dir, ignore_errors=True)
+                run_dir.parent.mkdir(parents=True, exist_ok=True)
+                jobs.append(Job(f"{recipe} on {gpus} GPU(s){run}", recipe, gpus, [
+                    "--config", str(args.config), "--dataset_dir", str(args.dataset_dir), *recipe_args(recipe),
+                    "--batch_size", str(per_gpu_batch * gpus), "--run_dir", str(run_dir), "--no-save_checkpoints",
+                    *args.extra_args], run_dir, repeat=repeat))
+    # Fewest GPUs first: the one-GPU runs pack side by side. Repeats take turns over the recipes, so a drift of the
+    # machine's speed during the call reaches every recipe alike.
+    return sorted(jobs, key=lambda job: (job.gpus, job.repeat))
 
 
 def resume_jobs(args, global_batch: int) -> list[Job]:
@@ -175,35 +183,63 @@ def outcome(status: int | None) -> str:
     return "not run (time budget)" if status is None else f"failed (exit {status})"
 
 
-def scaling_table(jobs: list[Job]) -> tuple[list[str], list[dict]]:
-    rows, one_gpu = [], {}
-    for job in jobs:
-        recipe = job.recipe
-        row = {"recipe": recipe, "gpus": job.gpus, "status": job.status}
-        if job.status == 0 and (job.run_dir / "metrics.jsonl").is_file():
-            summary = summarize(load_run(job.run_dir))
-            row.update(tok_s=summary["tokens_per_second"], peak_memory_gb=summary["memory_gb"],
+def run_figures(job: Job) -> dict:
+    """One run's figures, from its metrics; only its status where it did not finish."""
+    figures = {"status": job.status}
+    if job.status == 0 and (job.run_dir / "metrics.jsonl").is_file():
+        summary = summarize(load_run(job.run_dir))
+        figures.update(tok_s=summary["tokens_per_second"], peak_memory_gb=summary["memory_gb"],
                        slowest_vs_median=summary["slowest_tokens_per_second"] / summary["tokens_per_second"],
                        forward_sqnr_db=summary["forward_sqnr_db"])
+    return figures
+
+
+def scaling_table(jobs: list[Job]) -> tuple[list[str], list[dict]]:
+    """A row per recipe and GPU count. With several runs each (--repeats): the median run's tok/s, every run's, and
+    each run's speedup against the baseline's run of the same turn; the largest peak memory, the slowest interval of
+    any run."""
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for job in sorted(jobs, key=lambda job: job.repeat):
+        runs.setdefault((job.recipe, job.gpus), []).append(run_figures(job))
+    repeats = max(len(group) for group in runs.values())
+    rows = []
+    for (recipe, gpus), group in runs.items():
+        done = [run for run in group if run.get("tok_s")]
+        row = {"recipe": recipe, "gpus": gpus, "status": 0 if done else group[0]["status"]}
+        if done:
+            row.update(tok_s=statistics.median(run["tok_s"] for run in done),
+                       peak_memory_gb=max(run["peak_memory_gb"] for run in done),
+                       slowest_vs_median=min(run["slowest_vs_median"] for run in done),
+                       forward_sqnr_db=done[0]["forward_sqnr_db"], runs=group)
         rows.append(row)
-        if job.gpus == 1 and row.get("tok_s"):
-            one_gpu[recipe] = row["tok_s"]
-    baseline = {row["gpus"]: row.get("tok_s") for row in rows if is_baseline(row["recipe"])}
-    lines = ["| recipe | GPUs | tok/s | tok/s per GPU | scaling efficiency | vs the baseline on as many GPUs "
-             "| peak memory per GPU (GB) | slowest interval / median | forward SQNR (dB) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    one_gpu = {row["recipe"]: row["tok_s"] for row in rows if row["gpus"] == 1 and row.get("tok_s")}
+    baseline = {row["gpus"]: row for row in rows if is_baseline(row["recipe"]) and row.get("tok_s")}
+    header = ("| recipe | GPUs | tok/s | tok/s per GPU | scaling efficiency | vs the baseline on as many GPUs "
+              "| peak memory per GPU (GB) | slowest interval / median | forward SQNR (dB) |")
+    if repeats > 1:
+        header += f" tok/s of each of {repeats} runs | vs the baseline, each run |"
+    columns = header.count("|") - 1
+    lines = [header, "| --- " + "| ---: " * (columns - 1) + "|"]
     for row in rows:
         if not row.get("tok_s"):
-            lines.append(f"| {row['recipe']} | {row['gpus']} | {outcome(row['status'])} | | | | | | |")
+            lines.append(f"| {row['recipe']} | {row['gpus']} | {outcome(row['status'])} |" + " |" * (columns - 3))
             continue
         tok_s, gpus = row["tok_s"], row["gpus"]
         row["efficiency"] = tok_s / (gpus * one_gpu[row["recipe"]]) if row["recipe"] in one_gpu else None
-        row["vs_baseline"] = tok_s / baseline[gpus] if baseline.get(gpus) else None
-        lines.append(f"| {row['recipe']} | {gpus} | {tok_s:,.0f} | {tok_s / gpus:,.0f} "
-                     f"| {fmt(row['efficiency'], '.1%')} "
-                     f"| {fmt(row['vs_baseline'], '.2f')}x | {fmt(row.get('peak_memory_gb'), '.2f')} "
-                     f"| {row['slowest_vs_median']:.0%} "
-                     f"| {sqnr_cell(row['forward_sqnr_db'], not is_baseline(row['recipe']))} |")
+        row["vs_baseline"] = tok_s / baseline[gpus]["tok_s"] if gpus in baseline else None
+        line = (f"| {row['recipe']} | {gpus} | {tok_s:,.0f} | {tok_s / gpus:,.0f} "
+                f"| {fmt(row['efficiency'], '.1%')} "
+                f"| {fmt(row['vs_baseline'], '.2f')}x | {fmt(row.get('peak_memory_gb'), '.2f')} "
+                f"| {row['slowest_vs_median']:.0%} "
+                f"| {sqnr_cell(row['forward_sqnr_db'], not is_baseline(row['recipe']))} |")
+        if repeats > 1:
+            paired = zip(row["runs"], baseline[gpus]["runs"]) if gpus in baseline else []
+            row["vs_baseline_runs"] = [run["tok_s"] / base["tok_s"] if run.get("tok_s") and base.get("tok_s")
+                                       else None for run, base in paired]
+            line += (" " + " / ".join(f"{run['tok_s']:,.0f}" if run.get("tok_s") else outcome(run["status"])
+                                      for run in row["runs"]) + " | "
+                     + " / ".join(fmt(speedup, ".2f") or "-" for speedup in row["vs_baseline_runs"]) + " |")
+        lines.append(line)
     return lines, rows
 
 
@@ -241,10 +277,14 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=REPO / "docs/scaling.md")
     parser.add_argument("--timeout_s", type=int, default=300, help="limit of each run")
     parser.add_argument("--time_budget_s", type=float, default=float("inf"), help="start no run after this")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each recipe and GPU count, in turns; the table gives the median and each run")
     parser.add_argument("--cpu_processes", type=int, default=0,
                         help="without a GPU: run on this many CPU processes (gloo), to try the script on a tiny config")
     parser.add_argument("--extra_args", nargs=argparse.REMAINDER, default=[], help="more llm_pretrain.py flags")
     args = parser.parse_args()
+    if args.repeats < 1:
+        raise SystemExit(f"error: --repeats {args.repeats}: give 1 or more runs of each recipe and GPU count")
     import torch
 
     n_gpus = torch.cuda.device_count() or args.cpu_processes

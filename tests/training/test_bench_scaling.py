@@ -43,3 +43,35 @@ def test_scaling_and_resume_on_fewer_processes(tmp_path, dataset_dir):
     assert resumed["gpus"] == 1 and resumed["steps"] == [25, 30, 35, 40]
     assert resumed["max_abs_diff"] < 1e-3
     assert "| int8_mixed_precision | 1 GPU(s) | 25-40 |" in output.read_text()
+
+
+def test_repeated_runs_give_the_median_and_each_runs_speedup_against_the_baselines_run_of_its_turn(monkeypatch):
+    """--repeats: a row per recipe and GPU count with the median run's tok/s, every run's, and each run's speedup
+    against the baseline's run of the same turn; a failed run is named, the others still count."""
+    from pathlib import Path
+
+    from scripts import bench_scaling
+
+    tok_s = {("bf16", 1): [100.0, 110.0, 90.0], ("bitnet", 1): [120.0, 121.0, 117.0],
+             ("bf16", 2): [180.0, 190.0, 170.0], ("bitnet", 2): [200.0, None, 170.0]}
+    jobs = [bench_scaling.Job(recipe, recipe, gpus, [], Path(f"{recipe}-{gpus}-{repeat}"), repeat=repeat)
+            for (recipe, gpus), runs in tok_s.items() for repeat in range(len(runs))]
+
+    def figures(job):
+        value = tok_s[(job.recipe, job.gpus)][job.repeat]
+        if value is None:
+            return {"status": 1}
+        return {"status": 0, "tok_s": value, "peak_memory_gb": value / 10, "slowest_vs_median": 0.9 + job.repeat / 100,
+                "forward_sqnr_db": None if job.recipe == "bf16" else 5.8}
+
+    monkeypatch.setattr(bench_scaling, "run_figures", figures)
+    lines, rows = bench_scaling.scaling_table(jobs)
+    by_key = {(row["recipe"], row["gpus"]): row for row in rows}
+    bitnet_2 = by_key[("bitnet", 2)]
+    assert bitnet_2["tok_s"] == 185.0 and bitnet_2["peak_memory_gb"] == 20.0 and bitnet_2["slowest_vs_median"] == 0.9
+    assert bitnet_2["vs_baseline"] == 185.0 / 180.0
+    assert bitnet_2["vs_baseline_runs"] == [200.0 / 180.0, None, 1.0]
+    assert by_key[("bitnet", 1)]["efficiency"] == 1.0 and bitnet_2["efficiency"] == 185.0 / (2 * 120.0)
+    assert lines[0].endswith("| tok/s of each of 3 runs | vs the baseline, each run |")
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    assert lines[-1].endswith("| 200 / failed (exit 1) / 170 | 1.11 / - / 1.00 |")
