@@ -38,14 +38,14 @@ REPEATS = 5
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gather_mb", type=float, default=88.0, help="MB each rank contributes to an all-gather")
-    parser.add_argument("--margins", default="0,8,16,32",
+    parser.add_argument("--margins", default=[0, 8, 16, 32], type=lambda text: [int(m) for m in text.split(",")],
                         help="comma-separated SMs the persistent INT8 matmul leaves free (0: one program per SM)")
     return parser.parse_args()
 
 
 def timed_ms(run, gathers: int, gather_in: torch.Tensor, gather_out: torch.Tensor) -> float:
-    """Median milliseconds of one `run()` over MATMULS_PER_TIMING calls, with `gathers` all-gathers queued on NCCL's
-    stream first (the ranks start them together)."""
+    """Median milliseconds of one `run()` (a matmul, or an all-gather) over MATMULS_PER_TIMING calls, with `gathers`
+    all-gathers queued on NCCL's stream first (the ranks start them together)."""
     samples = []
     for _ in range(REPEATS):
         dist.barrier()
@@ -58,21 +58,6 @@ def timed_ms(run, gathers: int, gather_in: torch.Tensor, gather_out: torch.Tenso
         end.record()
         for work in works:
             work.wait()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / MATMULS_PER_TIMING)
-    return statistics.median(samples)
-
-
-def gather_ms(gather_in: torch.Tensor, gather_out: torch.Tensor) -> float:
-    samples = []
-    for _ in range(REPEATS):
-        dist.barrier()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(MATMULS_PER_TIMING):
-            dist.all_gather_into_tensor(gather_out, gather_in)
-        end.record()
         torch.cuda.synchronize()
         samples.append(start.elapsed_time(end) / MATMULS_PER_TIMING)
     return statistics.median(samples)
@@ -119,15 +104,14 @@ def main() -> None:
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", device_id=device)
     rank, world = dist.get_rank(), dist.get_world_size()
-    margins = [int(m) for m in args.margins.split(",")]
     gather_in = torch.randn(int(args.gather_mb * 2**20 / 2), dtype=torch.bfloat16, device=device)
     gather_out = torch.empty(world * gather_in.numel(), dtype=torch.bfloat16, device=device)
     for _ in range(3):
         dist.all_gather_into_tensor(gather_out, gather_in)
-    one_gather = gather_ms(gather_in, gather_out)
+    one_gather = timed_ms(lambda: dist.all_gather_into_tensor(gather_out, gather_in), 0, gather_in, gather_out)
     rows = []
     for shape_name, m, n, k in SHAPES:
-        for name, run in matmul_variants(m, n, k, margins, device).items():
+        for name, run in matmul_variants(m, n, k, args.margins, device).items():
             for _ in range(3):
                 run()
             alone = timed_ms(run, 0, gather_in, gather_out)

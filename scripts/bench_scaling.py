@@ -122,10 +122,10 @@ def dir_name(spec: str) -> str:
 def scaling_jobs(args, per_gpu_batch: int) -> list[Job]:
     jobs = []
     for repeat in range(args.repeats):
-        run = f", run {repeat + 1}" if args.repeats > 1 else ""
+        run = f"-run{repeat + 1}" if args.repeats > 1 else ""
         for recipe in args.recipes:
             for gpus in args.gpus:
-                run_dir = args.runs_dir / "scaling" / (f"{dir_name(recipe)}-{gpus}gpu" + run.replace(", run ", "-run"))
+                run_dir = args.runs_dir / "scaling" / f"{dir_name(recipe)}-{gpus}gpu{run}"
                 shutil.rmtree(run_dir, ignore_errors=True)
                 run_dir.parent.mkdir(parents=True, exist_ok=True)
                 jobs.append(Job(f"{recipe} on {gpus} GPU(s){run}", recipe, gpus, [

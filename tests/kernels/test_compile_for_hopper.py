@@ -1,11 +1,13 @@
-"""qt's Triton kernels compiled for a Hopper GPU (sm_90) on a machine without one, by Triton's compiler and ptxas.
+"""qt's Triton and Gluon kernels compiled for a Hopper GPU (sm_90) on a machine without one, by Triton's compiler and
+ptxas.
 
 The other kernel tests run the kernels in Triton's CPU interpreter, which executes their Python and never compiles
-them (and takes its own branch of the FP8 cast): a kernel it runs correctly can still fail to compile (round 22's first matmul with a scale per block of K did:
-a return inside a constexpr branch, then one of another type). Nothing is launched here; a compile error, or a matmul
-compiled without wgmma, fails the test. In a process of its own: the test suite's Triton interpreter replaces
-`triton.jit` functions with Python ones that the compiler cannot take."""
+them (and takes its own branch of the FP8 cast): a kernel it runs correctly can still fail to compile (round 22's
+first matmul with a scale per block of K did: a return inside a constexpr branch, then one of another type). Nothing
+is launched here; a compile error, or a matmul compiled without wgmma, fails the test. In a process of its own: the
+test suite's Triton interpreter replaces `triton.jit` functions with Python ones that the compiler cannot take."""
 
+import json
 import os
 import subprocess
 import sys
@@ -14,12 +16,13 @@ import pytest
 
 from tests.kernels.inductor_for_a_gpu import REPO
 
-_SCRIPT = """
-import inspect, sys, traceback
+_SCRIPT = r"""
+import inspect, json, re, sys, traceback
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from qt.kernels import int8_mm, layout, quantize
+from triton.experimental.gluon._runtime import GluonASTSource
+from qt.kernels import int8_mm, int8_mm_gluon, layout, quantize
 
 
 def compile_for_hopper(kernel, pointers, constexprs, num_warps, num_stages=3):
@@ -27,7 +30,8 @@ def compile_for_hopper(kernel, pointers, constexprs, num_warps, num_stages=3):
     defaults = {n: p.default for n, p in inspect.signature(fn.fn).parameters.items() if p.default is not p.empty}
     constexprs = {**defaults, **constexprs}
     signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in fn.arg_names}
-    return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+    source = GluonASTSource if fn is int8_mm_gluon._gluon_scaled_int8_mm_kernel else ASTSource
+    return triton.compile(source(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
@@ -70,15 +74,23 @@ for code_type, largest in (("*fp8e4nv", 448.0), ("*fp8e5", 57344.0)):
         quantize._tile_quantize_kernel, {**QUANTIZE, "q_ptr": code_type, "scale_ptr": "*fp32"},
         {"MIN_AMAX": 1e-12, "ROWS": False, "MULTIPLIED": True, "STOCHASTIC": False, "SEED_INDEX": 0,
          "SCALE_IS_BF16": False, "BLOCK_R": 128, "BLOCK_C": 64, "QMAX": largest, "POWER_OF_TWO": True}, 8, 1, False)
+cases["gluon"] = (int8_mm_gluon._gluon_scaled_int8_mm_kernel, MM,
+                  {"PROGRAMS": 132, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8, "NUM_BUFFERS": 3,
+                   "INSTR_N": 128, "num_warps": 8}, 8, 3, True)
 cases["column-major copy of codes"] = (
     layout._to_column_major_kernel, {"q_ptr": "*i8", "out_ptr": "*i8"},
     {"BLOCK_ROWS": layout._BLOCK_ROWS, "BLOCK_COLS": layout._BLOCK_COLS}, layout._WARPS, 1, False)
+wgmma = {}  # each matmul's wgmma instructions and the wait_group counts it waits for
 for name, (kernel, pointers, constexprs, warps, stages, matmul) in cases.items():
     try:
-        compiled = compile_for_hopper(kernel, pointers, constexprs, warps, stages)
-        print(name, "ok" if not matmul or "wgmma" in compiled.asm["ptx"] else "compiled without wgmma")
+        ptx = compile_for_hopper(kernel, pointers, constexprs, warps, stages).asm["ptx"]
+        print(name, "ok" if not matmul or "wgmma" in ptx else "compiled without wgmma")
+        if matmul:
+            wgmma[name] = {"mma": sorted(set(re.findall(r"wgmma\.mma_async[.\w]*", ptx))),
+                           "waits": sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)))}
     except Exception:
         print(name, "FAILED", traceback.format_exc()[-3000:])
+print("WGMMA", json.dumps(wgmma))
 """
 
 
@@ -90,8 +102,16 @@ def test_kernels_compile_for_hopper(tmp_path):
     result = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=600, check=False)
     lines = result.stdout.splitlines()
-    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
-    failures = [line for line in lines if not line.endswith(" ok") and not line.startswith(" ")]
+    assert result.returncode == 0 and lines[-1].startswith("WGMMA "), result.stdout[-3000:] + result.stderr[-3000:]
+    failures = [line for line in lines[:-1] if not line.endswith(" ok") and not line.startswith(" ")]
     assert not failures, result.stdout[-6000:]
     # Every tile of each matmul kernel; with scales per block of K, those whose K step is a block.
     assert [sum(line.startswith(f"{kernel} ") for line in lines) for kernel in ("classic", "tma")] == [5 + 5, 6 + 3]
+    # Why qt/kernels/int8_mm_gluon.py exists: Triton's TMA kernel waits for each int8 wgmma to finish
+    # (`wgmma.wait_group 0` only), the Gluon kernel waits inside its K loop only until one is left in flight.
+    wgmma = json.loads(lines[-1].removeprefix("WGMMA "))
+    int8_wgmma = ["wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8"]
+    tma = [found for name, found in wgmma.items() if name.startswith("tma ")]
+    assert len(tma) == 9 and all(found["waits"] == ["0"] for found in tma)
+    assert all(found["mma"] and all(mma.endswith(".s32.s8.s8") for mma in found["mma"]) for found in tma)
+    assert wgmma["gluon"] == {"mma": int8_wgmma, "waits": ["0", "1"]}

@@ -1,7 +1,6 @@
 """scaled_int8_mm: the Triton kernel (under TRITON_INTERPRET=1) and the torch fallback against an exact reference."""
 
 import importlib
-import os
 
 import pytest
 import torch
@@ -361,55 +360,3 @@ def test_the_gluon_op_runs_on_cuda_tensors_and_traces_to_its_output_shape():
         out = torch.ops.qt.scaled_int8_mm_gluon(a, b, torch.empty(40, 1, device="cuda"),
                                                 torch.empty(1, 24, device="cuda"), torch.float32)
     assert (out.shape, out.dtype, out.device.type) == ((40, 24), torch.float32, "cuda")
-
-
-# Run in a process of its own: under Triton's interpreter (this suite's default) the kernels are not compilable.
-_WAITS_SCRIPT = """
-import json, re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.experimental.gluon._runtime import GluonASTSource
-from qt.kernels import int8_mm, int8_mm_gluon
-
-SIGNATURE = {"a_ptr": "*i8", "b_ptr": "*i8", "row_scale_ptr": "*bf16", "col_scale_ptr": "*bf16", "out_ptr": "*bf16",
-             "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_bn": "i32", "stride_om": "i32",
-             "stride_row_scale": "i32", "stride_col_scale": "i32"}
-TILES = {"PROGRAMS": 132, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}
-
-def hopper_ptx(source):
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
-
-def wgmma(ptx):
-    return {"mma": sorted(set(re.findall(r"wgmma\\.mma_async[.\\w]*", ptx))),
-            "waits": sorted(set(re.findall(r"wgmma\\.wait_group\\.sync\\.aligned (\\d+)", ptx)))}
-
-constexprs = {**TILES, "EPILOGUE_SUBTILE": True}
-triton_ptx = hopper_ptx(ASTSource(int8_mm._persistent_tma_scaled_int8_mm_kernel.fn,
-                                  {**SIGNATURE, "M_BUCKET": "i32", "K_BUCKET": "i32",
-                                   **dict.fromkeys(constexprs, "constexpr")}, constexprs))
-constexprs = {**TILES, "NUM_BUFFERS": 3, "INSTR_N": 128, "num_warps": 8}
-gluon_ptx = hopper_ptx(GluonASTSource(int8_mm_gluon._gluon_scaled_int8_mm_kernel,
-                                      {**SIGNATURE, **dict.fromkeys(constexprs, "constexpr")}, constexprs))
-print(json.dumps({"triton": wgmma(triton_ptx), "gluon": wgmma(gluon_ptx)}))
-"""
-
-
-@pytest.mark.slow  # two kernels compiled for sm_90 (about 20 s here)
-def test_the_gluon_kernel_keeps_a_wgmma_in_flight_where_tritons_waits_for_each():
-    """Why qt/kernels/int8_mm_gluon.py exists: Triton's TMA kernel waits for each int8 wgmma to finish
-    (`wgmma.wait_group 0` only), the Gluon kernel waits inside its K loop only until one is left in flight."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[2]
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _WAITS_SCRIPT], env={**env, "PYTHONPATH": str(repo)},
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.splitlines()[-1])
-    int8_wgmma = ["wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8"]
-    assert found["triton"] == {"mma": int8_wgmma, "waits": ["0"]}
-    assert found["gluon"] == {"mma": int8_wgmma, "waits": ["0", "1"]}
