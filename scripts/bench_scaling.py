@@ -13,8 +13,10 @@ speed; docs/distributed.md), and the forward SQNR of one quantized linear agains
 logged it (qt.sqnr; flagged where a recipe's run did not quantize). Runs on fewer GPUs than the machine has go
 side by side on disjoint GPUs (CUDA_VISIBLE_DEVICES); that shares the host's CPUs, not the GPUs. --repeats N runs
 each recipe and GPU count N times, the recipes taking turns: a row then gives the median run's figures, every run's
-tok/s and each run's speedup against the baseline's run of the same turn (bitnet's 2-GPU speedup varied from 0.94x
-to 1.08x between calls where BF16's tok/s stayed within 2%: docs/scaling.md, round 24).
+tok/s and each run's speedup against the baseline's run of the same turn (bitnet's 2-GPU speedup varied from 0.90x
+to 1.10x between runs where BF16's tok/s stayed within 2%: docs/scaling.md, rounds 24 and 25). A recipe given as
+'NAME=VALUE ... RECIPE --FLAG ...' runs with those environment variables (Inductor's, NCCL's, qt's) and
+llm_pretrain.py flags (after --extra_args), so that variants of a recipe take turns in one invocation.
 
 Resume (--resume_recipes): the resume config trains RESUME_STEPS steps uninterrupted on the most GPUs with a
 checkpoint halfway; copies of its run directory cut back to that checkpoint then continue on each smaller GPU
@@ -30,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -91,7 +94,8 @@ def run_jobs(jobs: list[Job], n_gpus: int, timeout_s: int, time_budget_s: float)
                 if job.prepare:
                     job.prepare()
                 job.devices, free = free[: job.gpus], free[job.gpus:]
-                env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, job.devices)))
+                env = dict(os.environ, **Spec.parse(job.recipe).env,
+                           CUDA_VISIBLE_DEVICES=",".join(map(str, job.devices)))
                 log = open(job.run_dir.parent / f"{job.run_dir.name}.log", "w")
                 print(f"== {job.name} on GPUs {job.devices} ({time.strftime('%T')})", flush=True)
                 job.process = subprocess.Popen(["timeout", "--signal=TERM", "--kill-after=30", str(timeout_s),
@@ -108,11 +112,36 @@ def run_jobs(jobs: list[Job], n_gpus: int, timeout_s: int, time_budget_s: float)
         time.sleep(1)
 
 
-def recipe_args(spec: str) -> list[str]:
-    """llm_pretrain.py's flags for RECIPE or RECIPE:OPTIONS_JSON
-    (e.g. 'int8_mixed_precision:{"int8_all_gather": true}')."""
-    recipe, _, options = spec.partition(":")
-    return ["--quantize", recipe] + (["--quantize_kwargs", options] if options else [])
+ENV_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=\S*")
+
+
+@dataclass
+class Spec:
+    """A run's spec as --recipes gives it, '[NAME=VALUE ...] RECIPE[:OPTIONS_JSON] [--FLAG ...]' as in a shell:
+    environment variables to set for the run, the recipe, its options, and more llm_pretrain.py flags."""
+    env: dict[str, str]
+    recipe: str
+    options: str
+    flags: list[str]
+
+    @classmethod
+    def parse(cls, spec: str) -> "Spec":
+        head, _, flags = spec.partition(" --")
+        words = head.split(" ")
+        assignments = []
+        while len(words) > 1 and ENV_ASSIGNMENT.fullmatch(words[0]):
+            assignments.append(words.pop(0))
+        recipe, _, options = " ".join(words).partition(":")
+        return cls(dict(word.split("=", 1) for word in assignments), recipe, options,
+                   shlex.split("--" + flags) if flags else [])
+
+    def quantize_args(self) -> list[str]:
+        return ["--quantize", self.recipe, *(["--quantize_kwargs", self.options] if self.options else [])]
+
+    @property
+    def is_baseline(self) -> bool:
+        """The run compared with: the baseline recipe with no variables or flags of its own."""
+        return is_baseline(self.recipe) and not (self.options or self.env or self.flags)
 
 
 def dir_name(spec: str) -> str:
@@ -128,10 +157,11 @@ def scaling_jobs(args, per_gpu_batch: int) -> list[Job]:
                 run_dir = args.runs_dir / "scaling" / f"{dir_name(recipe)}-{gpus}gpu{run}"
                 shutil.rmtree(run_dir, ignore_errors=True)
                 run_dir.parent.mkdir(parents=True, exist_ok=True)
+                spec = Spec.parse(recipe)
                 jobs.append(Job(f"{recipe} on {gpus} GPU(s){run}", recipe, gpus, [
-                    "--config", str(args.config), "--dataset_dir", str(args.dataset_dir), *recipe_args(recipe),
+                    "--config", str(args.config), "--dataset_dir", str(args.dataset_dir), *spec.quantize_args(),
                     "--batch_size", str(per_gpu_batch * gpus), "--run_dir", str(run_dir), "--no-save_checkpoints",
-                    *args.extra_args], run_dir, repeat=repeat))
+                    *args.extra_args, *spec.flags], run_dir, repeat=repeat))
     # Fewest GPUs first: the one-GPU runs pack side by side. Repeats take turns over the recipes, so a drift of the
     # machine's speed during the call reaches every recipe alike.
     return sorted(jobs, key=lambda job: (job.gpus, job.repeat))
@@ -148,7 +178,8 @@ def resume_jobs(args, global_batch: int) -> list[Job]:
         shutil.rmtree(whole_dir.parent / whole_dir.name, ignore_errors=True)
         whole_dir.parent.mkdir(parents=True, exist_ok=True)
         whole = Job(f"{recipe}: {RESUME_STEPS} steps on {most} GPUs", recipe, most,
-                    [*common, *recipe_args(recipe), "--run_dir", str(whole_dir)], whole_dir)
+                    [*common, *Spec.parse(recipe).quantize_args(), *Spec.parse(recipe).flags, "--run_dir",
+                     str(whole_dir)], whole_dir)
         jobs.append(whole)
         for gpus in sorted(set(args.gpus) - {most}, reverse=True):
             run_dir = whole_dir.parent / f"{dir_name(recipe)}-{most}to{gpus}gpu"
@@ -213,7 +244,7 @@ def scaling_table(jobs: list[Job]) -> tuple[list[str], list[dict]]:
                        forward_sqnr_db=done[0]["forward_sqnr_db"], runs=group)
         rows.append(row)
     one_gpu = {row["recipe"]: row["tok_s"] for row in rows if row["gpus"] == 1 and row.get("tok_s")}
-    baseline = {row["gpus"]: row for row in rows if is_baseline(row["recipe"]) and row.get("tok_s")}
+    baseline = {row["gpus"]: row for row in rows if Spec.parse(row["recipe"]).is_baseline and row.get("tok_s")}
     header = ("| recipe | GPUs | tok/s | tok/s per GPU | scaling efficiency | vs the baseline on as many GPUs "
               "| peak memory per GPU (GB) | slowest interval / median | forward SQNR (dB) |")
     if repeats > 1:
@@ -231,7 +262,7 @@ def scaling_table(jobs: list[Job]) -> tuple[list[str], list[dict]]:
                 f"| {fmt(row['efficiency'], '.1%')} "
                 f"| {fmt(row['vs_baseline'], '.2f')}x | {fmt(row.get('peak_memory_gb'), '.2f')} "
                 f"| {row['slowest_vs_median']:.0%} "
-                f"| {sqnr_cell(row['forward_sqnr_db'], not is_baseline(row['recipe']))} |")
+                f"| {sqnr_cell(row['forward_sqnr_db'], not is_baseline(Spec.parse(row['recipe']).recipe))} |")
         if repeats > 1:
             paired = zip(row["runs"], baseline[gpus]["runs"]) if gpus in baseline else []
             row["vs_baseline_runs"] = [run["tok_s"] / base["tok_s"] if run.get("tok_s") and base.get("tok_s")
@@ -270,7 +301,9 @@ def main() -> None:
     parser.add_argument("--dataset_dir", type=Path, required=True)
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--recipes", nargs="*", default=["bf16", "int8_mixed_precision"],
-                        help='RECIPE or RECIPE:OPTIONS_JSON, e.g. \'int8_mixed_precision:{"int8_all_gather": true}\'')
+                        help='RECIPE or RECIPE:OPTIONS_JSON, e.g. \'int8_mixed_precision:{"int8_all_gather": true}\', '
+                        'with environment variables before it and llm_pretrain.py flags after it for its runs, e.g. '
+                        '\'NCCL_MAX_CTAS=8 bitnet --fsdp_unit_blocks 4\' (the baseline: bf16 or none with neither)')
     parser.add_argument("--resume_config", type=Path, default=REPO / "configs/runs/convergence_120m.yaml")
     parser.add_argument("--resume_recipes", nargs="*", default=[])
     parser.add_argument("--runs_dir", type=Path, default=Path("runs/bench_scaling"))

@@ -286,8 +286,9 @@ def quantize_inductor_options() -> dict:
     Without the cache, each process times the two forms at their first call, as a cold compile does.
 
     ``TORCHINDUCTOR_MULTI_KERNEL``, where set, stands instead of qt's choice: 0 compiles Inductor's one form of each
-    reduction, 2 and 3 force the persistent or the looping form without timing them (for runs on several GPUs,
-    where each process times the forms beside FSDP2's collectives, and may pick differently)."""
+    reduction, 2 forces the looping form and 3 the persistent one, without timing them. On 2 GPUs the ranks of one
+    run picked differently (their timings of the two forms differed by a few percent), but neither setting made
+    bitnet's speed vary less from run to run (docs/scaling.md, round 25)."""
     if _compiled_quantize_choice() == "kernel":
         return {}
     os.environ.setdefault(MULTI_KERNEL_CACHE_VARIABLE, "1")

@@ -75,3 +75,43 @@ def test_repeated_runs_give_the_median_and_each_runs_speedup_against_the_baselin
     assert lines[0].endswith("| tok/s of each of 3 runs | vs the baseline, each run |")
     assert all(line.count("|") == lines[0].count("|") for line in lines)
     assert lines[-1].endswith("| 200 / failed (exit 1) / 170 | 1.11 / - / 1.00 |")
+
+
+def test_a_spec_sets_environment_variables_and_flags_for_its_runs_only(monkeypatch, tmp_path):
+    """'NAME=VALUE ... RECIPE[:OPTIONS_JSON] --FLAG ...': the variables reach that spec's runs (and no other's), the
+    recipe, its options (spaces in the JSON kept) and its flags reach llm_pretrain.py's arguments, the flags last;
+    a baseline with variables or flags is not the baseline."""
+    from pathlib import Path
+
+    from scripts import bench_scaling
+    from scripts.bench_scaling import Spec
+
+    spec = 'QT_PROBE=1 OTHER=a=b bitnet:{"int8_backward": false} --fsdp_unit_blocks 4 --no-fsdp_reshard_after_forward'
+    assert Spec.parse(spec) == Spec({"QT_PROBE": "1", "OTHER": "a=b"}, "bitnet", '{"int8_backward": false}',
+                                    ["--fsdp_unit_blocks", "4", "--no-fsdp_reshard_after_forward"])
+    assert Spec.parse("bf16") == Spec({}, "bf16", "", []) and Spec.parse("bf16").is_baseline
+    assert not any(Spec.parse(s).is_baseline for s in ("X=1 bf16", "bf16 --fsdp_unit_blocks 4", "bitnet"))
+    assert Spec.parse("X=1").recipe == "X=1"  # no recipe after it: left for llm_pretrain.py to reject
+
+    class Args:
+        recipes, gpus, repeats, runs_dir = [spec], [2], 1, tmp_path
+        config, dataset_dir, extra_args = Path("c.yaml"), Path("data"), ["--n_steps", "40", "--fsdp_unit_blocks", "1"]
+
+    (job,) = bench_scaling.scaling_jobs(Args, per_gpu_batch=8)
+    assert job.args[4:8] == ["--quantize", "bitnet", "--quantize_kwargs", '{"int8_backward": false}']
+    assert job.args[-7:] == ["--n_steps", "40", "--fsdp_unit_blocks", "1", *Spec.parse(spec).flags]
+
+    probe = "import os, sys; sys.exit(0 if os.environ.get('QT_PROBE') == '1' else 3)"
+    monkeypatch.setattr(bench_scaling, "command", lambda job: [sys.executable, "-c", probe])
+    jobs = [bench_scaling.Job(name, name, 1, [], tmp_path / bench_scaling.dir_name(name)) for name in (spec, "bitnet")]
+    bench_scaling.run_jobs(jobs, n_gpus=1, timeout_s=60, time_budget_s=60)
+    assert [job.status for job in jobs] == [0, 3]
+
+    runs = {"bf16": 100.0, "QT_PROBE=1 bf16": 90.0}
+    jobs = [bench_scaling.Job(name, name, 1, [], tmp_path / name) for name in runs]
+    monkeypatch.setattr(bench_scaling, "run_figures", lambda job: {
+        "status": 0, "tok_s": runs[job.recipe], "peak_memory_gb": 1.0, "slowest_vs_median": 1.0,
+        "forward_sqnr_db": NOT_QUANTIZED_DB + 5})
+    lines, rows = bench_scaling.scaling_table(jobs)
+    assert [row["vs_baseline"] for row in rows] == [1.0, 0.9]
+    assert "not quantized?" not in "\n".join(lines)  # BF16 with a variable is still BF16, not a failed recipe
