@@ -4,19 +4,20 @@
         [--config configs/runs/throughput_tinyllama.yaml] [--gpus 1 2 4] [--recipes bf16 int8_mixed_precision ...] \
         [--resume_config configs/runs/convergence_120m.yaml --resume_recipes bf16 int8_mixed_precision]
 
-Scaling: each recipe trains the config on 1, 2, 4... GPUs at the same per-GPU batch (the config's batch_size
-on one GPU), each run in a fresh process (torchrun with FSDP2 on several GPUs). Per run: tok/s (the median of
-the logged intervals after the first, which holds compilation), tok/s per GPU, scaling efficiency
-(tok/s on N GPUs / (N x tok/s on one)), peak memory per GPU, the slowest of those intervals against the
-median (a stall the median does not show: on 4 H200s, some runs lost a 5-step interval to 63-86% of the median's
-speed; docs/distributed.md), and the forward SQNR of one quantized linear against its unquantized twin, as the run
-logged it (qt.sqnr; flagged where a recipe's run did not quantize). Runs on fewer GPUs than the machine has go
-side by side on disjoint GPUs (CUDA_VISIBLE_DEVICES); that shares the host's CPUs, not the GPUs. --repeats N runs
-each recipe and GPU count N times, the recipes taking turns: a row then gives the median run's figures, every run's
-tok/s and each run's speedup against the baseline's run of the same turn (bitnet's 2-GPU speedup varied from 0.90x
-to 1.10x between runs where BF16's tok/s stayed within 2%: docs/scaling.md, rounds 24 and 25). A recipe given as
-'NAME=VALUE ... RECIPE --FLAG ...' runs with those environment variables (Inductor's, NCCL's, qt's) and
-llm_pretrain.py flags (after --extra_args), so that variants of a recipe take turns in one invocation.
+Scaling: each recipe trains the config on 1, 2, 4... GPUs at the same per-GPU batch (the config's batch_size on one
+GPU), each run in a fresh process (torchrun with FSDP2 on several GPUs). Per run: tok/s (the median of the logged
+intervals after the first, which holds compilation), tok/s per GPU, scaling efficiency (tok/s on N GPUs / (N x tok/s
+on one)), peak memory per GPU, the slowest of those intervals against the median (a stall the median does not show:
+on 4 H200s, some runs lost a 5-step interval to 63-86% of the median's speed; docs/distributed.md), how long the
+host waited for the GPUs at a log step (the median over the intervals: near 0, the host set the pace of the steps,
+not the GPUs), and the forward SQNR of one quantized linear against its unquantized twin, as the run logged it
+(qt.sqnr; flagged where a recipe's run did not quantize). Runs on fewer GPUs than the machine has go side by side on
+disjoint GPUs (CUDA_VISIBLE_DEVICES); that shares the host's CPUs, not the GPUs. --repeats N runs each recipe and
+GPU count N times, the recipes taking turns: a row then gives the median run's figures, every run's tok/s and each
+run's speedup against the baseline's run of the same turn (bitnet's 2-GPU speedup varied from 0.90x to 1.10x between
+runs where BF16's tok/s stayed within 2%: docs/scaling.md, rounds 24 and 25). A recipe given as 'NAME=VALUE ...
+RECIPE --FLAG ...' runs with those environment variables (Inductor's, NCCL's, qt's) and llm_pretrain.py flags (after
+--extra_args), so that variants of a recipe take turns in one invocation.
 
 Resume (--resume_recipes): the resume config trains RESUME_STEPS steps uninterrupted on the most GPUs with a
 checkpoint halfway; copies of its run directory cut back to that checkpoint then continue on each smaller GPU
@@ -221,7 +222,7 @@ def run_figures(job: Job) -> dict:
         summary = summarize(load_run(job.run_dir))
         figures.update(tok_s=summary["tokens_per_second"], peak_memory_gb=summary["memory_gb"],
                        slowest_vs_median=summary["slowest_tokens_per_second"] / summary["tokens_per_second"],
-                       forward_sqnr_db=summary["forward_sqnr_db"])
+                       forward_sqnr_db=summary["forward_sqnr_db"], host_wait_ms=summary["host_wait_ms"])
     return figures
 
 
@@ -241,12 +242,15 @@ def scaling_table(jobs: list[Job]) -> tuple[list[str], list[dict]]:
             row.update(tok_s=statistics.median(run["tok_s"] for run in done),
                        peak_memory_gb=max(run["peak_memory_gb"] for run in done),
                        slowest_vs_median=min(run["slowest_vs_median"] for run in done),
-                       forward_sqnr_db=done[0]["forward_sqnr_db"], runs=group)
+                       forward_sqnr_db=done[0]["forward_sqnr_db"], runs=group,
+                       host_wait_ms=statistics.median(run["host_wait_ms"] for run in done)
+                       if all(run.get("host_wait_ms") is not None for run in done) else None)
         rows.append(row)
     one_gpu = {row["recipe"]: row["tok_s"] for row in rows if row["gpus"] == 1 and row.get("tok_s")}
     baseline = {row["gpus"]: row for row in rows if Spec.parse(row["recipe"]).is_baseline and row.get("tok_s")}
     header = ("| recipe | GPUs | tok/s | tok/s per GPU | scaling efficiency | vs the baseline on as many GPUs "
-              "| peak memory per GPU (GB) | slowest interval / median | forward SQNR (dB) |")
+              "| peak memory per GPU (GB) | slowest interval / median | host wait at a log step (ms) "
+              "| forward SQNR (dB) |")
     if repeats > 1:
         header += f" tok/s of each of {repeats} runs | vs the baseline, each run |"
     columns = header.count("|") - 1
@@ -261,7 +265,7 @@ def scaling_table(jobs: list[Job]) -> tuple[list[str], list[dict]]:
         line = (f"| {row['recipe']} | {gpus} | {tok_s:,.0f} | {tok_s / gpus:,.0f} "
                 f"| {fmt(row['efficiency'], '.1%')} "
                 f"| {fmt(row['vs_baseline'], '.2f')}x | {fmt(row.get('peak_memory_gb'), '.2f')} "
-                f"| {row['slowest_vs_median']:.0%} "
+                f"| {row['slowest_vs_median']:.0%} | {fmt(row['host_wait_ms'], '.1f')} "
                 f"| {sqnr_cell(row['forward_sqnr_db'], not is_baseline(Spec.parse(row['recipe']).recipe))} |")
         if repeats > 1:
             paired = zip(row["runs"], baseline[gpus]["runs"]) if gpus in baseline else []

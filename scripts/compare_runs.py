@@ -112,10 +112,12 @@ def summarize(run: dict) -> dict:
     speeds = [r["tokens_per_second"] for r in train[1:] or train]
     memory = [r["max_memory_allocated_gb"] for r in train if r.get("max_memory_allocated_gb") is not None]
     sqnr = [r["forward_sqnr_db"] for r in run["records"] if r.get("forward_sqnr_db") is not None]
+    waits = [r["host_wait_ms"] for r in train[1:] or train if r.get("host_wait_ms") is not None]
     return {"loss": train[-1]["loss"] if train else None, "val_loss": val[-1]["val_loss"] if val else None,
             "tokens": run["records"][-1]["tokens_seen"], "tokens_per_second": statistics.median(speeds) if speeds else None,
             "slowest_tokens_per_second": min(speeds) if speeds else None,
-            "memory_gb": max(memory) if memory else None, "forward_sqnr_db": sqnr[-1] if sqnr else None}
+            "memory_gb": max(memory) if memory else None, "forward_sqnr_db": sqnr[-1] if sqnr else None,
+            "host_wait_ms": statistics.median(waits) if waits else None}
 
 
 def label(run: dict) -> str:

@@ -333,6 +333,7 @@ def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cf
                 continue
             if watch_syncs:
                 torch.cuda.set_sync_debug_mode("default")  # a step that logs reads the device on purpose
+            waited_from = time.perf_counter()
             host = stats.read()
             if host["found_inf"]:
                 raise nonfinite_error(host)
@@ -348,13 +349,16 @@ def _train(checkpointer: Checkpointer, *, model, optimizer, batches, loss_fn, cf
             if log_due:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
+                # How far the host had run ahead of the device: near 0, the host set the pace of the steps.
+                host_wait_ms = 1e3 * (time.perf_counter() - waited_from)
                 tokens_per_second = interval_tokens / (time.perf_counter() - interval_start)
                 record.update(loss=host["loss_sum"] / interval_steps, lr=lr, grad_norm=host["grad_norm"],
                               **{f"{unit}_per_second": tokens_per_second},
                               mfu=(flops_per_token * tokens_per_second / (peak * dist_info.world_size)
                                    if peak and flops_per_token else None),
                               max_memory_allocated_gb=(torch.cuda.max_memory_allocated(device) / 1e9
-                                                       if device.type == "cuda" else None))
+                                                       if device.type == "cuda" else None),
+                              host_wait_ms=host_wait_ms)
                 stats.start_log_interval()
                 interval_steps = 0
             if eval_due:

@@ -36,6 +36,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+# What two runs of the same steps log differently: timings.
+TIMINGS = ("tokens_per_second", "host_wait_ms")
+
+
+def without_timings(metrics: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k not in TIMINGS} for m in metrics]
+
+
 def quantized_weights_saved(checkpoint: Path) -> set[str]:
     """The names of the quantized weights a checkpoint holds (stored as their inner tensors, NAME.__INNER)."""
     from qt.training.checkpoint import read_dcp_metadata

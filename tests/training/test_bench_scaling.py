@@ -62,14 +62,14 @@ def test_repeated_runs_give_the_median_and_each_runs_speedup_against_the_baselin
         if value is None:
             return {"status": 1}
         return {"status": 0, "tok_s": value, "peak_memory_gb": value / 10, "slowest_vs_median": 0.9 + job.repeat / 100,
-                "forward_sqnr_db": None if job.recipe == "bf16" else 5.8}
+                "forward_sqnr_db": None if job.recipe == "bf16" else 5.8, "host_wait_ms": 10.0 * job.repeat}
 
     monkeypatch.setattr(bench_scaling, "run_figures", figures)
     lines, rows = bench_scaling.scaling_table(jobs)
     by_key = {(row["recipe"], row["gpus"]): row for row in rows}
     bitnet_2 = by_key[("bitnet", 2)]
     assert bitnet_2["tok_s"] == 185.0 and bitnet_2["peak_memory_gb"] == 20.0 and bitnet_2["slowest_vs_median"] == 0.9
-    assert bitnet_2["vs_baseline"] == 185.0 / 180.0
+    assert bitnet_2["vs_baseline"] == 185.0 / 180.0 and bitnet_2["host_wait_ms"] == 10.0  # runs 1 and 3: 0, 20
     assert bitnet_2["vs_baseline_runs"] == [200.0 / 180.0, None, 1.0]
     assert by_key[("bitnet", 1)]["efficiency"] == 1.0 and bitnet_2["efficiency"] == 185.0 / (2 * 120.0)
     assert lines[0].endswith("| tok/s of each of 3 runs | vs the baseline, each run |")

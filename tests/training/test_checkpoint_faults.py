@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from conftest import without_timings
 from test_loop import SINGLE, RegressionBatches, config, mse
 from torch import nn
 
@@ -206,10 +207,6 @@ def test_a_full_disk_while_logging_stops_the_run_in_one_line(tmp_path, monkeypat
     assert "\n" not in str(error.value)
 
 
-def without_speed(metrics):
-    return [{k: v for k, v in m.items() if k != "tokens_per_second"} for m in metrics]
-
-
 def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
     regression_run(tmp_path)
     metrics_file = tmp_path / "metrics.jsonl"
@@ -217,7 +214,7 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
     metrics_file.write_text(metrics_file.read_text() + '{"step": 21, "loss": 0.3')  # a full disk tore the last write
     (tmp_path / "checkpoints" / "latest").write_text("step_00000015")
     regression_run(tmp_path, resume=True)
-    assert without_speed(read_metrics(metrics_file)) == without_speed(complete)
+    assert without_timings(read_metrics(metrics_file)) == without_timings(complete)
     assert metrics_file.read_text().endswith("}\n")
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import llm_finetune
-from conftest import quantized_weights_saved, read_metrics
+from conftest import quantized_weights_saved, read_metrics, without_timings
 from qt.training.checkpoint import CheckpointError, Checkpointer
 from qt.training.distributed import Dist
 from qt.training.export import load_finetuned
@@ -285,10 +285,6 @@ def test_the_same_seed_repeats_a_stochastically_rounded_run(model_dirs, data_fil
     assert len(first) == 2 and val_losses("second") == first
 
 
-def without_speed(metrics: list[dict]) -> list[dict]:
-    return [{k: v for k, v in m.items() if k != "tokens_per_second"} for m in metrics]
-
-
 def test_a_stopped_run_exports_nothing_exits_75_and_resumes_from_its_run_dir_alone(model_dirs, data_file, tmp_path,
                                                                                     monkeypatch, capsys):
     flags = ["--quantize", "int8_weight_only", "--n_steps", "10", "--log_interval", "1", "--eval_interval", "5"]
@@ -306,7 +302,7 @@ def test_a_stopped_run_exports_nothing_exits_75_and_resumes_from_its_run_dir_alo
     monkeypatch.undo()
 
     llm_finetune.main(["--run_dir", str(stopped), "--resume"])
-    assert without_speed(read_metrics(stopped)) == without_speed(read_metrics(whole))
+    assert without_timings(read_metrics(stopped)) == without_timings(read_metrics(whole))
     assert (stopped / "hf_model" / "model.safetensors").is_file()
     capsys.readouterr()
     llm_finetune.main(["--run_dir", str(stopped), "--resume"])  # a finished run is not taken for a stopped one
@@ -389,7 +385,7 @@ def test_a_bitnet_run_with_plain_layers_resumes_and_exports_with_its_structure(m
         with pytest.raises(SystemExit):
             llm_finetune.main(finetune_args(model_dirs["llama"], data_file, stopped, *flags))
     llm_finetune.main(["--run_dir", str(stopped), "--resume"])
-    assert without_speed(read_metrics(stopped)) == without_speed(read_metrics(whole))
+    assert without_timings(read_metrics(stopped)) == without_timings(read_metrics(whole))
 
     trained = trained_model(model_dirs["llama"], whole, quantize="bitnet").eval()
     assert "model.layers.1.input_layernorm.weight" in trained.state_dict()
