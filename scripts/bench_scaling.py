@@ -178,9 +178,9 @@ def resume_jobs(args, global_batch: int) -> list[Job]:
         whole_dir = args.runs_dir / "resume" / f"{dir_name(recipe)}-{most}gpu"
         shutil.rmtree(whole_dir.parent / whole_dir.name, ignore_errors=True)
         whole_dir.parent.mkdir(parents=True, exist_ok=True)
+        spec = Spec.parse(recipe)
         whole = Job(f"{recipe}: {RESUME_STEPS} steps on {most} GPUs", recipe, most,
-                    [*common, *Spec.parse(recipe).quantize_args(), *Spec.parse(recipe).flags, "--run_dir",
-                     str(whole_dir)], whole_dir)
+                    [*common, *spec.quantize_args(), *spec.flags, "--run_dir", str(whole_dir)], whole_dir)
         jobs.append(whole)
         for gpus in sorted(set(args.gpus) - {most}, reverse=True):
             run_dir = whole_dir.parent / f"{dir_name(recipe)}-{most}to{gpus}gpu"
