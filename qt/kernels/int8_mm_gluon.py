@@ -147,8 +147,9 @@ if gluon is not None:
             # Every slot is free: the next tile's first loads go out before this tile's epilogue. Fixed shares of
             # the tiles: beside a kernel that holds SMs (NCCL's under FSDP2) the programs that start late make the
             # matmul wait for their whole share (1.6-2.0x slower beside an all-gather on 2 H200s, cuBLAS BF16
-            # 1.2-1.3x). Handing tiles out on demand (an atomic counter) cut that to 1.2-1.5x but ran 1-10% slower
-            # alone and gained nothing end to end (docs/kernels.md, round 24).
+            # 1.2-1.3x). Handing tiles out on demand (an atomic counter, commit 7cf6bb6) cut that to 1.2-1.5x but
+            # ran 1-10% slower alone; its one end-to-end run on 2 GPUs fell inside the run-to-run spread
+            # (docs/kernels.md round 24, docs/scaling.md round 25).
             next_tile = tile_id + PROGRAMS
             pid_m, pid_n = _grouped_tile(next_tile, num_pid_m, num_pid_n, GROUP_M)
             for i in gl.static_range(NUM_BUFFERS - 1):
